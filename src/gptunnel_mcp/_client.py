@@ -1,0 +1,208 @@
+"""The GPTunnel media API over HTTP: one request per call, every failure mapped to one exception.
+
+Retrying is the caller's decision (see `_engine`), made from the exception type: a
+`TransientUpstreamError` may be retried, anything else may not. For create this matters for
+money: a failure after which the request may have reached GPTunnel is reported as
+`UnknownCreateOutcomeError`, never as transient, so nobody retries into a second charge.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+from pydantic import ValidationError
+
+from ._exceptions import (
+    AuthenticationError,
+    ContentRefusedError,
+    InsufficientBalanceError,
+    InvalidRequestError,
+    ModelRestrictedError,
+    TaskNotFoundError,
+    TransientUpstreamError,
+    UnknownCreateOutcomeError,
+    UpstreamError,
+)
+from ._models import CreatePayload, UpstreamTask
+from ._schedule import parse_retry_after
+
+TRANSIENT_CODES = frozenset({1, 6, 500})
+# Statuses by which a proxy or GPTunnel says it did not take the request on.
+_REFUSED_HTTP = frozenset({429, 503})
+
+
+def redact(text: str, secret: str | None) -> str:
+    """Remove the key from text that came from elsewhere (an upstream message may echo it)."""
+    return text.replace(secret, "[redacted]") if secret else text
+
+
+class GPTunnelClient:
+    """Calls GPTunnel's media endpoints with one API key."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        timeout: float = 30.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._key = api_key
+        self._http = httpx.AsyncClient(
+            base_url=base_url,
+            headers={"Authorization": api_key, "User-Agent": _user_agent()},
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+            transport=transport,
+            follow_redirects=False,
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def create(self, payload: CreatePayload) -> UpstreamTask:
+        body = payload.model_dump(exclude_none=True)
+        return _task(await self._post("/v1/media/create", body, create=True), create=True, key=self._key)
+
+    async def result(self, task_id: str) -> UpstreamTask:
+        body = await self._post("/v1/media/result", {"task_id": task_id}, create=False)
+        return _task(body, create=False, key=self._key)
+
+    async def _post(self, path: str, body: dict[str, Any], *, create: bool) -> dict[str, Any]:
+        try:
+            response = await self._http.post(path, json=body)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            # Nothing was sent: safe to retry, even a create.
+            raise TransientUpstreamError(f"cannot reach GPTunnel ({_describe(exc)})") from None
+        except httpx.HTTPError as exc:
+            if create:
+                raise UnknownCreateOutcomeError(_unknown_create(_describe(exc))) from None
+            raise TransientUpstreamError(f"GPTunnel did not answer ({_describe(exc)})") from None
+        return _check(response, create=create, key=self._key)
+
+
+def _user_agent() -> str:
+    from . import __version__
+
+    return f"gptunnel-mcp/{__version__}"
+
+
+def _describe(exc: httpx.HTTPError) -> str:
+    return type(exc).__name__ if not str(exc) else f"{type(exc).__name__}: {str(exc)[:200]}"
+
+
+def _unknown_create(reason: str) -> str:
+    return (
+        f"the request to create the image was sent but its answer was lost ({reason}). It was not "
+        "retried, so you are not charged twice. Check the history (resource gptunnel://images) or "
+        "your GPTunnel account before asking for the image again."
+    )
+
+
+def _check(response: httpx.Response, *, create: bool, key: str) -> dict[str, Any]:
+    """Turn any non-success answer into the matching exception; return the JSON body otherwise."""
+    status = response.status_code
+    if status in (401, 403):
+        raise AuthenticationError(_bad_key(f"HTTP {status}"))
+    if status in _REFUSED_HTTP or (status >= 500 and not create):
+        raise TransientUpstreamError(
+            f"GPTunnel is unavailable (HTTP {status})",
+            retry_after=parse_retry_after(response.headers.get("Retry-After")),
+        )
+    if status >= 500:
+        raise UnknownCreateOutcomeError(_unknown_create(f"HTTP {status}"))
+    try:
+        body = response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        body = None
+    if not isinstance(body, dict):
+        reason = f"HTTP {status} with a body that is not a JSON object"
+        if create:
+            raise UnknownCreateOutcomeError(_unknown_create(reason))
+        raise TransientUpstreamError(f"GPTunnel answered {reason}")
+    code = body.get("code", 0)
+    if status >= 400 and not code:
+        raise UpstreamError(f"GPTunnel answered HTTP {status}: {redact(_message(body), key)}")
+    if code:
+        raise _code_error(code if isinstance(code, int) else -1, body, key)
+    return body
+
+
+def _message(body: dict[str, Any]) -> str:
+    """GPTunnel's own words, from either error style it uses, cut to a readable length."""
+    error = body.get("error")
+    if isinstance(error, dict):
+        error = error.get("message")
+    text = error or body.get("message") or body.get("msg") or ""
+    return str(text)[:300]
+
+
+def _bad_key(reason: str) -> str:
+    return (
+        f"GPTunnel rejected the API key ({reason}). Set GPTUNNEL_API_KEY to a valid key from your "
+        "GPTunnel account (it is sent as-is, without 'Bearer') and restart the server."
+    )
+
+
+def _code_error(code: int, body: dict[str, Any], key: str) -> UpstreamError | TaskNotFoundError:
+    said = redact(_message(body), key)
+    detail = f": {said}" if said else ""
+    if code in TRANSIENT_CODES:
+        what = "is under heavy load" if code == 6 else "had an internal error"
+        return TransientUpstreamError(f"GPTunnel {what} (code {code}){detail}", code=code)
+    if code == 2:
+        return AuthenticationError(_bad_key("code 2"), code=code)
+    if code == 3:
+        issues = body.get("issues")
+        listed = f"; issues: {redact(json.dumps(issues, ensure_ascii=False)[:500], key)}" if issues else ""
+        return InvalidRequestError(
+            f"GPTunnel rejected the request as invalid (code 3){detail}{listed}. "
+            "Fix the arguments (prompt, model, aspect_ratio, images) and try again.",
+            code=code,
+        )
+    if code == 4:
+        return TaskNotFoundError(
+            "GPTunnel has no task with this id (code 4). Check the task_id, or list known tasks "
+            "with the resource gptunnel://images."
+        )
+    if code == 5:
+        return InsufficientBalanceError(
+            "the GPTunnel balance is too low for this request (code 5). Top up the account, or "
+            "use a cheaper model such as gpt-image-1-low.",
+            code=code,
+        )
+    if code == 7:
+        return ModelRestrictedError(
+            "your GPTunnel organization may not use this model (code 7). Choose another model, or "
+            "ask the organization's administrator to allow it.",
+            code=code,
+        )
+    if code in (1001, 1002):
+        what = (
+            "found sensitive content in the prompt or the reference images"
+            if code == 1001
+            else "refused the prompt in its content safety check"
+        )
+        return ContentRefusedError(
+            f"GPTunnel {what} (code {code}){detail}. Rephrase the prompt or use other images; "
+            "asking again unchanged will be refused again.",
+            code=code,
+        )
+    if code == 99:
+        return UpstreamError(
+            "GPTunnel does not know this API method (code 99). Check GPTUNNEL_BASE_URL: it should "
+            "be the API's root, e.g. https://gptunnel.ru.",
+            code=code,
+        )
+    return UpstreamError(f"GPTunnel answered with error code {code}{detail}.", code=code)
+
+
+def _task(body: dict[str, Any], *, create: bool, key: str) -> UpstreamTask:
+    try:
+        return UpstreamTask.model_validate(body)
+    except ValidationError:
+        reason = f"the answer did not describe a task: {redact(json.dumps(body)[:200], key)}"
+        if create:
+            raise UnknownCreateOutcomeError(_unknown_create(reason)) from None
+        raise TransientUpstreamError(f"GPTunnel's {reason}") from None

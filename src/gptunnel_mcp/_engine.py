@@ -1,0 +1,344 @@
+"""The job engine: create a task, poll it, download its image, and record every step.
+
+Every front end (MCP tools and resources, terminal commands) goes through `Engine`; none of
+them talks to GPTunnel, the database or the images folder directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Protocol, TypeVar
+
+import anyio
+import httpx
+
+from ._client import GPTunnelClient
+from ._download import download_image, storage_client
+from ._exceptions import (
+    ConfigError,
+    InputError,
+    StorageError,
+    TaskNotFoundError,
+    TransientUpstreamError,
+)
+from ._files import ImageFolder
+from ._models import (
+    ImageRequest,
+    ImageResult,
+    TaskRecord,
+    UpstreamTask,
+    file_uri,
+    is_task_id,
+    utcnow,
+)
+from ._schedule import Backoff, PollSchedule
+from ._settings import Settings
+from ._sqlite import SQLiteStore
+from ._store import TaskStore
+
+logger = logging.getLogger("gptunnel_mcp")
+_T = TypeVar("_T")
+
+#: Retries of one request inside a single tool call that is not a wait (create, one get_result).
+_QUICK_ATTEMPTS = 3
+
+
+class JobEvents(Protocol):
+    """What a front end wants to hear while a job runs."""
+
+    async def progress(self, elapsed: float, message: str) -> None: ...
+
+    async def image_stored(self, record: TaskRecord) -> None: ...
+
+
+class _Silent:
+    async def progress(self, elapsed: float, message: str) -> None:
+        return None
+
+    async def image_stored(self, record: TaskRecord) -> None:
+        return None
+
+
+SILENT: JobEvents = _Silent()
+
+
+@dataclass
+class Engine:
+    settings: Settings
+    store: TaskStore
+    folder: ImageFolder
+    client: GPTunnelClient | None
+    storage: httpx.AsyncClient
+    schedule: PollSchedule = field(default_factory=PollSchedule)
+    backoff: Backoff = field(default_factory=Backoff)
+
+    # --- starting a task -------------------------------------------------------------------
+
+    async def create(self, request: ImageRequest, owner: str = "") -> TaskRecord:
+        """Start a task upstream and record it before returning."""
+        client = self._client()
+        # Only failures that prove the request was not taken on are retried (see `_client`).
+        upstream = await self._retry(lambda: client.create(request.payload()), attempts=_QUICK_ATTEMPTS)
+        now = utcnow()
+        record = TaskRecord(
+            task_id=upstream.id.lower(),
+            owner=owner,
+            model=upstream.model or request.model,
+            prompt=request.prompt,
+            aspect_ratio=request.aspect_ratio,
+            images=request.images,
+            created_at=_from_unix(upstream.created_at) or now,
+            updated_at=now,
+        )
+        _apply(record, upstream)
+        try:
+            await self.store.put(record)
+        except StorageError as exc:
+            raise StorageError(
+                f"GPTunnel started task {record.task_id}, but it could not be recorded ({exc}). "
+                f"Fix the data folder, then call get_result with task_id {record.task_id}."
+            ) from None
+        logger.info("created task %s (model %s)", record.task_id, record.model)
+        return record
+
+    # --- following a task ------------------------------------------------------------------
+
+    async def refresh(self, task_id: str, owner: str = "", events: JobEvents = SILENT) -> TaskRecord:
+        """The task's state now: from the history if it is finished, else asked of GPTunnel once
+        (with quick retries), downloading the image when it is ready."""
+        record = await self.lookup_or_none(task_id, owner)
+        if record is not None and self._finished(record):
+            return record
+        return await self._step(task_id, owner, record, events, attempts=_QUICK_ATTEMPTS)
+
+    async def wait(
+        self, task_id: str, owner: str = "", events: JobEvents = SILENT, *, poll_now: bool = True
+    ) -> TaskRecord:
+        """Poll until the task is finished or `wait_timeout` has passed; a timeout is no error,
+        the task comes back pending. `poll_now=False` waits one interval first (a fresh task)."""
+        started = time.monotonic()
+        deadline = started + self.settings.wait_timeout
+        delays = self.schedule.delays()
+        record = await self.lookup_or_none(task_id, owner)
+        failures = 0
+        last_error: TransientUpstreamError | None = None
+        delay = 0.0 if poll_now else next(delays)
+        while record is None or not self._finished(record):
+            if time.monotonic() + delay > deadline:
+                if record is None and last_error is not None:
+                    raise last_error
+                break
+            await anyio.sleep(delay)
+            try:
+                record = await self._step(task_id, owner, record, events, attempts=1)
+                failures, last_error = 0, None
+                delay = next(delays)
+                state = record.upstream_status
+            except TransientUpstreamError as exc:
+                failures, last_error = failures + 1, exc
+                delay = self.backoff.delay(failures, exc.retry_after)
+                state = f"retrying after a transient error ({exc})"
+                logger.info("task %s: %s", task_id, state)
+            elapsed = time.monotonic() - started
+            await events.progress(elapsed, f"{state}, {elapsed:.0f} s elapsed")
+        assert record is not None
+        return record
+
+    async def generate(
+        self, request: ImageRequest, owner: str = "", events: JobEvents = SILENT
+    ) -> TaskRecord:
+        record = await self.create(request, owner)
+        await events.progress(0.0, f"task {record.task_id} created, {record.upstream_status}")
+        return await self.wait(record.task_id, owner, events, poll_now=False)
+
+    async def _step(
+        self, task_id: str, owner: str, record: TaskRecord | None, events: JobEvents, *, attempts: int
+    ) -> TaskRecord:
+        client = self._client()
+        upstream = await self._retry(lambda: client.result(task_id), attempts=attempts)
+        if record is None:
+            # A task started elsewhere (another client, GPTunnel's site): adopt it into the history.
+            now = utcnow()
+            record = TaskRecord(
+                task_id=task_id,
+                owner=owner,
+                model=upstream.model or "",
+                prompt=upstream.prompt or "",
+                created_at=_from_unix(upstream.created_at) or now,
+                updated_at=now,
+            )
+        _apply(record, upstream)
+        if record.upstream_status.lower() == "done" and upstream.url:
+            record.source_url = upstream.url
+            record.completed_at = record.completed_at or utcnow()
+            # Record "done upstream" first: if the download fails the link is not lost.
+            await self.store.put(record)
+            url = upstream.url
+            record.file = await self._retry(
+                lambda: download_image(
+                    self.storage, url, self.folder, task_id, max_bytes=self.settings.max_image_bytes
+                ),
+                attempts=_QUICK_ATTEMPTS,
+            )
+            record.status = "done"
+            record.updated_at = utcnow()
+            await self.store.put(record)
+            logger.info("task %s stored as %s", task_id, record.file.file_name)
+            await events.image_stored(record)
+            return record
+        await self.store.put(record)
+        return record
+
+    def _finished(self, record: TaskRecord) -> bool:
+        if record.status == "failed":
+            return True
+        return record.status == "done" and record.file is not None and self.folder.exists(record.file)
+
+    # --- reading the history ---------------------------------------------------------------
+
+    async def lookup_or_none(self, task_id: str, owner: str = "") -> TaskRecord | None:
+        return await self.store.get(check_task_id(task_id), owner)
+
+    async def lookup(self, task_id: str, owner: str = "") -> TaskRecord:
+        record = await self.lookup_or_none(task_id, owner)
+        if record is None:
+            raise TaskNotFoundError(
+                f"no task {task_id} in the history. List known tasks with the resource gptunnel://images."
+            )
+        return record
+
+    async def history(
+        self, owner: str = "", *, limit: int = 50, offset: int = 0
+    ) -> tuple[int, list[TaskRecord]]:
+        return await self.store.count(owner), await self.store.list(owner, limit=limit, offset=offset)
+
+    async def image_bytes(self, record: TaskRecord) -> bytes:
+        if record.file is None or not self._finished(record):
+            raise TaskNotFoundError(f"task {record.task_id} has no stored image yet; call get_result first.")
+        stored = record.file
+        return await anyio.to_thread.run_sync(lambda: self.folder.read(stored))
+
+    def describe(self, record: TaskRecord) -> ImageResult:
+        """The tool-facing view of a record, with a sentence telling the agent what to do next."""
+        result = ImageResult(
+            task_id=record.task_id,
+            status=record.status,
+            upstream_status=record.upstream_status,
+            model=record.model,
+            prompt=record.prompt,
+            aspect_ratio=record.aspect_ratio,
+            images=record.images,
+            created_at=record.created_at,
+            completed_at=record.completed_at,
+            source_url=record.source_url,
+            source_url_expires_at=record.source_url_expires_at,
+            error=record.error,
+            message="",
+        )
+        if record.status == "done" and record.file is not None:
+            path = self.folder.path(record.file).resolve()
+            result.file_path = str(path)
+            result.resource_uri = file_uri(record.task_id)
+            result.mime_type = record.file.mime_type
+            result.size_bytes = record.file.size_bytes
+            result.sha256 = record.file.sha256
+            result.width = record.file.width
+            result.height = record.file.height
+            result.message = (
+                f"The image is ready: {record.file.width}x{record.file.height}, stored at {path}."
+            )
+        elif record.status == "failed":
+            result.message = (
+                f"GPTunnel could not make this image: {record.error}. Change the prompt or the model "
+                "and try again."
+            )
+        else:
+            result.message = (
+                f"Task {record.task_id} is not finished yet (GPTunnel says '{record.upstream_status}'). "
+                f"Call get_result with task_id {record.task_id} in a little while to fetch the image."
+            )
+        return result
+
+    # --- plumbing ----------------------------------------------------------------------------
+
+    def _client(self) -> GPTunnelClient:
+        if self.client is None:
+            raise ConfigError(
+                "no GPTunnel API key is configured. Set GPTUNNEL_API_KEY in the MCP server's "
+                "environment (your client's server config) to the key from your GPTunnel account, "
+                "then restart the server."
+            )
+        return self.client
+
+    async def _retry(self, call: Callable[[], Awaitable[_T]], *, attempts: int) -> _T:
+        for attempt in range(1, attempts + 1):
+            try:
+                return await call()
+            except TransientUpstreamError as exc:
+                if attempt == attempts:
+                    raise
+                delay = self.backoff.delay(attempt, exc.retry_after)
+                logger.info("transient failure (%s); retry %d in %.1f s", exc, attempt, delay)
+                await anyio.sleep(delay)
+        raise AssertionError("unreachable")
+
+
+def check_task_id(task_id: str) -> str:
+    if not is_task_id(task_id):
+        raise InputError(
+            f"{task_id[:40]!r} is not a GPTunnel task id: it must be 24 hexadecimal characters, "
+            "as returned by create_image."
+        )
+    return task_id.lower()
+
+
+def _apply(record: TaskRecord, upstream: UpstreamTask) -> None:
+    record.upstream_status = upstream.status
+    record.updated_at = utcnow()
+    if upstream.outcome == "failed":
+        record.status = "failed"
+        record.error = _failure_text(upstream)
+    elif record.status != "done":
+        record.status = "pending"
+
+
+def _failure_text(upstream: UpstreamTask) -> str:
+    error = upstream.error
+    if isinstance(error, dict):
+        error = error.get("message")
+    return str(error)[:300] if error else f"the task ended with status '{upstream.status}'"
+
+
+def _from_unix(value: float | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return datetime.fromtimestamp(value, tz=timezone.utc)
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+@contextlib.asynccontextmanager
+async def open_engine(settings: Settings) -> AsyncIterator[Engine]:
+    """The engine with its store, folder and HTTP clients, closed again on exit."""
+    store = SQLiteStore(settings.db_path)
+    folder = ImageFolder(settings.images_dir)
+    removed = folder.remove_stray_temporaries()
+    if removed:
+        logger.info("removed %d unfinished download(s) left by an earlier run", removed)
+    key = settings.api_key.get_secret_value() if settings.api_key else None
+    client = GPTunnelClient(settings.api_base, key, timeout=settings.request_timeout) if key else None
+    storage = storage_client(settings.request_timeout)
+    try:
+        yield Engine(settings=settings, store=store, folder=folder, client=client, storage=storage)
+    finally:
+        with anyio.CancelScope(shield=True):
+            if client is not None:
+                await client.aclose()
+            await storage.aclose()
+            await store.close()

@@ -1,0 +1,169 @@
+"""The MCP resources: the history, each task's record, and each stored image file.
+
+Handled at the protocol level rather than with `@server.resource`, because every stored image
+is served with its own mime type and is listed in `resources/list`, which the high-level
+decorators cannot express.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from typing import Any
+
+from mcp.server import MCPServer
+from mcp.server.context import ServerRequestContext
+from mcp.shared.exceptions import MCPError
+from mcp_types import (
+    INVALID_PARAMS,
+    BlobResourceContents,
+    ListResourcesResult,
+    ListResourceTemplatesResult,
+    PaginatedRequestParams,
+    ReadResourceRequestParams,
+    ReadResourceResult,
+    Resource,
+    ResourceTemplate,
+    TextResourceContents,
+)
+
+from ._engine import Engine
+from ._exceptions import GPTunnelMCPError
+from ._models import HISTORY_URI, HistoryEntry, HistoryPage, TaskRecord, file_uri, task_uri
+
+RequestContext = ServerRequestContext[Engine]
+
+#: Images listed per `resources/list` page, and tasks in the history resource.
+PAGE_SIZE = 50
+HISTORY_LIMIT = 100
+_URI = re.compile(r"^gptunnel://images/(?P<id>[^/]+)(?P<file>/file)?$")
+
+_TEMPLATES = [
+    ResourceTemplate(
+        uri_template=f"{HISTORY_URI}/{{task_id}}",
+        name="task",
+        title="Image task record",
+        description="One task's record as JSON: status, model, prompt, times, file details.",
+        mime_type="application/json",
+    ),
+    ResourceTemplate(
+        uri_template=f"{HISTORY_URI}/{{task_id}}/file",
+        name="image",
+        title="Stored image file",
+        description="The full image a finished task produced, as stored locally.",
+    ),
+]
+
+
+def register_resources(server: MCPServer[Engine]) -> None:
+    low = server._lowlevel_server
+    low.add_request_handler("resources/list", PaginatedRequestParams, _list_resources)
+    low.add_request_handler("resources/templates/list", PaginatedRequestParams, _list_templates)
+    low.add_request_handler("resources/read", ReadResourceRequestParams, _read_resource)
+
+
+async def _list_resources(ctx: RequestContext, params: PaginatedRequestParams) -> ListResourcesResult:
+    engine = ctx.lifespan_context
+    offset = _offset(params.cursor)
+    _, records = await engine.history(limit=PAGE_SIZE + 1, offset=offset)
+    resources = [_history_resource()] if offset == 0 else []
+    resources += [_file_resource(r) for r in records[:PAGE_SIZE] if r.status == "done" and r.file]
+    more = len(records) > PAGE_SIZE
+    return ListResourcesResult(resources=resources, next_cursor=str(offset + PAGE_SIZE) if more else None)
+
+
+async def _list_templates(ctx: RequestContext, params: PaginatedRequestParams) -> ListResourceTemplatesResult:
+    return ListResourceTemplatesResult(resource_templates=_TEMPLATES)
+
+
+async def _read_resource(ctx: RequestContext, params: ReadResourceRequestParams) -> ReadResourceResult:
+    engine = ctx.lifespan_context
+    uri = str(params.uri)
+    if uri == HISTORY_URI:
+        return _json(uri, await _history(engine))
+    match = _URI.match(uri)
+    if match is None:
+        raise _not_found(uri, "unknown resource; the server has gptunnel://images and its task records")
+    try:
+        record = await engine.lookup(match["id"])
+        if match["file"] is None:
+            return _json(uri, engine.describe(record).model_dump(mode="json"))
+        data = await engine.image_bytes(record)
+    except GPTunnelMCPError as exc:
+        raise _not_found(uri, str(exc)) from None
+    assert record.file is not None
+    blob = BlobResourceContents(
+        uri=uri, mime_type=record.file.mime_type, blob=base64.b64encode(data).decode()
+    )
+    return ReadResourceResult(contents=[blob])
+
+
+async def _history(engine: Engine) -> dict[str, Any]:
+    total, records = await engine.history(limit=HISTORY_LIMIT)
+    page = HistoryPage(
+        total=total,
+        shown=len(records),
+        tasks=[
+            HistoryEntry(
+                task_id=r.task_id,
+                status=r.status,
+                model=r.model,
+                prompt=r.prompt,
+                created_at=r.created_at,
+                resource_uri=task_uri(r.task_id),
+                file_uri=file_uri(r.task_id) if r.status == "done" else None,
+            )
+            for r in records
+        ],
+        note=f"Only the newest {HISTORY_LIMIT} of {total} tasks are shown." if total > len(records) else None,
+    )
+    return page.model_dump(mode="json")
+
+
+def _history_resource() -> Resource:
+    return Resource(
+        uri=HISTORY_URI,
+        name="history",
+        title="Image history",
+        description=f"All image tasks, newest first (at most {HISTORY_LIMIT}), as JSON.",
+        mime_type="application/json",
+    )
+
+
+def _file_resource(record: TaskRecord) -> Resource:
+    assert record.file is not None
+    prompt = record.prompt if len(record.prompt) <= 60 else record.prompt[:59] + "…"
+    return Resource(
+        uri=file_uri(record.task_id),
+        name=record.file.file_name,
+        title=prompt,
+        description=(
+            f"{record.model}, {record.file.width}x{record.file.height}, "
+            f"{record.created_at:%Y-%m-%d %H:%M} UTC"
+        ),
+        mime_type=record.file.mime_type,
+        size=record.file.size_bytes,
+    )
+
+
+def _json(uri: str, value: dict[str, Any]) -> ReadResourceResult:
+    text = json.dumps(value, ensure_ascii=False, indent=2)
+    return ReadResourceResult(
+        contents=[TextResourceContents(uri=uri, mime_type="application/json", text=text)]
+    )
+
+
+def _offset(cursor: str | None) -> int:
+    if cursor is None:
+        return 0
+    if not cursor.isdigit():
+        raise MCPError(
+            code=INVALID_PARAMS, message=f"invalid cursor {cursor[:20]!r}; pass a nextCursor as given"
+        )
+    return int(cursor)
+
+
+def _not_found(uri: str, why: str) -> MCPError:
+    # -32602 is what the spec and the SDK use for a missing resource, on both protocol versions.
+    return MCPError(code=INVALID_PARAMS, message=f"Resource not found: {why}", data={"uri": uri})

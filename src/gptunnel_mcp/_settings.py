@@ -1,0 +1,118 @@
+"""Configuration from environment variables (and CLI flags, which override them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+from pydantic import AliasChoices, Field, HttpUrl, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ._exceptions import ConfigError
+
+DEFAULT_BASE_URL = "https://gptunnel.ru"
+DEFAULT_MODEL = "gpt-image-1-medium"
+
+
+def _default_home() -> Path:
+    return platformdirs.user_data_path("gptunnel-mcp", appauthor=False)
+
+
+class Settings(BaseSettings):
+    """Everything the server can be told. Field docs double as the README's reference."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="GPTUNNEL_",
+        populate_by_name=True,
+        extra="ignore",
+        # An empty variable (`GPTUNNEL_API_KEY=`) means "not set", as shells and MCP client
+        # configs commonly leave them.
+        env_ignore_empty=True,
+    )
+
+    api_key: SecretStr | None = Field(
+        default=None, description="GPTunnel API key, sent as bare Authorization."
+    )
+    base_url: HttpUrl = Field(default=HttpUrl(DEFAULT_BASE_URL), description="GPTunnel API base URL.")
+    home: Path = Field(
+        default_factory=_default_home,
+        validation_alias=AliasChoices("GPTUNNEL_MCP_HOME", "home"),
+        description="Folder for the history database and the image files.",
+    )
+    default_model: str = Field(
+        default=DEFAULT_MODEL, min_length=1, description="Model used when none is named."
+    )
+    wait_timeout: float = Field(
+        default=50.0, gt=0, le=3600, description="Longest a generate_and_wait call waits, in seconds."
+    )
+    preview_max_px: int = Field(default=512, ge=64, le=2048, description="Long side of inline previews.")
+    max_image_bytes: int = Field(
+        default=50 * 1024 * 1024, ge=1024, description="Largest image file accepted from GPTunnel."
+    )
+    request_timeout: float = Field(default=30.0, gt=0, le=600, description="Timeout of one HTTP request.")
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_only(cls, value: HttpUrl) -> HttpUrl:
+        if value.scheme not in ("http", "https"):
+            raise ValueError("must start with http:// or https://")
+        return value
+
+    @field_validator("home", mode="before")
+    @classmethod
+    def _expand_home(cls, value: Any) -> Any:
+        return Path(value).expanduser() if isinstance(value, str) and value else value
+
+    @property
+    def api_base(self) -> str:
+        return str(self.base_url).rstrip("/")
+
+    @property
+    def db_path(self) -> Path:
+        return self.home / "history.sqlite3"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.home / "images"
+
+
+# Names of the environment variables, for error messages that tell the user what to change.
+_ENV_NAMES = {
+    "api_key": "GPTUNNEL_API_KEY",
+    "base_url": "GPTUNNEL_BASE_URL",
+    "home": "GPTUNNEL_MCP_HOME",
+    "default_model": "GPTUNNEL_DEFAULT_MODEL",
+    "wait_timeout": "GPTUNNEL_WAIT_TIMEOUT",
+    "preview_max_px": "GPTUNNEL_PREVIEW_MAX_PX",
+    "max_image_bytes": "GPTUNNEL_MAX_IMAGE_BYTES",
+    "request_timeout": "GPTUNNEL_REQUEST_TIMEOUT",
+}
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the environment, apply `overrides` (CLI flags), and make sure the home folder exists.
+
+    Raises `ConfigError` with one line naming the variable and what is wrong with it.
+    """
+    try:
+        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else ""
+        name = _ENV_NAMES.get(field, field)
+        # The rejected value is shown for everything but the key, so a typo is easy to spot.
+        shown = "" if field == "api_key" else f" (got {err.get('input')!r})"
+        raise ConfigError(f"invalid {name}: {err['msg']}{shown}") from None
+    ensure_home(settings)
+    return settings
+
+
+def ensure_home(settings: Settings) -> None:
+    try:
+        settings.images_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create the data folder {settings.home} ({exc.strerror}); "
+            "set GPTUNNEL_MCP_HOME to a writable folder"
+        ) from None

@@ -1,0 +1,99 @@
+"""The embedded history: one SQLite file in WAL mode, safe for several processes at once."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import anyio
+
+from ._exceptions import StorageError
+from ._models import TaskRecord
+
+_T = TypeVar("_T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    task_id    TEXT NOT NULL,
+    owner      TEXT NOT NULL DEFAULT '',
+    status     TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    record     TEXT NOT NULL,
+    PRIMARY KEY (owner, task_id)
+);
+CREATE INDEX IF NOT EXISTS tasks_by_time ON tasks (owner, created_at DESC);
+"""
+
+
+class SQLiteStore:
+    """`TaskStore` on SQLite. Calls run in worker threads; one connection, one lock."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self._db = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise StorageError(
+                f"cannot open the history database {path} ({exc}); set GPTUNNEL_MCP_HOME to a writable folder"
+            ) from None
+        self._lock = threading.Lock()
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        def locked() -> _T:
+            with self._lock:
+                try:
+                    return fn(self._db)
+                except sqlite3.Error as exc:
+                    raise StorageError(f"the history database failed: {exc}") from None
+
+        return await anyio.to_thread.run_sync(locked)
+
+    async def put(self, record: TaskRecord) -> None:
+        row = (
+            record.task_id,
+            record.owner,
+            record.status,
+            record.created_at.isoformat(),
+            record.model_dump_json(),
+        )
+        await self._run(
+            lambda db: db.execute(
+                """INSERT INTO tasks (task_id, owner, status, created_at, record) VALUES (?, ?, ?, ?, ?)
+                   ON CONFLICT (owner, task_id) DO UPDATE SET
+                       status = excluded.status, record = excluded.record
+                   WHERE tasks.status != 'done' OR excluded.status = 'done'""",
+                row,
+            )
+        )
+
+    async def get(self, task_id: str, owner: str = "") -> TaskRecord | None:
+        row = await self._run(
+            lambda db: db.execute(
+                "SELECT record FROM tasks WHERE owner = ? AND task_id = ?", (owner, task_id.lower())
+            ).fetchone()
+        )
+        return None if row is None else TaskRecord.model_validate_json(row[0])
+
+    async def list(self, owner: str = "", *, limit: int = 50, offset: int = 0) -> list[TaskRecord]:
+        rows = await self._run(
+            lambda db: db.execute(
+                "SELECT record FROM tasks WHERE owner = ? ORDER BY created_at DESC, task_id LIMIT ? OFFSET ?",
+                (owner, limit, offset),
+            ).fetchall()
+        )
+        return [TaskRecord.model_validate_json(r[0]) for r in rows]
+
+    async def count(self, owner: str = "") -> int:
+        row = await self._run(
+            lambda db: db.execute("SELECT COUNT(*) FROM tasks WHERE owner = ?", (owner,)).fetchone()
+        )
+        return int(row[0])
+
+    async def close(self) -> None:
+        await self._run(lambda db: db.close())

@@ -1,0 +1,27 @@
+"""The history's interface. The engine talks to this Protocol only, so a second backend (a
+shared PostgreSQL for several replicas) is a new class beside `SQLiteStore`, not a rewrite."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from ._models import TaskRecord
+
+
+class TaskStore(Protocol):
+    """One record per GPTunnel task, scoped by `owner` ("" for a single-user server)."""
+
+    async def put(self, record: TaskRecord) -> None:
+        """Insert or update `record`. A done record is never overwritten by a not-done one, so two
+        processes finishing the same task in a different order cannot undo each other's work."""
+        ...
+
+    async def get(self, task_id: str, owner: str = "") -> TaskRecord | None: ...
+
+    async def list(self, owner: str = "", *, limit: int = 50, offset: int = 0) -> list[TaskRecord]:
+        """Newest first."""
+        ...
+
+    async def count(self, owner: str = "") -> int: ...
+
+    async def close(self) -> None: ...
