@@ -81,10 +81,6 @@ class UnknownCreateOutcomeError(UpstreamError):
     """A create request may or may not have reached GPTunnel; retrying it could charge twice."""
 
 
-class TaskFailedError(UpstreamError):
-    """The task itself ended in failure upstream."""
-
-
 class DownloadError(GPTunnelMCPError):
     """The finished image could not be downloaded or is not an image."""
 

@@ -1,0 +1,727 @@
+"""A stand-in for GPTunnel's media API: a real HTTP server on 127.0.0.1 for tests, benchmarks and sandboxes.
+
+No machine of the project can reach gptunnel.ru, so everything that talks to GPTunnel is exercised
+against this server instead. It follows the API as documented (see the project's notes on the
+upstream media API):
+
+- ``POST /v1/media/create``: validates ``model``, ``prompt``, ``images`` and ``ar`` and answers at
+  once with an ``idle`` task.
+- ``POST /v1/media/result`` (JSON ``{"task_id": ...}``) and ``GET /v1/media/result?task_id=...``:
+  the task's status follows the clock: ``idle`` for the first 20 % of its generation time,
+  ``processing`` until the end, then its final status (``done`` with a file ``url``, or a failure).
+- ``GET /files/<id>-<model>-original.<ext>``: the picture, like object storage: no Authorization,
+  and the link can expire (:meth:`StandIn.expire_files`).
+- ``GET /v1/balance``: the account balance, with the OpenAI-style HTTP 401 for a bad key.
+- Anything else under ``/v1``: HTTP 200 with code 99, as GPTunnel does.
+
+Media errors are HTTP 200 with a non-zero ``code`` and a human ``error`` message, as upstream.
+
+Every way the real service (or a proxy in front of it) can misbehave is a knob on
+:class:`Behaviour`, which tests change between calls; :class:`Stats` counts what the server saw.
+Knobs that shape a task (generation time, final status, image format and size) are read when the
+task is created, so changing them never rewrites tasks already in flight; the other knobs are read
+on every request.
+
+Usage in a test::
+
+    with StandIn(api_key="test-key", behaviour=Behaviour(generation_seconds=0.3)) as standin:
+        client = httpx.Client(base_url=standin.url, headers={"Authorization": "test-key"})
+        ...
+        standin.behaviour.transient_failures = 2
+
+From a shell: ``python -m gptunnel_mcp.standin --port 8765 --api-key K --generation-seconds 2``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import random
+import secrets
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+import anyio
+import anyio.to_thread
+import uvicorn
+from PIL import Image, ImageDraw, ImageFont
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+__all__ = [
+    "ASPECT_RATIOS",
+    "TRANSIENT_KINDS",
+    "Behaviour",
+    "StandIn",
+    "Stats",
+    "main",
+    "render_image",
+]
+
+#: Every ``ar`` value the endpoint accepts (21:9 and 9:21 only matter to some models upstream).
+ASPECT_RATIOS: tuple[str, ...] = ("1:1", "16:9", "9:16", "4:3", "3:4", "21:9", "9:21")
+
+#: Every value :attr:`Behaviour.transient_kind` accepts.
+TRANSIENT_KINDS: tuple[str, ...] = ("http503", "http429", "code6", "code1", "code500", "html", "disconnect")
+
+# Pillow format -> (file extension, Content-Type).
+_FORMATS: dict[str, tuple[str, str]] = {
+    "WEBP": ("webp", "image/webp"),
+    "PNG": ("png", "image/png"),
+    "JPEG": ("jpg", "image/jpeg"),
+}
+
+_MESSAGES: dict[int, str] = {
+    1: "internal server error",
+    2: "invalid token",
+    3: "invalid input: check the request schema",
+    4: "record not found",
+    5: "insufficient balance",
+    6: "service is under heavy load, try again later",
+    7: "organization restriction for this model",
+    99: "API method not found",
+    500: "internal exception",
+    1001: "sensitive content in the request or uploaded files",
+    1002: "the prompt failed the content safety check",
+}
+
+# What nginx answers when the application behind it is down: the "not JSON at all" case.
+_HTML_ERROR_PAGE = (
+    "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
+    "<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
+)
+
+_NO_SUCH_KEY = (
+    '<?xml version="1.0" encoding="UTF-8"?>\n'
+    "<Error><Code>NoSuchKey</Code><Message>The specified key does not exist.</Message></Error>"
+)
+
+_API_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+
+@dataclass
+class Behaviour:
+    """Knobs tests turn between calls. The defaults are the happy path."""
+
+    #: Time from create until the task reaches its final status.
+    generation_seconds: float = 1.0
+    #: Fraction: each task's time is drawn uniformly in [mean*(1-j), mean*(1+j)].
+    generation_jitter: float = 0.0
+    #: Pillow format of served images: "WEBP", "PNG" or "JPEG".
+    image_format: str = "WEBP"
+    image_size: tuple[int, int] = (1024, 1024)
+    #: Non-zero: /v1/media/create answers HTTP 200 {"code": N, "error": ...} (code 3 with "issues").
+    create_code: int = 0
+    #: The same for /v1/media/result.
+    result_code: int = 0
+    #: The status a task ends in: "done", or "failed"/"error" (then with an "error" field and no url).
+    final_status: str = "done"
+    #: The next N requests under /v1 fail transiently; decremented per failure.
+    transient_failures: int = 0
+    #: How they fail: one of TRANSIENT_KINDS.
+    transient_kind: str = "http503"
+    #: Retry-After header (seconds) on "http429"; None sends no Retry-After at all.
+    retry_after: float | None = None
+    #: HTTP status of file downloads (e.g. 404 as if the link expired, 500).
+    download_status: int = 200
+    #: Serve these bytes instead of the picture (still labelled with the image's Content-Type).
+    download_bytes_override: bytes | None = None
+    #: Announce the full Content-Length but send only this many bytes, then close the connection.
+    download_truncate_at: int | None = None
+    #: Seconds between the response headers and the body of a file download.
+    download_delay: float = 0.0
+    balance: float = 100.0
+    credit_limit: float = 0.0
+
+
+@dataclass
+class Stats:
+    """What the stand-in saw. Replace it with ``Stats()`` to start counting afresh."""
+
+    create_calls: int = 0
+    result_calls: int = 0
+    download_calls: int = 0
+    balance_calls: int = 0
+    #: Every Authorization header value received under /v1 (to check the key is sent bare).
+    auth_headers: list[str] = field(default_factory=list)
+    #: Every Authorization header value received on /files: should stay empty, storage needs no key.
+    file_auth_headers: list[str] = field(default_factory=list)
+    #: Task id -> time.time() at which it reached its final status (created + planned duration).
+    task_done_at: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Task:
+    id: str
+    model: str
+    prompt: str
+    ar: str | None
+    images: list[str]
+    created: float
+    duration: float
+    final_status: str
+    image_format: str
+    image_size: tuple[int, int]
+    expired: bool = False
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.id}-{self.model}-original.{_FORMATS[self.image_format][0]}"
+
+
+def _format_key(fmt: str) -> str:
+    key = fmt.upper()
+    if key == "JPG":
+        key = "JPEG"
+    if key not in _FORMATS:
+        raise ValueError(f"unsupported image format {fmt!r}: use one of {', '.join(_FORMATS)}")
+    return key
+
+
+def _font(pixels: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    # A fresh font per call: rendering runs in worker threads and font objects are not documented
+    # as thread-safe.
+    try:
+        return ImageFont.load_default(size=pixels)
+    except (ImportError, OSError):  # Pillow built without FreeType: the small bitmap font.
+        return ImageFont.load_default()
+
+
+def render_image(prompt: str, size: tuple[int, int], fmt: str) -> bytes:
+    """A picture with the prompt written on it, encoded as ``fmt``; the same inputs give the same bytes."""
+    key = _format_key(fmt)
+    width, height = size
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {size!r}")
+    digest = hashlib.sha256(prompt.encode("utf-8")).digest()
+    image = Image.new("RGB", (width, height), (digest[0] // 2 + 96, digest[1] // 2 + 96, digest[2] // 2 + 96))
+    draw = ImageDraw.Draw(image)
+    # Some shapes, so the file is not a flat colour that compresses to nearly nothing: tests of
+    # caching and truncated downloads want files of a realistic size.
+    for i in range(8):
+        a, b, c, d, r, g, bl = digest[3 + i * 3 : 3 + i * 3 + 7]
+        x0, y0 = a * width // 256, b * height // 256
+        x1, y1 = x0 + (c + 32) * width // 512, y0 + (d + 32) * height // 512
+        draw.ellipse((x0, y0, x1, y1), fill=(r, g, bl))
+    font = _font(max(10, min(width, height) // 24))
+    margin = max(4, min(width, height) // 32)
+    chars_per_line = max(8, (width - 2 * margin) * 2 // max(1, min(width, height) // 24))
+    text = textwrap.fill(prompt[:600] or "(empty prompt)", width=chars_per_line)
+    if not isinstance(font, ImageFont.FreeTypeFont):
+        text = text.encode("latin-1", "replace").decode("latin-1")  # the bitmap font is Latin-1 only
+    box = draw.multiline_textbbox((margin, margin), text, font=font)
+    draw.rectangle((box[0] - 4, box[1] - 4, box[2] + 4, box[3] + 4), fill=(255, 255, 255))
+    draw.multiline_text((margin, margin), text, fill=(0, 0, 0), font=font)
+    buffer = io.BytesIO()
+    if key == "WEBP":
+        image.save(buffer, "WEBP", quality=80)
+    elif key == "JPEG":
+        image.save(buffer, "JPEG", quality=85)
+    else:
+        image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _code_error(code: int, issues: list[dict[str, Any]] | None = None) -> JSONResponse:
+    body: dict[str, Any] = {"code": code, "error": _MESSAGES.get(code, f"error {code}")}
+    if code == 3:
+        body["issues"] = issues if issues is not None else []
+    return JSONResponse(body)
+
+
+def _issue(path: list[str | int], message: str) -> dict[str, Any]:
+    return {"path": path, "message": message}
+
+
+def _type_name(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return "string"
+
+
+def _check_string(body: dict[str, Any], name: str, issues: list[dict[str, Any]]) -> None:
+    if name not in body:
+        issues.append(_issue([name], "Required"))
+    elif not isinstance(body[name], str):
+        issues.append(_issue([name], f"Expected string, received {_type_name(body[name])}"))
+    elif not body[name]:
+        issues.append(_issue([name], "String must contain at least 1 character(s)"))
+
+
+def _validate_create(body: dict[str, Any]) -> list[dict[str, Any]]:
+    issues: list[dict[str, Any]] = []
+    _check_string(body, "model", issues)
+    _check_string(body, "prompt", issues)
+    if "images" in body:
+        images = body["images"]
+        if not isinstance(images, list):
+            issues.append(_issue(["images"], f"Expected array, received {_type_name(images)}"))
+        else:
+            for index, url in enumerate(images):
+                if not isinstance(url, str):
+                    issues.append(_issue(["images", index], f"Expected string, received {_type_name(url)}"))
+                elif not url.startswith(("http://", "https://")):
+                    issues.append(_issue(["images", index], "Invalid url"))
+    if "ar" in body and body["ar"] not in ASPECT_RATIOS:
+        expected = " | ".join(f"'{ar}'" for ar in ASPECT_RATIOS)
+        issues.append(
+            _issue(["ar"], f"Invalid enum value. Expected {expected}, received {json.dumps(body['ar'])}")
+        )
+    return issues
+
+
+async def _read_json(request: Request) -> tuple[Any, str | None]:
+    raw = await request.body()
+    try:
+        return json.loads(raw.decode("utf-8")), None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None, "Expected a JSON object as the request body"
+
+
+def _retry_after_header(seconds: float) -> str:
+    return format(seconds, "g")
+
+
+class _FileResponse(Response):
+    """An image download that can stall before its body or stop half-way, like a flaky storage link."""
+
+    def __init__(
+        self,
+        payload: bytes,
+        media_type: str,
+        delay: float,
+        truncate_at: int | None,
+        drop_connection: Callable[[Scope], Awaitable[bool]],
+    ) -> None:
+        super().__init__(payload, 200, media_type=media_type)
+        self._payload = payload
+        self._delay = delay
+        self._truncate_at = truncate_at
+        self._drop_connection = drop_connection
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        if self._delay > 0:
+            await anyio.sleep(self._delay)
+        cut = self._truncate_at
+        if cut is not None and 0 <= cut < len(self._payload):
+            await send({"type": "http.response.body", "body": self._payload[:cut], "more_body": True})
+            # Without our uvicorn server to close the socket on, returning early still ends the
+            # connection: servers close it when a response stops short of its Content-Length.
+            await self._drop_connection(scope)
+            return
+        await send({"type": "http.response.body", "body": self._payload, "more_body": False})
+
+
+class _Disconnect(Response):
+    """Closes the connection without a response, like a proxy dropping it."""
+
+    def __init__(self, drop_connection: Callable[[Scope], Awaitable[bool]]) -> None:
+        super().__init__()
+        self._drop_connection = drop_connection
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not await self._drop_connection(scope):
+            # Not served by StandIn.start() (e.g. an in-process test client): nothing to close, so
+            # degrade to the nearest transient failure rather than a hang.
+            await PlainTextResponse("503 Service Temporarily Unavailable", 503)(scope, receive, send)
+
+
+class StandIn:
+    """The stand-in GPTunnel: a Starlette app plus a uvicorn server on a daemon thread.
+
+    ``api_key`` None accepts any Authorization header (or none); otherwise the header must be
+    exactly the key, bare, as GPTunnel's documentation sends it (a ``Bearer`` prefix is refused).
+    """
+
+    def __init__(
+        self,
+        api_key: str | None = "test-key",
+        behaviour: Behaviour | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        self.api_key = api_key
+        self.behaviour = behaviour if behaviour is not None else Behaviour()
+        self.stats = Stats()
+        self.host = host
+        self.port = port
+        # The server thread and the test thread both touch tasks, images and counters.
+        self._lock = threading.Lock()
+        self._tasks: dict[str, _Task] = {}
+        self._images: dict[str, bytes] = {}
+        self._random = random.Random()  # noqa: S311 - jitter of fake generation times, not security
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._url: str | None = None
+        self.app = Starlette(
+            routes=[
+                Route("/v1/{path:path}", self._api, methods=_API_METHODS),
+                Route("/files/{name:path}", self._file, methods=["GET"]),
+            ]
+        )
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """Base URL such as ``http://127.0.0.1:PORT``; known once :meth:`start` has returned."""
+        if self._url is None:
+            raise RuntimeError("StandIn.url is only known after start()")
+        return self._url
+
+    def start(self) -> None:
+        """Serve on a daemon thread; return once the server accepts connections."""
+        if self._thread is not None:
+            raise RuntimeError("this StandIn is already running")
+        config = uvicorn.Config(
+            self.app,
+            host=self.host,
+            port=self.port,
+            log_level="warning",
+            # None: leave the process's logging configuration alone (tests may be capturing it).
+            log_config=None,
+            lifespan="off",
+            # h11 and plain asyncio everywhere, so "disconnect" can find the connection it drops
+            # and no event loop policy is installed process-wide.
+            http="h11",
+            loop="asyncio",
+            access_log=False,
+            proxy_headers=False,
+            # A request stalled by download_delay must not hold stop() for long.
+            timeout_graceful_shutdown=1,
+        )
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, name="gptunnel-standin", daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 10.0
+        while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError(f"the GPTunnel stand-in could not listen on {self.host}:{self.port}")
+            if time.monotonic() > deadline:
+                server.should_exit = True
+                raise RuntimeError("the GPTunnel stand-in did not start within 10 s")
+            time.sleep(0.005)
+        port = int(server.servers[0].sockets[0].getsockname()[1])
+        host = "127.0.0.1" if self.host in ("", "0.0.0.0") else self.host  # noqa: S104 - a comparison
+        if ":" in host:
+            host = f"[{host}]"
+        self._server, self._thread = server, thread
+        self._url = f"http://{host}:{port}"
+
+    def stop(self) -> None:
+        """Stop serving and wait for the thread. Tasks and stats stay readable."""
+        server, thread = self._server, self._thread
+        if server is None or thread is None:
+            return
+        server.should_exit = True
+        thread.join(timeout=10.0)
+        self._server = self._thread = None
+
+    def __enter__(self) -> StandIn:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # -- helpers for tests -------------------------------------------------------------------------
+
+    def expire_files(self) -> None:
+        """From now on, the file URL of every existing task answers 404, as after GPTunnel's 48 hours."""
+        with self._lock:
+            for task in self._tasks.values():
+                task.expired = True
+
+    def task_ids(self) -> list[str]:
+        """Ids of every task created so far, oldest first."""
+        with self._lock:
+            return list(self._tasks)
+
+    def image_bytes(self, task_id: str) -> bytes:
+        """The exact bytes the file URL of this task serves (without download_bytes_override)."""
+        with self._lock:
+            task = self._tasks[task_id]
+        return self._image_for(task)
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _image_for(self, task: _Task) -> bytes:
+        with self._lock:
+            cached = self._images.get(task.id)
+        if cached is not None:
+            return cached
+        # Rendered outside the lock; rendering is deterministic, so a concurrent duplicate render
+        # yields the same bytes and the first one stored wins.
+        data = render_image(task.prompt, task.image_size, task.image_format)
+        with self._lock:
+            return self._images.setdefault(task.id, data)
+
+    def _status(self, task: _Task, now: float) -> str:
+        """The task's status at ``now``. Call with the lock held."""
+        elapsed = now - task.created
+        if elapsed < task.duration:
+            return "idle" if elapsed < 0.2 * task.duration else "processing"
+        # The moment it was due, not the moment someone asked, so latency benchmarks measure the
+        # client's polling delay rather than hide it.
+        self.stats.task_done_at.setdefault(task.id, task.created + task.duration)
+        return task.final_status
+
+    def _task_body(self, task: _Task, status: str, base_url: str) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "code": 0,
+            "id": task.id,
+            "model": task.model,
+            "prompt": task.prompt,
+            "created_at": int(task.created),
+            "status": status,
+            "url": None,
+        }
+        if status == "done":
+            body["url"] = f"{base_url}/files/{quote(task.file_name, safe='')}"
+        elif status == task.final_status and status != "done":
+            body["error"] = f"generation failed: the stand-in was told to end this task as {status!r}"
+        return body
+
+    def _base_url(self, request: Request) -> str:
+        return self._url if self._url is not None else str(request.base_url).rstrip("/")
+
+    def _authorized(self, request: Request) -> bool:
+        return self.api_key is None or request.headers.get("authorization") == self.api_key
+
+    def _take_transient(self) -> str | None:
+        with self._lock:
+            behaviour = self.behaviour
+            if behaviour.transient_failures <= 0:
+                return None
+            behaviour.transient_failures -= 1
+            return behaviour.transient_kind
+
+    def _transient_response(self, kind: str) -> Response:
+        if kind == "http503":
+            return PlainTextResponse("503 Service Temporarily Unavailable", 503)
+        if kind == "http429":
+            retry_after = self.behaviour.retry_after
+            headers = None if retry_after is None else {"Retry-After": _retry_after_header(retry_after)}
+            return PlainTextResponse("429 Too Many Requests", 429, headers=headers)
+        if kind in ("code6", "code1", "code500"):
+            return _code_error(int(kind[4:]))
+        if kind == "html":
+            return HTMLResponse(_HTML_ERROR_PAGE, 200)
+        if kind == "disconnect":
+            return _Disconnect(self._drop_connection)
+        raise ValueError(f"unknown transient_kind {kind!r}: use one of {', '.join(TRANSIENT_KINDS)}")
+
+    async def _drop_connection(self, scope: Scope) -> bool:
+        """Close the TCP connection that carries this request; False if it cannot be found.
+
+        ASGI has no way to abort a connection, so this finds uvicorn's protocol object for it by
+        the client address (unique per connection) and closes its transport.
+        """
+        server = self._server
+        client = scope.get("client")
+        if server is None or client is None:
+            return False
+        connections = server.server_state.connections
+        for connection in list(connections):
+            if getattr(connection, "client", None) != tuple(client):
+                continue
+            transport = getattr(connection, "transport", None)
+            if transport is None:
+                return False
+            transport.close()
+            # Wait until uvicorn has seen the connection go, or it would log that the app
+            # "returned without completing response" and try to send a 500 down a closed socket.
+            for _ in range(200):
+                if connection not in connections:
+                    break
+                await anyio.sleep(0.005)
+            return True
+        return False
+
+    # -- endpoints ---------------------------------------------------------------------------------
+
+    async def _api(self, request: Request) -> Response:
+        route = (request.method, request.url.path)
+        with self._lock:
+            stats = self.stats
+            if route == ("POST", "/v1/media/create"):
+                stats.create_calls += 1
+            elif route in (("POST", "/v1/media/result"), ("GET", "/v1/media/result")):
+                stats.result_calls += 1
+            elif route == ("GET", "/v1/balance"):
+                stats.balance_calls += 1
+            header = request.headers.get("authorization")
+            if header is not None:
+                stats.auth_headers.append(header)
+        # Transient failures come first: a proxy or an overloaded backend fails before it looks
+        # at the key or the body.
+        kind = self._take_transient()
+        if kind is not None:
+            return self._transient_response(kind)
+        if route == ("POST", "/v1/media/create"):
+            return await self._create(request)
+        if route[1] == "/v1/media/result" and route[0] in ("POST", "GET"):
+            return await self._result(request)
+        if route == ("GET", "/v1/balance"):
+            return self._balance(request)
+        return _code_error(99)
+
+    async def _create(self, request: Request) -> Response:
+        body, problem = await _read_json(request)
+        if not self._authorized(request):
+            return _code_error(2)
+        behaviour = self.behaviour
+        if behaviour.create_code:
+            return _code_error(behaviour.create_code, [_issue(["prompt"], "the stand-in was told to refuse")])
+        if problem is not None or not isinstance(body, dict):
+            message = problem or f"Expected object, received {_type_name(body)}"
+            return _code_error(3, [_issue([], message)])
+        issues = _validate_create(body)
+        if issues:
+            return _code_error(3, issues)
+        image_format = _format_key(behaviour.image_format)
+        mean = max(0.0, behaviour.generation_seconds)
+        jitter = max(0.0, behaviour.generation_jitter)
+        with self._lock:
+            duration = self._random.uniform(mean * (1 - jitter), mean * (1 + jitter)) if jitter else mean
+            created = time.time()
+            # Shaped like upstream ids (MongoDB ObjectIds): a hex timestamp, then random bytes.
+            task_id = f"{int(created):08x}{secrets.token_hex(8)}"
+            task = _Task(
+                id=task_id,
+                model=body["model"],
+                prompt=body["prompt"],
+                ar=body.get("ar"),
+                images=list(body.get("images", [])),
+                created=created,
+                duration=max(0.0, duration),
+                final_status=behaviour.final_status,
+                image_format=image_format,
+                image_size=(int(behaviour.image_size[0]), int(behaviour.image_size[1])),
+            )
+            self._tasks[task_id] = task
+        return JSONResponse(self._task_body(task, "idle", self._base_url(request)))
+
+    async def _result(self, request: Request) -> Response:
+        task_id: Any
+        problem: str | None = None
+        if request.method == "GET":
+            task_id = request.query_params.get("task_id")
+        else:
+            body, problem = await _read_json(request)
+            task_id = body.get("task_id") if isinstance(body, dict) else None
+        if not self._authorized(request):
+            return _code_error(2)
+        code = self.behaviour.result_code
+        if code:
+            return _code_error(code, [_issue(["task_id"], "the stand-in was told to refuse")])
+        if problem is not None:
+            return _code_error(3, [_issue([], problem)])
+        if not isinstance(task_id, str) or not task_id:
+            return _code_error(3, [_issue(["task_id"], "Required")])
+        with self._lock:
+            task = self._tasks.get(task_id)
+            if task is None:
+                return _code_error(4)
+            status = self._status(task, time.time())
+        return JSONResponse(self._task_body(task, status, self._base_url(request)))
+
+    def _balance(self, request: Request) -> Response:
+        if not self._authorized(request):
+            error = {"message": "Invalid API key", "type": "invalid_request_error", "code": "invalid_api_key"}
+            return JSONResponse({"error": error}, status_code=401)
+        behaviour = self.behaviour
+        return JSONResponse(
+            {
+                "object": "balance",
+                "balance": behaviour.balance,
+                "creditLimit": behaviour.credit_limit,
+                "orgId": "org-standin",
+            }
+        )
+
+    async def _file(self, request: Request) -> Response:
+        name: str = request.path_params["name"]
+        behaviour = self.behaviour
+        with self._lock:
+            self.stats.download_calls += 1
+            header = request.headers.get("authorization")
+            if header is not None:
+                self.stats.file_auth_headers.append(header)
+            task = self._tasks.get(name[:24])
+            ready = (
+                task is not None
+                and name == task.file_name
+                and not task.expired
+                and self._status(task, time.time()) == "done"
+            )
+        if task is None or not ready:
+            return Response(_NO_SUCH_KEY, 404, media_type="application/xml")
+        if behaviour.download_status != 200:
+            return PlainTextResponse(f"HTTP {behaviour.download_status}", behaviour.download_status)
+        override = behaviour.download_bytes_override
+        # Encoding a large WebP takes tens of milliseconds: keep it off the event loop.
+        payload = override if override is not None else await anyio.to_thread.run_sync(self._image_for, task)
+        return _FileResponse(
+            payload,
+            _FORMATS[task.image_format][1],
+            behaviour.download_delay,
+            behaviour.download_truncate_at,
+            self._drop_connection,
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve the stand-in in the foreground until Ctrl-C."""
+    parser = argparse.ArgumentParser(
+        prog="python -m gptunnel_mcp.standin",
+        description="A local stand-in for GPTunnel's media API (for tests, benchmarks and sandboxes).",
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8765, help="0 picks a free port (default: 8765)")
+    parser.add_argument("--api-key", default=None, help="the only key accepted (default: accept any key)")
+    parser.add_argument("--generation-seconds", type=float, default=Behaviour.generation_seconds)
+    parser.add_argument("--generation-jitter", type=float, default=Behaviour.generation_jitter)
+    parser.add_argument("--image-format", choices=sorted(_FORMATS), default=Behaviour.image_format)
+    parser.add_argument("--final-status", default=Behaviour.final_status)
+    args = parser.parse_args(argv)
+    behaviour = Behaviour(
+        generation_seconds=args.generation_seconds,
+        generation_jitter=args.generation_jitter,
+        image_format=args.image_format,
+        final_status=args.final_status,
+    )
+    standin = StandIn(api_key=args.api_key, behaviour=behaviour, host=args.host, port=args.port)
+    standin.start()
+    print(f"GPTunnel stand-in listening on {standin.url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        standin.stop()
+
+
+if __name__ == "__main__":
+    main()

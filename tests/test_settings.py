@@ -1,0 +1,65 @@
+"""Configuration: defaults, environment variables, and one clear line for every bad value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gptunnel_mcp import ConfigError, load_settings
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ["GPTUNNEL_API_KEY", "GPTUNNEL_BASE_URL", "GPTUNNEL_MCP_HOME", "GPTUNNEL_DEFAULT_MODEL",
+                 "GPTUNNEL_WAIT_TIMEOUT"]:
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GPTUNNEL_MCP_HOME", str(tmp_path / "home"))
+    settings = load_settings()
+    assert settings.api_key is None
+    assert settings.api_base == "https://gptunnel.ru"
+    assert settings.default_model.startswith("gpt-image-1")
+    assert 0 < settings.wait_timeout < 60
+    assert settings.images_dir.is_dir()
+
+
+def test_environment_is_read_and_flags_win(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GPTUNNEL_MCP_HOME", str(tmp_path))
+    monkeypatch.setenv("GPTUNNEL_API_KEY", "k")
+    monkeypatch.setenv("GPTUNNEL_BASE_URL", "http://127.0.0.1:9/")
+    monkeypatch.setenv("GPTUNNEL_WAIT_TIMEOUT", "12.5")
+    settings = load_settings(wait_timeout="20")
+    assert settings.api_key is not None and settings.api_key.get_secret_value() == "k"
+    assert settings.api_base == "http://127.0.0.1:9"
+    assert settings.wait_timeout == 20
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "words"),
+    [
+        ("GPTUNNEL_WAIT_TIMEOUT", "soon", "invalid GPTUNNEL_WAIT_TIMEOUT"),
+        ("GPTUNNEL_WAIT_TIMEOUT", "-3", "invalid GPTUNNEL_WAIT_TIMEOUT"),
+        ("GPTUNNEL_BASE_URL", "gptunnel.ru", "invalid GPTUNNEL_BASE_URL"),
+        ("GPTUNNEL_BASE_URL", "ftp://gptunnel.ru", "invalid GPTUNNEL_BASE_URL"),
+    ],
+)
+def test_bad_values_give_one_line_naming_the_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, value: str, words: str
+) -> None:
+    monkeypatch.setenv("GPTUNNEL_MCP_HOME", str(tmp_path))
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert words in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_home_that_cannot_be_made(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    monkeypatch.setenv("GPTUNNEL_MCP_HOME", str(blocker / "home"))
+    with pytest.raises(ConfigError, match="set GPTUNNEL_MCP_HOME to a writable folder"):
+        load_settings()
