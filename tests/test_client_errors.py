@@ -24,7 +24,14 @@ from gptunnel_mcp._client import GPTunnelClient
 from gptunnel_mcp._models import CreatePayload
 
 KEY = "sk-secret-key-123"
-TASK = {"code": 0, "id": "687fab1e49832bb77d34db47", "model": "m", "prompt": "p", "created_at": 1, "status": "idle"}
+TASK = {
+    "code": 0,
+    "id": "687fab1e49832bb77d34db47",
+    "model": "m",
+    "prompt": "p",
+    "created_at": 1,
+    "status": "idle",
+}
 
 
 def call(handler: Callable[[httpx.Request], httpx.Response], op: str) -> object:
@@ -40,7 +47,9 @@ def call(handler: Callable[[httpx.Request], httpx.Response], op: str) -> object:
     return anyio.run(run)
 
 
-def answer(status: int = 200, body: object = None, **headers: str) -> Callable[[httpx.Request], httpx.Response]:
+def answer(
+    status: int = 200, body: object = None, **headers: str
+) -> Callable[[httpx.Request], httpx.Response]:
     def handler(request: httpx.Request) -> httpx.Response:
         content = body if isinstance(body, bytes) else json.dumps(body).encode()
         return httpx.Response(status, content=content, headers=headers)
@@ -59,7 +68,7 @@ def test_key_is_sent_bare_and_body_matches_the_api() -> None:
     assert seen[0].headers["Authorization"] == KEY
     assert seen[0].url.path == "/v1/media/create"
     assert json.loads(seen[0].content) == {"model": "m", "prompt": "p"}
-    assert getattr(task, "id") == TASK["id"]
+    assert task.id == TASK["id"]  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(
@@ -123,7 +132,9 @@ def test_non_json_body() -> None:
 
 
 def test_openai_style_401_is_an_authentication_error() -> None:
-    body = {"error": {"message": "Invalid API key", "type": "invalid_request_error", "code": "invalid_api_key"}}
+    body = {
+        "error": {"message": "Invalid API key", "type": "invalid_request_error", "code": "invalid_api_key"}
+    }
     with pytest.raises(AuthenticationError):
         call(answer(401, body), "result")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,9 @@ async def test_tools_are_listed_with_schemas_and_truthful_annotations(server: Se
     assert "21:9" in json.dumps(tools["create_image"].input_schema["properties"]["aspect_ratio"])
     for tool in tools.values():
         assert tool.output_schema is not None
-        assert {"task_id", "status", "file_path", "resource_uri", "sha256"} <= set(tool.output_schema["properties"])
+        assert {"task_id", "status", "file_path", "resource_uri", "sha256"} <= set(
+            tool.output_schema["properties"]
+        )
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -91,7 +94,7 @@ async def test_generate_and_wait_returns_preview_link_and_the_stored_file(
 
     # Progress came while it waited, saying the status and the time.
     assert progress, "no progress notification arrived"
-    assert all(b[0] >= a[0] for a, b in zip(progress, progress[1:]))
+    assert all(b[0] >= a[0] for a, b in itertools.pairwise(progress))
     assert any("elapsed" in (m or "") for _, _, m in progress)
     assert standin.stats.create_calls == 1
 
@@ -166,7 +169,9 @@ async def test_cancelled_wait_stops_polling_and_the_task_stays_resumable(
 async def test_resources_history_record_and_file(server: ServerLauncher, standin: StandIn, mode: str) -> None:
     async with server.connect(mode) as client:
         first = structured(await client.call_tool("generate_and_wait", {"prompt": "first"}))
-        second = structured(await client.call_tool("generate_and_wait", {"prompt": "second", "model": "flux-dev"}))
+        second = structured(
+            await client.call_tool("generate_and_wait", {"prompt": "second", "model": "flux-dev"})
+        )
 
         listed = {r.uri: r for r in (await client.list_resources()).resources}
         assert "gptunnel://images" in listed
@@ -189,7 +194,11 @@ async def test_resources_history_record_and_file(server: ServerLauncher, standin
         templates = {t.uri_template for t in (await client.list_resource_templates()).resource_templates}
         assert templates == {"gptunnel://images/{task_id}", "gptunnel://images/{task_id}/file"}
 
-        for bad in ("gptunnel://images/0123456789abcdef01234567", "gptunnel://images/nope/file", "gptunnel://x"):
+        for bad in (
+            "gptunnel://images/0123456789abcdef01234567",
+            "gptunnel://images/nope/file",
+            "gptunnel://x",
+        ):
             with pytest.raises(Exception, match="not found") as info:
                 await client.read_resource(bad)
             assert getattr(info.value, "code", None) == -32602

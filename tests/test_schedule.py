@@ -51,7 +51,14 @@ def test_retry_after_wins_but_is_capped() -> None:
 
 @pytest.mark.parametrize(
     ("header", "expected"),
-    [("3", 3.0), (" 1.5 ", 1.5), (None, None), ("", None), ("-1", None), ("Wed, 21 Oct 2015 07:28:00 GMT", None)],
+    [
+        ("3", 3.0),
+        (" 1.5 ", 1.5),
+        (None, None),
+        ("", None),
+        ("-1", None),
+        ("Wed, 21 Oct 2015 07:28:00 GMT", None),
+    ],
 )
 def test_parse_retry_after(header: str | None, expected: float | None) -> None:
     assert parse_retry_after(header) == expected

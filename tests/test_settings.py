@@ -11,8 +11,13 @@ from gptunnel_mcp import ConfigError, load_settings
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ["GPTUNNEL_API_KEY", "GPTUNNEL_BASE_URL", "GPTUNNEL_MCP_HOME", "GPTUNNEL_DEFAULT_MODEL",
-                 "GPTUNNEL_WAIT_TIMEOUT"]:
+    for name in [
+        "GPTUNNEL_API_KEY",
+        "GPTUNNEL_BASE_URL",
+        "GPTUNNEL_MCP_HOME",
+        "GPTUNNEL_DEFAULT_MODEL",
+        "GPTUNNEL_WAIT_TIMEOUT",
+    ]:
         monkeypatch.delenv(name, raising=False)
 
 

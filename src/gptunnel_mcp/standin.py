@@ -476,17 +476,17 @@ class StandIn:
         with self._lock:
             return self._images.setdefault(task.id, data)
 
-    def _status(self, task: _Task, now: float) -> str:
-        """The task's status at ``now``. Call with the lock held."""
+    def _status(self, task: _Task, now: float) -> tuple[str, bool]:
+        """The task's status at ``now`` and whether it has ended. Call with the lock held."""
         elapsed = now - task.created
         if elapsed < task.duration:
-            return "idle" if elapsed < 0.2 * task.duration else "processing"
+            return ("idle" if elapsed < 0.2 * task.duration else "processing"), False
         # The moment it was due, not the moment someone asked, so latency benchmarks measure the
         # client's polling delay rather than hide it.
         self.stats.task_done_at.setdefault(task.id, task.created + task.duration)
-        return task.final_status
+        return task.final_status, True
 
-    def _task_body(self, task: _Task, status: str, base_url: str) -> dict[str, Any]:
+    def _task_body(self, task: _Task, status: str, ended: bool, base_url: str) -> dict[str, Any]:
         body: dict[str, Any] = {
             "code": 0,
             "id": task.id,
@@ -496,9 +496,9 @@ class StandIn:
             "status": status,
             "url": None,
         }
-        if status == "done":
+        if ended and status == "done":
             body["url"] = f"{base_url}/files/{quote(task.file_name, safe='')}"
-        elif status == task.final_status and status != "done":
+        elif ended:
             body["error"] = f"generation failed: the stand-in was told to end this task as {status!r}"
         return body
 
@@ -620,7 +620,7 @@ class StandIn:
                 image_size=(int(behaviour.image_size[0]), int(behaviour.image_size[1])),
             )
             self._tasks[task_id] = task
-        return JSONResponse(self._task_body(task, "idle", self._base_url(request)))
+        return JSONResponse(self._task_body(task, "idle", False, self._base_url(request)))
 
     async def _result(self, request: Request) -> Response:
         task_id: Any
@@ -643,8 +643,8 @@ class StandIn:
             task = self._tasks.get(task_id)
             if task is None:
                 return _code_error(4)
-            status = self._status(task, time.time())
-        return JSONResponse(self._task_body(task, status, self._base_url(request)))
+            status, ended = self._status(task, time.time())
+        return JSONResponse(self._task_body(task, status, ended, self._base_url(request)))
 
     def _balance(self, request: Request) -> Response:
         if not self._authorized(request):
@@ -673,7 +673,7 @@ class StandIn:
                 task is not None
                 and name == task.file_name
                 and not task.expired
-                and self._status(task, time.time()) == "done"
+                and self._status(task, time.time()) == ("done", True)
             )
         if task is None or not ready:
             return Response(_NO_SUCH_KEY, 404, media_type="application/xml")
