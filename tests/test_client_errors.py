@@ -36,11 +36,13 @@ TASK = {
 
 def call(handler: Callable[[httpx.Request], httpx.Response], op: str) -> object:
     async def run() -> object:
-        client = GPTunnelClient("http://gptunnel.test", KEY, transport=httpx.MockTransport(handler))
+        client = GPTunnelClient("http://gptunnel.test", transport=httpx.MockTransport(handler))
         try:
             if op == "create":
-                return await client.create(CreatePayload(model="m", prompt="p"))
-            return await client.result("687fab1e49832bb77d34db47")
+                return await client.create(CreatePayload(model="m", prompt="p"), KEY)
+            if op == "balance":
+                return await client.balance(KEY)
+            return await client.result("687fab1e49832bb77d34db47", KEY)
         finally:
             await client.aclose()
 
@@ -131,12 +133,19 @@ def test_non_json_body() -> None:
         call(answer(200, b"<html>gateway</html>"), "create")
 
 
+def test_balance_reads_both_amounts() -> None:
+    body = {"object": "balance", "balance": 12.5, "creditLimit": 3, "orgId": "o"}
+    balance = call(answer(200, body), "balance")
+    assert (balance.balance, balance.credit_limit) == (12.5, 3.0)  # type: ignore[attr-defined]
+
+
 def test_openai_style_401_is_an_authentication_error() -> None:
     body = {
         "error": {"message": "Invalid API key", "type": "invalid_request_error", "code": "invalid_api_key"}
     }
-    with pytest.raises(AuthenticationError):
-        call(answer(401, body), "result")
+    for op in ("result", "balance"):
+        with pytest.raises(AuthenticationError):
+            call(answer(401, body), op)
 
 
 def test_connection_refused_is_transient_even_for_create() -> None:

@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 import httpx
-from pydantic import ValidationError
+from pydantic import AliasChoices, BaseModel, Field, ValidationError
 
 from ._exceptions import (
     AuthenticationError,
@@ -38,40 +38,54 @@ def redact(text: str, secret: str | None) -> str:
     return text.replace(secret, "[redacted]") if secret else text
 
 
+class Balance(BaseModel):
+    """The account's money, as `GET /v1/balance` reports it (roubles)."""
+
+    balance: float
+    credit_limit: float = Field(default=0.0, validation_alias=AliasChoices("creditLimit", "credit_limit"))
+
+
 class GPTunnelClient:
-    """Calls GPTunnel's media endpoints with one API key."""
+    """Calls GPTunnel's endpoints. The key is given per call, so one connection pool serves every
+    user of a multi-user server."""
 
     def __init__(
-        self,
-        base_url: str,
-        api_key: str,
-        *,
-        timeout: float = 30.0,
-        transport: httpx.AsyncBaseTransport | None = None,
+        self, base_url: str, *, timeout: float = 30.0, transport: httpx.AsyncBaseTransport | None = None
     ) -> None:
-        self._key = api_key
         self._http = httpx.AsyncClient(
             base_url=base_url,
-            headers={"Authorization": api_key, "User-Agent": _user_agent()},
+            headers={"User-Agent": _user_agent()},
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             transport=transport,
             follow_redirects=False,
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
         )
 
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def create(self, payload: CreatePayload) -> UpstreamTask:
+    async def create(self, payload: CreatePayload, key: str) -> UpstreamTask:
         body = payload.model_dump(exclude_none=True)
-        return _task(await self._post("/v1/media/create", body, create=True), create=True, key=self._key)
+        return _task(
+            await self._send("POST", "/v1/media/create", key, body, create=True), create=True, key=key
+        )
 
-    async def result(self, task_id: str) -> UpstreamTask:
-        body = await self._post("/v1/media/result", {"task_id": task_id}, create=False)
-        return _task(body, create=False, key=self._key)
+    async def result(self, task_id: str, key: str) -> UpstreamTask:
+        body = await self._send("POST", "/v1/media/result", key, {"task_id": task_id}, create=False)
+        return _task(body, create=False, key=key)
 
-    async def _post(self, path: str, body: dict[str, Any], *, create: bool) -> dict[str, Any]:
+    async def balance(self, key: str) -> Balance:
+        body = await self._send("GET", "/v1/balance", key, None, create=False)
         try:
-            response = await self._http.post(path, json=body)
+            return Balance.model_validate(body)
+        except ValidationError:
+            raise TransientUpstreamError("GPTunnel's balance answer had no balance in it") from None
+
+    async def _send(
+        self, method: str, path: str, key: str, body: dict[str, Any] | None, *, create: bool
+    ) -> dict[str, Any]:
+        try:
+            response = await self._http.request(method, path, json=body, headers={"Authorization": key})
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             # Nothing was sent: safe to retry, even a create.
             raise TransientUpstreamError(f"cannot reach GPTunnel ({_describe(exc)})") from None
@@ -79,7 +93,7 @@ class GPTunnelClient:
             if create:
                 raise UnknownCreateOutcomeError(_unknown_create(_describe(exc))) from None
             raise TransientUpstreamError(f"GPTunnel did not answer ({_describe(exc)})") from None
-        return _check(response, create=create, key=self._key)
+        return _check(response, create=create, key=key)
 
 
 def _user_agent() -> str:

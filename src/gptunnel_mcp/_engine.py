@@ -17,7 +17,8 @@ from typing import Protocol, TypeVar
 import anyio
 import httpx
 
-from ._client import GPTunnelClient
+from ._accounts import Account
+from ._client import Balance, GPTunnelClient
 from ._download import download_image, storage_client
 from ._exceptions import (
     ConfigError,
@@ -72,22 +73,26 @@ class Engine:
     settings: Settings
     store: TaskStore
     folder: ImageFolder
-    client: GPTunnelClient | None
+    client: GPTunnelClient
+    #: The configured key's account; multi-user servers make one per caller instead.
+    default_account: Account
     storage: httpx.AsyncClient
     schedule: PollSchedule = field(default_factory=PollSchedule)
     backoff: Backoff = field(default_factory=Backoff)
 
     # --- starting a task -------------------------------------------------------------------
 
-    async def create(self, request: ImageRequest, owner: str = "") -> TaskRecord:
+    async def create(self, request: ImageRequest, account: Account) -> TaskRecord:
         """Start a task upstream and record it before returning."""
-        client = self._client()
+        key = _key(account)
         # Only failures that prove the request was not taken on are retried (see `_client`).
-        upstream = await self._retry(lambda: client.create(request.payload()), attempts=_QUICK_ATTEMPTS)
+        upstream = await self._retry(
+            lambda: self.client.create(request.payload(), key), attempts=_QUICK_ATTEMPTS
+        )
         now = utcnow()
         record = TaskRecord(
             task_id=upstream.id.lower(),
-            owner=owner,
+            owner=account.owner,
             model=upstream.model or request.model,
             prompt=request.prompt,
             aspect_ratio=request.aspect_ratio,
@@ -108,23 +113,23 @@ class Engine:
 
     # --- following a task ------------------------------------------------------------------
 
-    async def refresh(self, task_id: str, owner: str = "", events: JobEvents = SILENT) -> TaskRecord:
+    async def refresh(self, task_id: str, account: Account, events: JobEvents = SILENT) -> TaskRecord:
         """The task's state now: from the history if it is finished, else asked of GPTunnel once
         (with quick retries), downloading the image when it is ready."""
-        record = await self.lookup_or_none(task_id, owner)
+        record = await self.lookup_or_none(task_id, account.owner)
         if record is not None and self._finished(record):
             return record
-        return await self._step(task_id, owner, record, events, attempts=_QUICK_ATTEMPTS)
+        return await self._step(task_id, account, record, events, attempts=_QUICK_ATTEMPTS)
 
     async def wait(
-        self, task_id: str, owner: str = "", events: JobEvents = SILENT, *, poll_now: bool = True
+        self, task_id: str, account: Account, events: JobEvents = SILENT, *, poll_now: bool = True
     ) -> TaskRecord:
         """Poll until the task is finished or `wait_timeout` has passed; a timeout is no error,
         the task comes back pending. `poll_now=False` waits one interval first (a fresh task)."""
         started = time.monotonic()
         deadline = started + self.settings.wait_timeout
         delays = self.schedule.delays()
-        record = await self.lookup_or_none(task_id, owner)
+        record = await self.lookup_or_none(task_id, account.owner)
         failures = 0
         last_error: TransientUpstreamError | None = None
         delay = 0.0 if poll_now else next(delays)
@@ -135,7 +140,7 @@ class Engine:
                 break
             await anyio.sleep(delay)
             try:
-                record = await self._step(task_id, owner, record, events, attempts=1)
+                record = await self._step(task_id, account, record, events, attempts=1)
                 failures, last_error = 0, None
                 delay = next(delays)
                 state = record.upstream_status
@@ -150,23 +155,23 @@ class Engine:
         return record
 
     async def generate(
-        self, request: ImageRequest, owner: str = "", events: JobEvents = SILENT
+        self, request: ImageRequest, account: Account, events: JobEvents = SILENT
     ) -> TaskRecord:
-        record = await self.create(request, owner)
+        record = await self.create(request, account)
         await events.progress(0.0, f"task {record.task_id} created, {record.upstream_status}")
-        return await self.wait(record.task_id, owner, events, poll_now=False)
+        return await self.wait(record.task_id, account, events, poll_now=False)
 
     async def _step(
-        self, task_id: str, owner: str, record: TaskRecord | None, events: JobEvents, *, attempts: int
+        self, task_id: str, account: Account, record: TaskRecord | None, events: JobEvents, *, attempts: int
     ) -> TaskRecord:
-        client = self._client()
-        upstream = await self._retry(lambda: client.result(task_id), attempts=attempts)
+        key = _key(account)
+        upstream = await self._retry(lambda: self.client.result(task_id, key), attempts=attempts)
         if record is None:
             # A task started elsewhere (another client, GPTunnel's site): adopt it into the history.
             now = utcnow()
             record = TaskRecord(
                 task_id=task_id,
-                owner=owner,
+                owner=account.owner,
                 model=upstream.model or "",
                 prompt=upstream.prompt or "",
                 created_at=_from_unix(upstream.created_at) or now,
@@ -266,14 +271,9 @@ class Engine:
 
     # --- plumbing ----------------------------------------------------------------------------
 
-    def _client(self) -> GPTunnelClient:
-        if self.client is None:
-            raise ConfigError(
-                "no GPTunnel API key is configured. Set GPTUNNEL_API_KEY in the MCP server's "
-                "environment (your client's server config) to the key from your GPTunnel account, "
-                "then restart the server."
-            )
-        return self.client
+    async def balance(self, account: Account) -> Balance:
+        key = _key(account)
+        return await self._retry(lambda: self.client.balance(key), attempts=_QUICK_ATTEMPTS)
 
     async def _retry(self, call: Callable[[], Awaitable[_T]], *, attempts: int) -> _T:
         for attempt in range(1, attempts + 1):
@@ -286,6 +286,16 @@ class Engine:
                 logger.info("transient failure (%s); retry %d in %.1f s", exc, attempt, delay)
                 await anyio.sleep(delay)
         raise AssertionError("unreachable")
+
+
+def _key(account: Account) -> str:
+    if account.api_key is None:
+        raise ConfigError(
+            "no GPTunnel API key is configured. Set GPTUNNEL_API_KEY in the MCP server's "
+            "environment (your client's server config) to the key from your GPTunnel account, "
+            "then restart the server."
+        )
+    return account.api_key
 
 
 def check_task_id(task_id: str) -> str:
@@ -332,13 +342,20 @@ async def open_engine(settings: Settings) -> AsyncIterator[Engine]:
     if removed:
         logger.info("removed %d unfinished download(s) left by an earlier run", removed)
     key = settings.api_key.get_secret_value() if settings.api_key else None
-    client = GPTunnelClient(settings.api_base, key, timeout=settings.request_timeout) if key else None
+    client = GPTunnelClient(settings.api_base, timeout=settings.request_timeout)
     storage = storage_client(settings.request_timeout)
+    engine = Engine(
+        settings=settings,
+        store=store,
+        folder=folder,
+        client=client,
+        storage=storage,
+        default_account=Account(owner="", api_key=key),
+    )
     try:
-        yield Engine(settings=settings, store=store, folder=folder, client=client, storage=storage)
+        yield engine
     finally:
         with anyio.CancelScope(shield=True):
-            if client is not None:
-                await client.aclose()
+            await client.aclose()
             await storage.aclose()
             await store.close()

@@ -3,16 +3,33 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import platformdirs
-from pydantic import AliasChoices, Field, HttpUrl, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import (
+    AliasChoices,
+    BeforeValidator,
+    Field,
+    HttpUrl,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ._exceptions import ConfigError
 
 DEFAULT_BASE_URL = "https://gptunnel.ru"
 DEFAULT_MODEL = "gpt-image-1-medium"
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def _split_commas(value: Any) -> Any:
+    return [item.strip() for item in value.split(",") if item.strip()] if isinstance(value, str) else value
+
+
+#: A list given in one environment variable as "a,b,c" (pydantic-settings would expect JSON).
+CommaList = Annotated[list[str], NoDecode, BeforeValidator(_split_commas)]
 
 
 def _default_home() -> Path:
@@ -52,6 +69,27 @@ class Settings(BaseSettings):
     )
     request_timeout: float = Field(default=30.0, gt=0, le=600, description="Timeout of one HTTP request.")
 
+    # Serving over HTTP (the MCP_ variables are about this server, not about GPTunnel).
+    transport: Literal["stdio", "http"] = Field(
+        default="stdio", validation_alias=AliasChoices("GPTUNNEL_MCP_TRANSPORT", "transport")
+    )
+    host: str = Field(default="127.0.0.1", validation_alias=AliasChoices("GPTUNNEL_MCP_HOST", "host"))
+    port: int = Field(
+        default=8000, ge=0, le=65535, validation_alias=AliasChoices("GPTUNNEL_MCP_PORT", "port")
+    )
+    allowed_hosts: CommaList = Field(
+        default_factory=list, validation_alias=AliasChoices("GPTUNNEL_MCP_ALLOWED_HOSTS", "allowed_hosts")
+    )
+    allowed_origins: CommaList = Field(
+        default_factory=list, validation_alias=AliasChoices("GPTUNNEL_MCP_ALLOWED_ORIGINS", "allowed_origins")
+    )
+    auth_token: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("GPTUNNEL_MCP_AUTH_TOKEN", "auth_token")
+    )
+    multi_user: bool = Field(
+        default=False, validation_alias=AliasChoices("GPTUNNEL_MCP_MULTI_USER", "multi_user")
+    )
+
     @field_validator("base_url")
     @classmethod
     def _http_only(cls, value: HttpUrl) -> HttpUrl:
@@ -63,6 +101,14 @@ class Settings(BaseSettings):
     @classmethod
     def _expand_home(cls, value: Any) -> Any:
         return Path(value).expanduser() if isinstance(value, str) and value else value
+
+    @property
+    def has_http_auth(self) -> bool:
+        return self.auth_token is not None or self.multi_user
+
+    @property
+    def is_loopback(self) -> bool:
+        return self.host in LOOPBACK_HOSTS
 
     @property
     def api_base(self) -> str:
@@ -87,6 +133,13 @@ _ENV_NAMES = {
     "preview_max_px": "GPTUNNEL_PREVIEW_MAX_PX",
     "max_image_bytes": "GPTUNNEL_MAX_IMAGE_BYTES",
     "request_timeout": "GPTUNNEL_REQUEST_TIMEOUT",
+    "transport": "GPTUNNEL_MCP_TRANSPORT",
+    "host": "GPTUNNEL_MCP_HOST",
+    "port": "GPTUNNEL_MCP_PORT",
+    "allowed_hosts": "GPTUNNEL_MCP_ALLOWED_HOSTS",
+    "allowed_origins": "GPTUNNEL_MCP_ALLOWED_ORIGINS",
+    "auth_token": "GPTUNNEL_MCP_AUTH_TOKEN",
+    "multi_user": "GPTUNNEL_MCP_MULTI_USER",
 }
 
 
@@ -102,10 +155,37 @@ def load_settings(**overrides: Any) -> Settings:
         field = str(err["loc"][0]) if err["loc"] else ""
         name = _ENV_NAMES.get(field, field)
         # The rejected value is shown for everything but the key, so a typo is easy to spot.
-        shown = "" if field == "api_key" else f" (got {err.get('input')!r})"
+        shown = "" if field in ("api_key", "auth_token") else f" (got {err.get('input')!r})"
         raise ConfigError(f"invalid {name}: {err['msg']}{shown}") from None
+    _check_combinations(settings)
     ensure_home(settings)
     return settings
+
+
+def _check_combinations(settings: Settings) -> None:
+    """Settings that are each valid but unsafe or meaningless together."""
+    if settings.multi_user:
+        if settings.transport != "http":
+            raise ConfigError(
+                "GPTUNNEL_MCP_MULTI_USER needs the HTTP transport: set GPTUNNEL_MCP_TRANSPORT=http "
+                "(or pass --transport http)"
+            )
+        if settings.api_key is not None:
+            raise ConfigError(
+                "GPTUNNEL_MCP_MULTI_USER=1 uses each client's own key; unset GPTUNNEL_API_KEY so the "
+                "server holds none"
+            )
+        if settings.auth_token is not None:
+            raise ConfigError(
+                "in multi-user mode clients authenticate with their GPTunnel key as the Bearer token; "
+                "unset GPTUNNEL_MCP_AUTH_TOKEN"
+            )
+    if settings.transport == "http" and not settings.is_loopback and not settings.has_http_auth:
+        raise ConfigError(
+            f"refusing to serve on {settings.host} without authentication: anyone who can reach it "
+            "could spend your GPTunnel balance. Set GPTUNNEL_MCP_AUTH_TOKEN (or GPTUNNEL_MCP_MULTI_USER=1), "
+            "or bind to 127.0.0.1"
+        )
 
 
 def ensure_home(settings: Settings) -> None:

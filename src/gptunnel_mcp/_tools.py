@@ -98,7 +98,7 @@ def register_tools(server: MCPServer[Engine], settings: Settings) -> None:
         engine = engine_of(ctx)
         try:
             request = _request(settings, prompt, model, aspect_ratio, images)
-            return await _result(engine, await engine.create(request))
+            return await _result(engine, await engine.create(request, engine.default_account))
         except GPTunnelMCPError as exc:
             return _error(exc)
 
@@ -114,7 +114,8 @@ def register_tools(server: MCPServer[Engine], settings: Settings) -> None:
     async def get_result(ctx: ToolContext, task_id: TaskId) -> ToolResult:
         engine = engine_of(ctx)
         try:
-            return await _result(engine, await engine.refresh(task_id, events=_ToolEvents(ctx)))
+            record = await engine.refresh(task_id, engine.default_account, _ToolEvents(ctx))
+            return await _result(engine, record)
         except GPTunnelMCPError as exc:
             return _error(exc)
 
@@ -137,7 +138,8 @@ def register_tools(server: MCPServer[Engine], settings: Settings) -> None:
         engine = engine_of(ctx)
         try:
             request = _request(settings, prompt, model, aspect_ratio, images)
-            return await _result(engine, await engine.generate(request, events=_ToolEvents(ctx)))
+            record = await engine.generate(request, engine.default_account, _ToolEvents(ctx))
+            return await _result(engine, record)
         except GPTunnelMCPError as exc:
             return _error(exc)
 

@@ -340,6 +340,12 @@ class _Disconnect(Response):
         self._drop_connection = drop_connection
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # Read the request body first: closing a socket with unread input makes the kernel send
+        # a reset, and the client would see a reset or a clean close depending on timing.
+        while True:
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                break
         if not await self._drop_connection(scope):
             # Not served by StandIn.start() (e.g. an in-process test client): nothing to close, so
             # degrade to the nearest transient failure rather than a hang.
@@ -422,7 +428,9 @@ class StandIn:
                 raise RuntimeError("the GPTunnel stand-in did not start within 10 s")
             time.sleep(0.005)
         port = int(server.servers[0].sockets[0].getsockname()[1])
-        host = "127.0.0.1" if self.host in ("", "0.0.0.0") else self.host  # noqa: S104 - a comparison
+        # A wildcard bind is not an address a client can dial: hand out the loopback instead.
+        wildcard = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}  # noqa: S104 - a lookup
+        host = wildcard.get(self.host, self.host)
         if ":" in host:
             host = f"[{host}]"
         self._server, self._thread = server, thread
