@@ -12,10 +12,13 @@ import hashlib
 import hmac
 import os
 import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ._exceptions import ConfigError
+from ._exceptions import AuthenticationError, ConfigError
 
 _SECRET_FILE = "fingerprint.secret"  # noqa: S105 - a file name, not a secret
 
@@ -48,3 +51,59 @@ def load_fingerprint_secret(home: Path) -> bytes:
 def account_for_key(secret: bytes, api_key: str) -> Account:
     owner = hmac.new(secret, api_key.encode(), hashlib.sha256).hexdigest()[:32]
     return Account(owner=owner, api_key=api_key)
+
+
+def bearer_token(headers: Mapping[str, str] | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header, if there is one."""
+    if not headers:
+        return None
+    value = headers.get("authorization") or headers.get("Authorization") or ""
+    scheme, _, token = value.partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+class Accounts:
+    """Maps a request to its account, and remembers which keys GPTunnel accepted.
+
+    The memory holds fingerprints only, never keys, and forgets them after `ttl` seconds so a
+    revoked key stops working within that time.
+    """
+
+    def __init__(
+        self, default: Account, secret: bytes | None, *, ttl: float = 300.0, size: int = 4096
+    ) -> None:
+        self.default = default
+        self._secret = secret
+        self._ttl = ttl
+        self._size = size
+        self._accepted: OrderedDict[str, float] = OrderedDict()
+
+    @property
+    def multi_user(self) -> bool:
+        return self._secret is not None
+
+    def for_headers(self, headers: Mapping[str, str] | None) -> Account:
+        """The account a request acts for. In multi-user mode the HTTP layer has already refused
+        requests without a key it accepted, so a missing key here is a wiring error."""
+        if self._secret is None:
+            return self.default
+        key = bearer_token(headers)
+        if key is None:
+            raise AuthenticationError("this server needs your GPTunnel key as 'Authorization: Bearer <key>'")
+        return self.for_key(key)
+
+    def for_key(self, api_key: str) -> Account:
+        if self._secret is None:
+            raise ConfigError("per-user keys are only taken in multi-user mode (GPTUNNEL_MCP_MULTI_USER=1)")
+        return account_for_key(self._secret, api_key)
+
+    def is_known(self, account: Account) -> bool:
+        expires = self._accepted.get(account.owner)
+        return expires is not None and expires > time.monotonic()
+
+    def remember(self, account: Account) -> None:
+        self._accepted[account.owner] = time.monotonic() + self._ttl
+        self._accepted.move_to_end(account.owner)
+        while len(self._accepted) > self._size:
+            self._accepted.popitem(last=False)

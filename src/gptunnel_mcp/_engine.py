@@ -17,7 +17,7 @@ from typing import Protocol, TypeVar
 import anyio
 import httpx
 
-from ._accounts import Account
+from ._accounts import Account, Accounts, load_fingerprint_secret
 from ._client import Balance, GPTunnelClient
 from ._download import download_image, storage_client
 from ._exceptions import (
@@ -74,8 +74,8 @@ class Engine:
     store: TaskStore
     folder: ImageFolder
     client: GPTunnelClient
-    #: The configured key's account; multi-user servers make one per caller instead.
-    default_account: Account
+    #: Who may call, and as whom: one account, or one per GPTunnel key in multi-user mode.
+    accounts: Accounts
     storage: httpx.AsyncClient
     schedule: PollSchedule = field(default_factory=PollSchedule)
     backoff: Backoff = field(default_factory=Backoff)
@@ -206,10 +206,10 @@ class Engine:
 
     # --- reading the history ---------------------------------------------------------------
 
-    async def lookup_or_none(self, task_id: str, owner: str = "") -> TaskRecord | None:
+    async def lookup_or_none(self, task_id: str, owner: str) -> TaskRecord | None:
         return await self.store.get(check_task_id(task_id), owner)
 
-    async def lookup(self, task_id: str, owner: str = "") -> TaskRecord:
+    async def lookup(self, task_id: str, owner: str) -> TaskRecord:
         record = await self.lookup_or_none(task_id, owner)
         if record is None:
             raise TaskNotFoundError(
@@ -217,9 +217,7 @@ class Engine:
             )
         return record
 
-    async def history(
-        self, owner: str = "", *, limit: int = 50, offset: int = 0
-    ) -> tuple[int, list[TaskRecord]]:
+    async def history(self, owner: str, *, limit: int = 50, offset: int = 0) -> tuple[int, list[TaskRecord]]:
         return await self.store.count(owner), await self.store.list(owner, limit=limit, offset=offset)
 
     async def image_bytes(self, record: TaskRecord) -> bytes:
@@ -270,6 +268,17 @@ class Engine:
         return result
 
     # --- plumbing ----------------------------------------------------------------------------
+
+    async def authenticate(self, api_key: str) -> Account:
+        """The account of a caller's own key, checked with GPTunnel once and then remembered.
+
+        Raises `AuthenticationError` for a key GPTunnel refuses.
+        """
+        account = self.accounts.for_key(api_key)
+        if not self.accounts.is_known(account):
+            await self.balance(account)
+            self.accounts.remember(account)
+        return account
 
     async def balance(self, account: Account) -> Balance:
         key = _key(account)
@@ -342,6 +351,7 @@ async def open_engine(settings: Settings) -> AsyncIterator[Engine]:
     if removed:
         logger.info("removed %d unfinished download(s) left by an earlier run", removed)
     key = settings.api_key.get_secret_value() if settings.api_key else None
+    secret = load_fingerprint_secret(settings.home) if settings.multi_user else None
     client = GPTunnelClient(settings.api_base, timeout=settings.request_timeout)
     storage = storage_client(settings.request_timeout)
     engine = Engine(
@@ -350,7 +360,7 @@ async def open_engine(settings: Settings) -> AsyncIterator[Engine]:
         folder=folder,
         client=client,
         storage=storage,
-        default_account=Account(owner="", api_key=key),
+        accounts=Accounts(Account(owner="", api_key=key), secret),
     )
     try:
         yield engine

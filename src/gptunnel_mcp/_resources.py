@@ -17,6 +17,7 @@ from mcp.server.context import ServerRequestContext
 from mcp.shared.exceptions import MCPError
 from mcp_types import (
     INVALID_PARAMS,
+    INVALID_REQUEST,
     BlobResourceContents,
     ListResourcesResult,
     ListResourceTemplatesResult,
@@ -30,6 +31,7 @@ from mcp_types import (
 
 from ._engine import Engine
 from ._exceptions import GPTunnelMCPError
+from ._listeners import request_headers
 from ._models import HISTORY_URI, HistoryEntry, HistoryPage, TaskRecord, file_uri, task_uri
 
 RequestContext = ServerRequestContext[Engine]
@@ -57,7 +59,7 @@ _TEMPLATES = [
 
 
 def register_resources(server: MCPServer[Engine]) -> None:
-    low = server._lowlevel_server
+    low = server._lowlevel_server  # the SDK offers no public hook for these handlers
     low.add_request_handler("resources/list", PaginatedRequestParams, _list_resources)
     low.add_request_handler("resources/templates/list", PaginatedRequestParams, _list_templates)
     low.add_request_handler("resources/read", ReadResourceRequestParams, _read_resource)
@@ -66,7 +68,7 @@ def register_resources(server: MCPServer[Engine]) -> None:
 async def _list_resources(ctx: RequestContext, params: PaginatedRequestParams) -> ListResourcesResult:
     engine = ctx.lifespan_context
     offset = _offset(params.cursor)
-    _, records = await engine.history(limit=PAGE_SIZE + 1, offset=offset)
+    _, records = await engine.history(_owner(ctx), limit=PAGE_SIZE + 1, offset=offset)
     resources = [_history_resource()] if offset == 0 else []
     resources += [_file_resource(r) for r in records[:PAGE_SIZE] if r.status == "done" and r.file]
     more = len(records) > PAGE_SIZE
@@ -81,12 +83,12 @@ async def _read_resource(ctx: RequestContext, params: ReadResourceRequestParams)
     engine = ctx.lifespan_context
     uri = str(params.uri)
     if uri == HISTORY_URI:
-        return _json(uri, await _history(engine))
+        return _json(uri, await _history(engine, _owner(ctx)))
     match = _URI.match(uri)
     if match is None:
         raise _not_found(uri, "unknown resource; the server has gptunnel://images and its task records")
     try:
-        record = await engine.lookup(match["id"])
+        record = await engine.lookup(match["id"], _owner(ctx))
         if match["file"] is None:
             return _json(uri, engine.describe(record).model_dump(mode="json"))
         data = await engine.image_bytes(record)
@@ -99,8 +101,8 @@ async def _read_resource(ctx: RequestContext, params: ReadResourceRequestParams)
     return ReadResourceResult(contents=[blob])
 
 
-async def _history(engine: Engine) -> dict[str, Any]:
-    total, records = await engine.history(limit=HISTORY_LIMIT)
+async def _history(engine: Engine, owner: str) -> dict[str, Any]:
+    total, records = await engine.history(owner, limit=HISTORY_LIMIT)
     page = HistoryPage(
         total=total,
         shown=len(records),
@@ -119,6 +121,13 @@ async def _history(engine: Engine) -> dict[str, Any]:
         note=f"Only the newest {HISTORY_LIMIT} of {total} tasks are shown." if total > len(records) else None,
     )
     return page.model_dump(mode="json")
+
+
+def _owner(ctx: RequestContext) -> str:
+    try:
+        return ctx.lifespan_context.accounts.for_headers(request_headers(ctx)).owner
+    except GPTunnelMCPError as exc:
+        raise MCPError(code=INVALID_REQUEST, message=str(exc)) from None
 
 
 def _history_resource() -> Resource:

@@ -11,6 +11,7 @@ from mcp.server.lowlevel.server import NotificationOptions
 
 from . import __version__
 from ._engine import Engine, open_engine
+from ._listeners import AccountListeners
 from ._resources import register_resources
 from ._settings import Settings
 from ._tools import register_tools
@@ -38,7 +39,9 @@ def build_server(settings: Settings) -> MCPServer[Engine]:
         website_url="https://github.com/gptunnel-mcp/gptunnel-mcp",
         lifespan=lifespan,
     )
-    register_tools(server, settings)
+    listeners = AccountListeners()
+    listeners.install(server)
+    register_tools(server, settings, listeners)
     register_resources(server)
     _advertise_resource_list_changes(server)
     return server
@@ -47,7 +50,7 @@ def build_server(settings: Settings) -> MCPServer[Engine]:
 def _advertise_resource_list_changes(server: MCPServer[Engine]) -> None:
     """2025-11-25 clients only listen for list changes the server advertises, and MCPServer
     advertises none; the SDK has no public switch, so the options factory is given one."""
-    low = server._lowlevel_server
+    low = server._lowlevel_server  # the SDK offers no public hook for these handlers
     low.create_initialization_options = functools.partial(  # type: ignore[method-assign]
         low.create_initialization_options, NotificationOptions(resources_changed=True)
     )

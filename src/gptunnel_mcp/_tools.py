@@ -11,9 +11,11 @@ from mcp.server.mcpserver import Context
 from mcp_types import CallToolResult, ContentBlock, ImageContent, ResourceLink, TextContent, ToolAnnotations
 from pydantic import Field, ValidationError, WithJsonSchema
 
+from ._accounts import Account
 from ._engine import Engine, JobEvents
 from ._exceptions import GPTunnelMCPError, InputError
 from ._images import make_preview
+from ._listeners import AccountListeners
 from ._models import ASPECT_RATIOS, TASK_ID_PATTERN, ImageRequest, ImageResult, TaskRecord, file_uri
 from ._settings import Settings
 
@@ -64,22 +66,26 @@ _SPENDS_MONEY = ToolAnnotations(
 class _ToolEvents(JobEvents):
     """Progress notifications and list-changed notices for the tool call that runs the job."""
 
-    def __init__(self, ctx: ToolContext) -> None:
+    def __init__(self, ctx: ToolContext, listeners: AccountListeners) -> None:
         self._ctx = ctx
+        self._listeners = listeners
 
     async def progress(self, elapsed: float, message: str) -> None:
         await self._ctx.report_progress(round(elapsed, 1), None, message)
 
     async def image_stored(self, record: TaskRecord) -> None:
         # 2026-07-28 clients hear it on their subscriptions/listen stream; 2025-11-25 clients on
-        # their session (the SDK drops whichever does not apply to the connection).
-        await self._ctx.notify_resources_changed()
+        # their session (the SDK drops the session notice on 2026-07-28 connections).
+        await self._listeners.resources_changed(record.owner)
         await self._ctx.session.send_resource_list_changed()
 
 
-def register_tools(server: MCPServer[Engine], settings: Settings) -> None:
+def register_tools(server: MCPServer[Engine], settings: Settings, listeners: AccountListeners) -> None:
     def engine_of(ctx: ToolContext) -> Engine:
         return ctx.request_context.lifespan_context
+
+    def account_of(ctx: ToolContext) -> Account:
+        return engine_of(ctx).accounts.for_headers(ctx.headers)
 
     @server.tool(
         title="Start an image (returns at once)",
@@ -98,7 +104,7 @@ def register_tools(server: MCPServer[Engine], settings: Settings) -> None:
         engine = engine_of(ctx)
         try:
             request = _request(settings, prompt, model, aspect_ratio, images)
-            return await _result(engine, await engine.create(request, engine.default_account))
+            return await _result(engine, await engine.create(request, account_of(ctx)))
         except GPTunnelMCPError as exc:
             return _error(exc)
 
@@ -114,7 +120,7 @@ def register_tools(server: MCPServer[Engine], settings: Settings) -> None:
     async def get_result(ctx: ToolContext, task_id: TaskId) -> ToolResult:
         engine = engine_of(ctx)
         try:
-            record = await engine.refresh(task_id, engine.default_account, _ToolEvents(ctx))
+            record = await engine.refresh(task_id, account_of(ctx), _ToolEvents(ctx, listeners))
             return await _result(engine, record)
         except GPTunnelMCPError as exc:
             return _error(exc)
@@ -138,7 +144,7 @@ def register_tools(server: MCPServer[Engine], settings: Settings) -> None:
         engine = engine_of(ctx)
         try:
             request = _request(settings, prompt, model, aspect_ratio, images)
-            record = await engine.generate(request, engine.default_account, _ToolEvents(ctx))
+            record = await engine.generate(request, account_of(ctx), _ToolEvents(ctx, listeners))
             return await _result(engine, record)
         except GPTunnelMCPError as exc:
             return _error(exc)
