@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
+import subprocess
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+import anyio
+import httpx
+import httpx2
 import pytest
 from mcp import Client, StdioServerParameters
 from mcp.client.stdio import stdio_client
+from mcp.client.streamable_http import streamable_http_client
 
 from gptunnel_mcp.standin import Behaviour, StandIn
 
@@ -37,15 +43,17 @@ def home(tmp_path: Path) -> Path:
 
 
 class ServerLauncher:
-    """Starts `python -m gptunnel_mcp` over stdio as a client would, and keeps what it wrote to stderr."""
+    """Starts `python -m gptunnel_mcp` as a client would, over stdio or streamable HTTP, and keeps
+    what it wrote to stderr. Each `connect` is a new server process on the same home folder."""
 
-    def __init__(self, standin: StandIn, home: Path, log_dir: Path) -> None:
+    def __init__(self, standin: StandIn, home: Path, log_dir: Path, transport: str = "stdio") -> None:
         self.standin = standin
         self.home = home
         self.log_dir = log_dir
+        self.transport = transport
         self.logs: list[Path] = []
 
-    def params(self, **env: str | None) -> StdioServerParameters:
+    def env(self, **env: str | None) -> dict[str, str]:
         values: dict[str, str | None] = {
             "GPTUNNEL_API_KEY": API_KEY,
             "GPTUNNEL_BASE_URL": self.standin.url,
@@ -54,29 +62,96 @@ class ServerLauncher:
             **env,
         }
         merged = {k: v for k, v in values.items() if v is not None}
-        # Coverage and the like work through the parent's environment; keep PATH for the interpreter.
         merged.setdefault("PATH", os.environ.get("PATH", ""))
+        return merged
+
+    def params(self, **env: str | None) -> StdioServerParameters:
         return StdioServerParameters(
-            command=sys.executable, args=["-m", "gptunnel_mcp", "--log-level", "DEBUG"], env=merged
+            command=sys.executable, args=["-m", "gptunnel_mcp", "--log-level", "DEBUG"], env=self.env(**env)
         )
 
     @contextlib.asynccontextmanager
-    async def connect(self, mode: str = "auto", **env: str | None) -> AsyncIterator[Client]:
+    async def connect(
+        self, mode: str = "auto", *, token: str | None = None, **env: str | None
+    ) -> AsyncIterator[Client]:
         log = self.log_dir / f"server-{len(self.logs)}.log"
         self.logs.append(log)
         with log.open("w") as errlog:
-            transport = stdio_client(self.params(**env), errlog=errlog)
-            async with Client(transport, mode=mode, cache=None) as client:  # type: ignore[arg-type]
-                yield client
+            if self.transport == "stdio":
+                transport = stdio_client(self.params(**env), errlog=errlog)
+                async with Client(transport, mode=mode, cache=None) as client:  # type: ignore[arg-type]
+                    yield client
+                return
+            async with self.http_server(errlog, **env) as url, http_client(url, token) as http:
+                async with Client(
+                    streamable_http_client(url, http_client=http),
+                    mode=mode,
+                    cache=None,  # type: ignore[arg-type]
+                ) as client:
+                    yield client
+
+    @contextlib.asynccontextmanager
+    async def http_server(self, errlog: IO[str], **env: str | None) -> AsyncIterator[str]:
+        """A server process on a free loopback port; yields its MCP URL once /healthz answers."""
+        port = free_port()
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gptunnel_mcp",
+                "--transport",
+                "http",
+                "--port",
+                str(port),
+                "--log-level",
+                "DEBUG",
+            ],
+            env=self.env(**env),
+            stdin=subprocess.DEVNULL,
+            stdout=errlog,
+            stderr=errlog,
+        )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            with anyio.fail_after(20):
+                while True:
+                    if process.poll() is not None:
+                        raise RuntimeError(f"server exited with {process.returncode}")
+                    with contextlib.suppress(httpx.HTTPError):
+                        if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                            break
+                    await anyio.sleep(0.1)
+            yield f"{base}/mcp"
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
     def stderr(self) -> str:
         return "".join(p.read_text() for p in self.logs if p.exists())
 
 
-@pytest.fixture
-def server(standin: StandIn, home: Path) -> Iterator[ServerLauncher]:
+@pytest.fixture(params=["stdio", "http"])
+def server(request: pytest.FixtureRequest, standin: StandIn, home: Path) -> Iterator[ServerLauncher]:
+    """The server as clients meet it, once per transport: every test using it runs over both."""
     with tempfile.TemporaryDirectory() as logs:
-        yield ServerLauncher(standin, home, Path(logs))
+        yield ServerLauncher(standin, home, Path(logs), transport=request.param)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def http_client(url: str, token: str | None) -> AsyncIterator[httpx2.AsyncClient]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30, read=120)) as client:
+        yield client
 
 
 def structured(result: Any) -> dict[str, Any]:

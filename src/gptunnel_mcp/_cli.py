@@ -20,7 +20,11 @@ def _parser() -> argparse.ArgumentParser:
         "(shown in brackets); flags win.",
     )
     parser.add_argument("--version", action="version", version=f"gptunnel-mcp {__version__}")
-    parser.add_argument("--transport", choices=["stdio"], default="stdio", help="how clients connect (stdio)")
+    parser.add_argument(
+        "--transport", choices=["stdio", "http"], help="how clients connect [GPTUNNEL_MCP_TRANSPORT] (stdio)"
+    )
+    parser.add_argument("--host", help="HTTP bind address [GPTUNNEL_MCP_HOST] (127.0.0.1)")
+    parser.add_argument("--port", help="HTTP port [GPTUNNEL_MCP_PORT] (8000)")
     parser.add_argument("--base-url", help="GPTunnel API base URL [GPTUNNEL_BASE_URL]")
     parser.add_argument("--home", help="folder for history and images [GPTUNNEL_MCP_HOME]")
     parser.add_argument("--default-model", help="model used when a call names none [GPTUNNEL_DEFAULT_MODEL]")
@@ -52,18 +56,35 @@ def main(argv: Sequence[str] | None = None) -> None:
             home=args.home,
             default_model=args.default_model,
             wait_timeout=args.wait_timeout,
+            transport=args.transport,
+            host=args.host,
+            port=args.port,
         )
     except ConfigError as exc:
         print(f"gptunnel-mcp: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 
-    from ._server import build_server
-
-    server = build_server(settings)
     _configure_logging(args.log_level)
-    if settings.api_key is None:
-        logging.getLogger("gptunnel_mcp").warning(
-            "GPTUNNEL_API_KEY is not set: tools will ask for it; stored images stay readable"
-        )
+    log = logging.getLogger("gptunnel_mcp")
+    if settings.api_key is None and not settings.multi_user:
+        log.warning("GPTUNNEL_API_KEY is not set: tools will ask for it; stored images stay readable")
     with contextlib.suppress(KeyboardInterrupt):
-        server.run("stdio")
+        if settings.transport == "http":
+            _serve_http(settings, args.log_level)
+        else:
+            from ._server import build_server
+
+            build_server(settings).run("stdio")
+
+
+def _serve_http(settings: Settings, log_level: str) -> None:
+    import uvicorn
+
+    from ._http import MCP_PATH, build_http_app
+
+    app = build_http_app(settings)
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    logging.getLogger("gptunnel_mcp").info(
+        "serving MCP at http://%s:%d%s (health: /healthz)", host, settings.port, MCP_PATH
+    )
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level.lower(), log_config=None)

@@ -24,11 +24,28 @@ generating again: every create is billed. Past images stay available in the reso
 gptunnel://images, also after GPTunnel's own links expire."""
 
 
-def build_server(settings: Settings) -> MCPServer[Engine]:
+class EngineSlot:
+    """Where code outside MCP requests (the HTTP authentication layer) finds the running engine."""
+
+    engine: Engine | None = None
+
+    def get(self) -> Engine:
+        if self.engine is None:
+            raise RuntimeError("the server is not running")
+        return self.engine
+
+
+def build_server(settings: Settings, slot: EngineSlot | None = None) -> MCPServer[Engine]:
+    slot = slot or EngineSlot()
+
     @asynccontextmanager
     async def lifespan(_: MCPServer[Engine]) -> AsyncIterator[Engine]:
         async with open_engine(settings) as engine:
-            yield engine
+            slot.engine = engine
+            try:
+                yield engine
+            finally:
+                slot.engine = None
 
     server: MCPServer[Engine] = MCPServer(
         "gptunnel-mcp",
