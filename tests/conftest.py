@@ -82,13 +82,12 @@ class ServerLauncher:
                 async with Client(transport, mode=mode, cache=None) as client:  # type: ignore[arg-type]
                     yield client
                 return
-            async with self.http_server(errlog, **env) as url, http_client(url, token) as http:
-                async with Client(
-                    streamable_http_client(url, http_client=http),
-                    mode=mode,
-                    cache=None,  # type: ignore[arg-type]
-                ) as client:
-                    yield client
+            async with (
+                self.http_server(errlog, **env) as url,
+                http_client(url, token) as http,
+                Client(streamable_http_client(url, http_client=http), mode=mode, cache=None) as client,  # type: ignore[arg-type]
+            ):
+                yield client
 
     @contextlib.asynccontextmanager
     async def http_server(self, errlog: IO[str], **env: str | None) -> AsyncIterator[str]:
