@@ -30,7 +30,7 @@ MODES = ["auto", "legacy"]  # 2026-07-28 (discovered) and the 2025-11-25 handsha
 async def test_tools_are_listed_with_schemas_and_truthful_annotations(server: ServerLauncher) -> None:
     async with server.connect() as client:
         tools = {t.name: t for t in (await client.list_tools()).tools}
-    assert set(tools) == {"create_image", "get_result", "generate_and_wait"}
+    assert set(tools) == {"create_image", "get_result", "generate_and_wait", "get_balance"}
     for name in ("create_image", "generate_and_wait"):
         schema = tools[name].input_schema
         assert schema["required"] == ["prompt"]
@@ -40,7 +40,7 @@ async def test_tools_are_listed_with_schemas_and_truthful_annotations(server: Se
         assert annotations.read_only_hint is False and annotations.idempotent_hint is False
     assert tools["get_result"].annotations is not None and tools["get_result"].annotations.read_only_hint
     assert "21:9" in json.dumps(tools["create_image"].input_schema["properties"]["aspect_ratio"])
-    for tool in tools.values():
+    for tool in (tools[name] for name in ("create_image", "get_result", "generate_and_wait")):
         assert tool.output_schema is not None
         assert {"task_id", "status", "file_path", "resource_uri", "sha256"} <= set(
             tool.output_schema["properties"]

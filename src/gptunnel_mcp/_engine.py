@@ -18,6 +18,7 @@ import anyio
 import httpx
 
 from ._accounts import Account, Accounts, load_fingerprint_secret
+from ._catalog import check_options
 from ._client import Balance, GPTunnelClient
 from ._download import download_image, storage_client
 from ._exceptions import (
@@ -84,6 +85,7 @@ class Engine:
 
     async def create(self, request: ImageRequest, account: Account) -> TaskRecord:
         """Start a task upstream and record it before returning."""
+        check_options(request)
         key = _key(account)
         # Only failures that prove the request was not taken on are retried (see `_client`).
         upstream = await self._retry(

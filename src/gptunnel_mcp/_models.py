@@ -186,6 +186,7 @@ class HistoryPage(BaseModel):
 # --- Resource addresses ----------------------------------------------------------------------
 
 HISTORY_URI = "gptunnel://images"
+MODELS_URI = "gptunnel://models"
 
 
 def task_uri(task_id: str) -> str:

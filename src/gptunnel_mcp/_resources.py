@@ -19,6 +19,9 @@ from mcp_types import (
     INVALID_PARAMS,
     INVALID_REQUEST,
     BlobResourceContents,
+    CompleteRequestParams,
+    CompleteResult,
+    Completion,
     ListResourcesResult,
     ListResourceTemplatesResult,
     PaginatedRequestParams,
@@ -26,13 +29,15 @@ from mcp_types import (
     ReadResourceResult,
     Resource,
     ResourceTemplate,
+    ResourceTemplateReference,
     TextResourceContents,
 )
 
+from ._catalog import MODELS
 from ._engine import Engine
 from ._exceptions import GPTunnelMCPError
 from ._listeners import request_headers
-from ._models import HISTORY_URI, HistoryEntry, HistoryPage, TaskRecord, file_uri, task_uri
+from ._models import HISTORY_URI, MODELS_URI, HistoryEntry, HistoryPage, TaskRecord, file_uri, task_uri
 
 RequestContext = ServerRequestContext[Engine]
 
@@ -63,13 +68,27 @@ def register_resources(server: MCPServer[Engine]) -> None:
     low.add_request_handler("resources/list", PaginatedRequestParams, _list_resources)
     low.add_request_handler("resources/templates/list", PaginatedRequestParams, _list_templates)
     low.add_request_handler("resources/read", ReadResourceRequestParams, _read_resource)
+    low.add_request_handler("completion/complete", CompleteRequestParams, _complete)
+
+
+async def _complete(ctx: RequestContext, params: CompleteRequestParams) -> CompleteResult:
+    """Task ids for the resource templates, newest first, that start with what was typed."""
+    ref = params.ref
+    is_ours = isinstance(ref, ResourceTemplateReference) and ref.uri in {t.uri_template for t in _TEMPLATES}
+    if not is_ours or params.argument.name != "task_id":
+        return CompleteResult(completion=Completion(values=[], total=0, has_more=False))
+    typed = params.argument.value.lower()
+    _, records = await ctx.lifespan_context.history(_owner(ctx), limit=HISTORY_LIMIT)
+    ids = [r.task_id for r in records if r.task_id.startswith(typed)]
+    # The protocol caps a completion at 100 values.
+    return CompleteResult(completion=Completion(values=ids[:100], total=len(ids), has_more=len(ids) > 100))
 
 
 async def _list_resources(ctx: RequestContext, params: PaginatedRequestParams) -> ListResourcesResult:
     engine = ctx.lifespan_context
     offset = _offset(params.cursor)
     _, records = await engine.history(_owner(ctx), limit=PAGE_SIZE + 1, offset=offset)
-    resources = [_history_resource()] if offset == 0 else []
+    resources = [_history_resource(), _MODELS_RESOURCE] if offset == 0 else []
     resources += [_file_resource(r) for r in records[:PAGE_SIZE] if r.status == "done" and r.file]
     more = len(records) > PAGE_SIZE
     return ListResourcesResult(resources=resources, next_cursor=str(offset + PAGE_SIZE) if more else None)
@@ -84,9 +103,13 @@ async def _read_resource(ctx: RequestContext, params: ReadResourceRequestParams)
     uri = str(params.uri)
     if uri == HISTORY_URI:
         return _json(uri, await _history(engine, _owner(ctx)))
+    if uri == MODELS_URI:
+        return _json(uri, _models(engine))
     match = _URI.match(uri)
     if match is None:
-        raise _not_found(uri, "unknown resource; the server has gptunnel://images and its task records")
+        raise _not_found(
+            uri, "unknown resource; the server has gptunnel://images, its task records, and gptunnel://models"
+        )
     try:
         record = await engine.lookup(match["id"], _owner(ctx))
         if match["file"] is None:
@@ -128,6 +151,24 @@ def _owner(ctx: RequestContext) -> str:
         return ctx.lifespan_context.accounts.for_headers(request_headers(ctx)).owner
     except GPTunnelMCPError as exc:
         raise MCPError(code=INVALID_REQUEST, message=str(exc)) from None
+
+
+def _models(engine: Engine) -> dict[str, Any]:
+    return {
+        "default_model": engine.settings.default_model,
+        "note": "Other GPTunnel model ids are accepted too and passed on unchecked.",
+        "models": [m.model_dump() for m in MODELS],
+    }
+
+
+_MODELS_RESOURCE = Resource(
+    uri=MODELS_URI,
+    name="models",
+    title="Image models",
+    description="The image models this server knows, with the aspect ratios and reference-image "
+    "support of each.",
+    mime_type="application/json",
+)
 
 
 def _history_resource() -> Resource:

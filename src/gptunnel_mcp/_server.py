@@ -12,6 +12,7 @@ from mcp.server.lowlevel.server import NotificationOptions
 from . import __version__
 from ._engine import Engine, open_engine
 from ._listeners import AccountListeners
+from ._prompts import register_prompts
 from ._resources import register_resources
 from ._settings import Settings
 from ._tools import register_tools
@@ -60,6 +61,7 @@ def build_server(settings: Settings, slot: EngineSlot | None = None) -> MCPServe
     listeners.install(server)
     register_tools(server, settings, listeners)
     register_resources(server)
+    register_prompts(server)
     _advertise_resource_list_changes(server)
     return server
 

@@ -9,7 +9,7 @@ import anyio
 from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
 from mcp_types import CallToolResult, ContentBlock, ImageContent, ResourceLink, TextContent, ToolAnnotations
-from pydantic import Field, ValidationError, WithJsonSchema
+from pydantic import BaseModel, Field, ValidationError, WithJsonSchema
 
 from ._accounts import Account
 from ._engine import Engine, JobEvents
@@ -148,6 +148,34 @@ def register_tools(server: MCPServer[Engine], settings: Settings, listeners: Acc
             return await _result(engine, record)
         except GPTunnelMCPError as exc:
             return _error(exc)
+
+    @server.tool(
+        title="GPTunnel balance",
+        description="The GPTunnel account's balance and credit limit (roubles), to check before spending.",
+        annotations=ToolAnnotations(
+            read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=True
+        ),
+    )
+    async def get_balance(ctx: ToolContext) -> Annotated[CallToolResult, BalanceResult]:
+        try:
+            balance = await engine_of(ctx).balance(account_of(ctx))
+        except GPTunnelMCPError as exc:
+            return _error(exc)
+        result = BalanceResult(
+            balance=balance.balance,
+            credit_limit=balance.credit_limit,
+            message=f"Balance {balance.balance:.2f} RUB, credit limit {balance.credit_limit:.2f} RUB.",
+        )
+        return CallToolResult(
+            content=[TextContent(text=result.message)], structured_content=result.model_dump(mode="json")
+        )
+
+
+class BalanceResult(BaseModel):
+    balance: float = Field(description="Money on the account, in roubles.")
+    credit_limit: float = Field(description="How far the account may go below zero, in roubles.")
+    currency: str = "RUB"
+    message: str
 
 
 def _request(
