@@ -83,7 +83,9 @@ class SQLiteStore:
     async def list(self, owner: str = "", *, limit: int = 50, offset: int = 0) -> list[TaskRecord]:
         rows = await self._run(
             lambda db: db.execute(
-                "SELECT record FROM tasks WHERE owner = ? ORDER BY created_at DESC, rowid DESC LIMIT ? OFFSET ?",
+                # rowid breaks ties: GPTunnel's created_at counts whole seconds.
+                "SELECT record FROM tasks WHERE owner = ? "
+                "ORDER BY created_at DESC, rowid DESC LIMIT ? OFFSET ?",
                 (owner, limit, offset),
             ).fetchall()
         )
