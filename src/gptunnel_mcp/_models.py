@@ -6,7 +6,9 @@ import re
 from datetime import datetime, timedelta, timezone
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ._exceptions import InputError
 
 AspectRatio = Literal["1:1", "16:9", "9:16", "4:3", "3:4", "21:9", "9:21"]
 ASPECT_RATIOS: tuple[str, ...] = get_args(AspectRatio)
@@ -95,6 +97,26 @@ class ImageRequest(BaseModel):
         return CreatePayload(
             model=self.model, prompt=self.prompt, images=self.images or None, ar=self.aspect_ratio
         )
+
+
+def parse_image_request(
+    default_model: str, prompt: str, model: str | None, aspect_ratio: str | None, images: list[str] | None
+) -> ImageRequest:
+    """An `ImageRequest` from a front end's raw arguments; `InputError` says which one is wrong."""
+    try:
+        return ImageRequest.model_validate(
+            {
+                "prompt": prompt,
+                "model": model or default_model,
+                "aspect_ratio": aspect_ratio,
+                "images": images or [],
+            }
+        )
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "arguments"
+        message = err["msg"].removeprefix("Value error, ")
+        raise InputError(f"invalid {field}: {message}. Nothing was sent to GPTunnel.") from None
 
 
 # --- What the history keeps ------------------------------------------------------------------

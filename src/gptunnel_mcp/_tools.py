@@ -9,14 +9,14 @@ import anyio
 from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
 from mcp_types import CallToolResult, ContentBlock, ImageContent, ResourceLink, TextContent, ToolAnnotations
-from pydantic import BaseModel, Field, ValidationError, WithJsonSchema
+from pydantic import BaseModel, Field, WithJsonSchema
 
 from ._accounts import Account
 from ._engine import Engine, JobEvents
-from ._exceptions import GPTunnelMCPError, InputError
+from ._exceptions import GPTunnelMCPError
 from ._images import make_preview
 from ._listeners import AccountListeners
-from ._models import ASPECT_RATIOS, TASK_ID_PATTERN, ImageRequest, ImageResult, TaskRecord, file_uri
+from ._models import ASPECT_RATIOS, TASK_ID_PATTERN, ImageResult, TaskRecord, file_uri, parse_image_request
 from ._settings import Settings
 
 ToolContext = Context[Engine, Any]
@@ -103,7 +103,7 @@ def register_tools(server: MCPServer[Engine], settings: Settings, listeners: Acc
     ) -> ToolResult:
         engine = engine_of(ctx)
         try:
-            request = _request(settings, prompt, model, aspect_ratio, images)
+            request = parse_image_request(settings.default_model, prompt, model, aspect_ratio, images)
             return await _result(engine, await engine.create(request, account_of(ctx)))
         except GPTunnelMCPError as exc:
             return _error(exc)
@@ -143,7 +143,7 @@ def register_tools(server: MCPServer[Engine], settings: Settings, listeners: Acc
     ) -> ToolResult:
         engine = engine_of(ctx)
         try:
-            request = _request(settings, prompt, model, aspect_ratio, images)
+            request = parse_image_request(settings.default_model, prompt, model, aspect_ratio, images)
             record = await engine.generate(request, account_of(ctx), _ToolEvents(ctx, listeners))
             return await _result(engine, record)
         except GPTunnelMCPError as exc:
@@ -176,26 +176,6 @@ class BalanceResult(BaseModel):
     credit_limit: float = Field(description="How far the account may go below zero, in roubles.")
     currency: str = "RUB"
     message: str
-
-
-def _request(
-    settings: Settings, prompt: str, model: str | None, aspect_ratio: str | None, images: list[str] | None
-) -> ImageRequest:
-    try:
-        return ImageRequest.model_validate(
-            {
-                "prompt": prompt,
-                "model": model or settings.default_model,
-                "aspect_ratio": aspect_ratio,
-                "images": images or [],
-            }
-        )
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "arguments"
-        raise InputError(
-            f"invalid {field}: {err['msg'].removeprefix('Value error, ')}. Nothing was sent to GPTunnel."
-        ) from None
 
 
 async def _result(engine: Engine, record: TaskRecord) -> CallToolResult:
