@@ -118,7 +118,7 @@ class Engine:
     async def refresh(self, task_id: str, account: Account, events: JobEvents = SILENT) -> TaskRecord:
         """The task's state now: from the history if it is finished, else asked of GPTunnel once
         (with quick retries), downloading the image when it is ready."""
-        record = await self.lookup_or_none(task_id, account.owner)
+        record = await self._known(task_id, account)
         if record is not None and self._finished(record):
             return record
         return await self._step(task_id, account, record, events, attempts=_QUICK_ATTEMPTS)
@@ -131,7 +131,7 @@ class Engine:
         started = time.monotonic()
         deadline = started + self.settings.wait_timeout
         delays = self.schedule.delays()
-        record = await self.lookup_or_none(task_id, account.owner)
+        record = await self._known(task_id, account)
         failures = 0
         last_error: TransientUpstreamError | None = None
         delay = 0.0 if poll_now else next(delays)
@@ -207,6 +207,14 @@ class Engine:
         return record.status == "done" and record.file is not None and self.folder.exists(record.file)
 
     # --- reading the history ---------------------------------------------------------------
+
+    async def _known(self, task_id: str, account: Account) -> TaskRecord | None:
+        """The caller's record of the task. A task missing from a single user's history is looked
+        up at GPTunnel (it may have been started elsewhere); on a multi-user server it is not,
+        so nobody reaches another user's task by knowing its id."""
+        if self.accounts.multi_user:
+            return await self.lookup(task_id, account.owner)
+        return await self.lookup_or_none(task_id, account.owner)
 
     async def lookup_or_none(self, task_id: str, owner: str) -> TaskRecord | None:
         return await self.store.get(check_task_id(task_id), owner)
