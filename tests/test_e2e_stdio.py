@@ -34,7 +34,7 @@ async def test_tools_are_listed_with_schemas_and_truthful_annotations(server: Se
     for name in ("create_image", "generate_and_wait"):
         schema = tools[name].input_schema
         assert schema["required"] == ["prompt"]
-        assert set(schema["properties"]) == {"prompt", "model", "aspect_ratio", "images"}
+        assert set(schema["properties"]) == {"prompt", "model", "aspect_ratio", "images", "new_image"}
         annotations = tools[name].annotations
         assert annotations is not None
         assert annotations.read_only_hint is False and annotations.idempotent_hint is False

@@ -69,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--aspect-ratio", help="1:1, 16:9, 9:16, 4:3, 3:4, 21:9 or 9:21")
     generate.add_argument("--image", action="append", default=[], metavar="URL", help="reference image URL")
     generate.add_argument("--out", type=Path, help="also copy the image to this path")
+    generate.add_argument(
+        "--new", action="store_true", help="make a fresh image even if an identical one was just made"
+    )
     generate.add_argument("--wait-timeout", default="600", help="longest wait, seconds (600)")
 
     result = commands.add_parser(
@@ -205,9 +208,11 @@ async def _generate(engine: Engine, args: argparse.Namespace) -> int:
         engine.settings.default_model, args.prompt, args.model, args.aspect_ratio, args.image
     )
     line = _ProgressLine()
-    record = await engine.generate(request, engine.accounts.default, line)
+    started = await engine.generate(request, engine.accounts.default, line, new_image=args.new)
     line.done()
-    return _finish(engine, record, args.out)
+    if started.reused:
+        print(f"reusing identical task {started.record.task_id} (--new for a fresh image)", file=sys.stderr)
+    return _finish(engine, started.record, args.out)
 
 
 async def _result(engine: Engine, args: argparse.Namespace) -> int:

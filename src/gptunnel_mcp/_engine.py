@@ -11,8 +11,9 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Protocol, TypeVar
+from weakref import WeakValueDictionary
 
 import anyio
 import httpx
@@ -24,6 +25,7 @@ from ._download import download_image, storage_client
 from ._exceptions import (
     ConfigError,
     InputError,
+    QuotaExceededError,
     StorageError,
     TaskNotFoundError,
     TransientUpstreamError,
@@ -69,6 +71,14 @@ class _Silent:
 SILENT: JobEvents = _Silent()
 
 
+@dataclass(frozen=True)
+class Started:
+    """A task a create call answered with; `reused` when it was an earlier identical one."""
+
+    record: TaskRecord
+    reused: bool
+
+
 @dataclass
 class Engine:
     settings: Settings
@@ -80,13 +90,58 @@ class Engine:
     storage: httpx.AsyncClient
     schedule: PollSchedule = field(default_factory=PollSchedule)
     backoff: Backoff = field(default_factory=Backoff)
+    _create_locks: WeakValueDictionary[tuple[str, str], anyio.Lock] = field(
+        default_factory=WeakValueDictionary, repr=False
+    )
 
     # --- starting a task -------------------------------------------------------------------
 
-    async def create(self, request: ImageRequest, account: Account) -> TaskRecord:
-        """Start a task upstream and record it before returning."""
+    async def create(self, request: ImageRequest, account: Account, *, new_image: bool = False) -> Started:
+        """Start a task upstream and record it before returning, unless an identical request is
+        still running or finished moments ago: agents retry calls their client cut off, and
+        paying twice for one image is the costliest mistake this server could make."""
         check_options(request)
         key = _key(account)
+        request_key = request.key()
+        lock = self._create_locks.setdefault((account.owner, request_key), anyio.Lock())
+        async with lock:
+            if not new_image:
+                earlier = await self._reusable(account.owner, request_key)
+                if earlier is not None:
+                    logger.info("reusing task %s for an identical request", earlier.task_id)
+                    return Started(earlier, reused=True)
+            await self._check_caps(account.owner)
+            return Started(await self._create(request, request_key, account, key), reused=False)
+
+    async def _reusable(self, owner: str, request_key: str) -> TaskRecord | None:
+        window = self.settings.reuse_window
+        if window <= 0:
+            return None
+        record = await self.store.find_reusable(owner, request_key, utcnow() - timedelta(seconds=window))
+        # A task whose image is gone for good (expired before download) is no answer to anyone.
+        return None if record is not None and record.status == "pending" and _stale(record) else record
+
+    async def _check_caps(self, owner: str) -> None:
+        now = utcnow()
+        for cap, span, unit, name in (
+            (self.settings.max_images_per_hour, timedelta(hours=1), "hour", "GPTUNNEL_MAX_IMAGES_PER_HOUR"),
+            (self.settings.max_images_per_day, timedelta(days=1), "day", "GPTUNNEL_MAX_IMAGES_PER_DAY"),
+        ):
+            if cap is None:
+                continue
+            # Counted from the history, so a restart does not reset the count.
+            recent = await self.store.created_since(owner, now - span)
+            if len(recent) >= cap:
+                frees = recent[len(recent) - cap] + span
+                raise QuotaExceededError(
+                    f"the cap of {cap} images per {unit} ({name}) is reached: {len(recent)} made in the "
+                    f"last {unit}. The next can be made at {frees:%Y-%m-%d %H:%M:%S} UTC. "
+                    "Nothing was sent to GPTunnel."
+                )
+
+    async def _create(
+        self, request: ImageRequest, request_key: str, account: Account, key: str
+    ) -> TaskRecord:
         # Only failures that prove the request was not taken on are retried (see `_client`).
         upstream = await self._retry(
             lambda: self.client.create(request.payload(), key), attempts=_QUICK_ATTEMPTS
@@ -101,6 +156,7 @@ class Engine:
             images=request.images,
             created_at=_from_unix(upstream.created_at) or now,
             updated_at=now,
+            request_key=request_key,
         )
         _apply(record, upstream)
         try:
@@ -157,11 +213,14 @@ class Engine:
         return record
 
     async def generate(
-        self, request: ImageRequest, account: Account, events: JobEvents = SILENT
-    ) -> TaskRecord:
-        record = await self.create(request, account)
-        await events.progress(0.0, f"task {record.task_id} created, {record.upstream_status}")
-        return await self.wait(record.task_id, account, events, poll_now=False)
+        self, request: ImageRequest, account: Account, events: JobEvents = SILENT, *, new_image: bool = False
+    ) -> Started:
+        started = await self.create(request, account, new_image=new_image)
+        record = started.record
+        what = "an identical earlier task reused" if started.reused else "created"
+        await events.progress(0.0, f"task {record.task_id} {what}, {record.upstream_status}")
+        record = await self.wait(record.task_id, account, events, poll_now=started.reused)
+        return Started(record, started.reused)
 
     async def _step(
         self, task_id: str, account: Account, record: TaskRecord | None, events: JobEvents, *, attempts: int
@@ -228,7 +287,7 @@ class Engine:
         return record
 
     async def history(self, owner: str, *, limit: int = 50, offset: int = 0) -> tuple[int, list[TaskRecord]]:
-        return await self.store.count(owner), await self.store.list(owner, limit=limit, offset=offset)
+        return await self.store.count(owner), await self.store.recent(owner, limit=limit, offset=offset)
 
     async def image_bytes(self, record: TaskRecord) -> bytes:
         if record.file is None or not self._finished(record):
@@ -236,7 +295,7 @@ class Engine:
         stored = record.file
         return await anyio.to_thread.run_sync(lambda: self.folder.read(stored))
 
-    def describe(self, record: TaskRecord) -> ImageResult:
+    def describe(self, record: TaskRecord, *, reused: bool = False) -> ImageResult:
         """The tool-facing view of a record, with a sentence telling the agent what to do next."""
         result = ImageResult(
             task_id=record.task_id,
@@ -274,6 +333,13 @@ class Engine:
             result.message = (
                 f"Task {record.task_id} is not finished yet (GPTunnel says '{record.upstream_status}'). "
                 f"Call get_result with task_id {record.task_id} in a little while to fetch the image."
+            )
+        if reused:
+            result.reused = True
+            result.message = (
+                f"An identical request made at {record.created_at:%H:%M:%S} UTC was answered with this "
+                "task instead of paying for a new image (pass new_image=true to get a fresh one). "
+                + result.message
             )
         return result
 
@@ -324,6 +390,14 @@ def check_task_id(task_id: str) -> str:
             "as returned by create_image."
         )
     return task_id.lower()
+
+
+def _stale(record: TaskRecord) -> bool:
+    return (
+        record.source_url is not None
+        and record.source_url_expires_at is not None
+        and (record.source_url_expires_at < utcnow())
+    )
 
 
 def _apply(record: TaskRecord, upstream: UpstreamTask) -> None:

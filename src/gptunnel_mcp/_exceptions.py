@@ -26,6 +26,12 @@ class InputError(GPTunnelMCPError):
     kind = "input"
 
 
+class QuotaExceededError(GPTunnelMCPError):
+    """A configured cap on images per hour or day is reached. Raised before any upstream call."""
+
+    kind = "quota"
+
+
 class TaskNotFoundError(GPTunnelMCPError):
     """No task with this id, neither in the history nor upstream."""
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from datetime import datetime, timedelta, timezone
 from typing import Any, Literal, get_args
@@ -22,7 +24,7 @@ _FAILED_STATUSES = frozenset({"failed", "error", "cancelled", "canceled"})
 
 
 def is_task_id(value: str) -> bool:
-    return bool(_TASK_ID_RE.match(value))
+    return bool(_TASK_ID_RE.fullmatch(value))
 
 
 def utcnow() -> datetime:
@@ -93,6 +95,13 @@ class ImageRequest(BaseModel):
                 )
         return urls
 
+    def key(self) -> str:
+        """Identity of what was asked for: equal requests are the same image to pay for."""
+        canonical = json.dumps(
+            [self.prompt, self.model.lower(), self.aspect_ratio, sorted(self.images)], ensure_ascii=False
+        )
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
     def payload(self) -> CreatePayload:
         return CreatePayload(
             model=self.model, prompt=self.prompt, images=self.images or None, ar=self.aspect_ratio
@@ -150,6 +159,8 @@ class TaskRecord(BaseModel):
     source_url: str | None = None
     error: str | None = None
     file: StoredFile | None = None
+    #: `ImageRequest.key()` of the request that made it ("" for tasks adopted from elsewhere).
+    request_key: str = ""
 
     @property
     def source_url_expires_at(self) -> datetime | None:
@@ -184,6 +195,10 @@ class ImageResult(BaseModel):
     source_url: str | None = Field(default=None, description="GPTunnel's download link; expires after 48 h.")
     source_url_expires_at: datetime | None = None
     error: str | None = Field(default=None, description="Why the task failed (when failed).")
+    reused: bool = Field(
+        default=False,
+        description="True when this call returned an earlier identical task instead of paying for a new one.",
+    )
 
 
 class HistoryEntry(BaseModel):

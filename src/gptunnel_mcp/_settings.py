@@ -68,6 +68,13 @@ class Settings(BaseSettings):
         default=50 * 1024 * 1024, ge=1024, description="Largest image file accepted from GPTunnel."
     )
     request_timeout: float = Field(default=30.0, gt=0, le=600, description="Timeout of one HTTP request.")
+    reuse_window: float = Field(
+        default=600.0,
+        ge=0,
+        description="Seconds after which an identical finished request makes a new image (0: never reuse).",
+    )
+    max_images_per_hour: int | None = Field(default=None, ge=0, description="Cap on images created per hour.")
+    max_images_per_day: int | None = Field(default=None, ge=0, description="Cap on images created per day.")
 
     # Serving over HTTP (the MCP_ variables are about this server, not about GPTunnel).
     transport: Literal["stdio", "http"] = Field(
@@ -133,6 +140,9 @@ _ENV_NAMES = {
     "preview_max_px": "GPTUNNEL_PREVIEW_MAX_PX",
     "max_image_bytes": "GPTUNNEL_MAX_IMAGE_BYTES",
     "request_timeout": "GPTUNNEL_REQUEST_TIMEOUT",
+    "reuse_window": "GPTUNNEL_REUSE_WINDOW",
+    "max_images_per_hour": "GPTUNNEL_MAX_IMAGES_PER_HOUR",
+    "max_images_per_day": "GPTUNNEL_MAX_IMAGES_PER_DAY",
     "transport": "GPTUNNEL_MCP_TRANSPORT",
     "host": "GPTUNNEL_MCP_HOST",
     "port": "GPTUNNEL_MCP_PORT",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TypeVar
 
@@ -17,15 +18,22 @@ _T = TypeVar("_T")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
-    task_id    TEXT NOT NULL,
-    owner      TEXT NOT NULL DEFAULT '',
-    status     TEXT NOT NULL,
-    created_at TEXT NOT NULL,
-    record     TEXT NOT NULL,
+    task_id     TEXT NOT NULL,
+    owner       TEXT NOT NULL DEFAULT '',
+    status      TEXT NOT NULL,
+    created_at  TEXT NOT NULL,
+    request_key TEXT NOT NULL DEFAULT '',
+    record      TEXT NOT NULL,
     PRIMARY KEY (owner, task_id)
 );
 CREATE INDEX IF NOT EXISTS tasks_by_time ON tasks (owner, created_at DESC);
+CREATE INDEX IF NOT EXISTS tasks_by_request ON tasks (owner, request_key, created_at DESC);
 """
+
+
+def _iso(moment: datetime) -> str:
+    """One fixed-width UTC form, so that text order is time order in SQL comparisons."""
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f+00:00")
 
 
 class SQLiteStore:
@@ -59,12 +67,14 @@ class SQLiteStore:
             record.task_id,
             record.owner,
             record.status,
-            record.created_at.isoformat(),
+            _iso(record.created_at),
+            record.request_key,
             record.model_dump_json(),
         )
         await self._run(
             lambda db: db.execute(
-                """INSERT INTO tasks (task_id, owner, status, created_at, record) VALUES (?, ?, ?, ?, ?)
+                """INSERT INTO tasks (task_id, owner, status, created_at, request_key, record)
+                   VALUES (?, ?, ?, ?, ?, ?)
                    ON CONFLICT (owner, task_id) DO UPDATE SET
                        status = excluded.status, record = excluded.record
                    WHERE tasks.status != 'done' OR excluded.status = 'done'""",
@@ -80,7 +90,7 @@ class SQLiteStore:
         )
         return None if row is None else TaskRecord.model_validate_json(row[0])
 
-    async def list(self, owner: str = "", *, limit: int = 50, offset: int = 0) -> list[TaskRecord]:
+    async def recent(self, owner: str = "", *, limit: int = 50, offset: int = 0) -> list[TaskRecord]:
         rows = await self._run(
             lambda db: db.execute(
                 # rowid breaks ties: GPTunnel's created_at counts whole seconds.
@@ -96,6 +106,26 @@ class SQLiteStore:
             lambda db: db.execute("SELECT COUNT(*) FROM tasks WHERE owner = ?", (owner,)).fetchone()
         )
         return int(row[0])
+
+    async def created_since(self, owner: str, since: datetime) -> list[datetime]:
+        rows = await self._run(
+            lambda db: db.execute(
+                "SELECT created_at FROM tasks WHERE owner = ? AND created_at >= ? ORDER BY created_at",
+                (owner, _iso(since)),
+            ).fetchall()
+        )
+        return [datetime.fromisoformat(r[0]) for r in rows]
+
+    async def find_reusable(self, owner: str, request_key: str, since: datetime) -> TaskRecord | None:
+        row = await self._run(
+            lambda db: db.execute(
+                """SELECT record FROM tasks WHERE owner = ? AND request_key = ?
+                   AND (status = 'pending' OR (status = 'done' AND created_at >= ?))
+                   ORDER BY created_at DESC, rowid DESC LIMIT 1""",
+                (owner, request_key, _iso(since)),
+            ).fetchone()
+        )
+        return None if row is None else TaskRecord.model_validate_json(row[0])
 
     async def close(self) -> None:
         await self._run(lambda db: db.close())

@@ -3,6 +3,7 @@ shared PostgreSQL for several replicas) is a new class beside `SQLiteStore`, not
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Protocol
 
 from ._models import TaskRecord
@@ -18,10 +19,18 @@ class TaskStore(Protocol):
 
     async def get(self, task_id: str, owner: str = "") -> TaskRecord | None: ...
 
-    async def list(self, owner: str = "", *, limit: int = 50, offset: int = 0) -> list[TaskRecord]:
+    async def recent(self, owner: str = "", *, limit: int = 50, offset: int = 0) -> list[TaskRecord]:
         """Newest first."""
         ...
 
     async def count(self, owner: str = "") -> int: ...
+
+    async def created_since(self, owner: str, since: datetime) -> list[datetime]:
+        """Creation times of the owner's tasks from `since` on, oldest first (for the caps)."""
+        ...
+
+    async def find_reusable(self, owner: str, request_key: str, since: datetime) -> TaskRecord | None:
+        """The newest task made from the same request that is still pending, or done since `since`."""
+        ...
 
     async def close(self) -> None: ...

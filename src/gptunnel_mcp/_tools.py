@@ -50,6 +50,13 @@ Images = Annotated[
         "GPTunnel fetches them itself: no uploads, no base64, no local paths.",
     ),
 ]
+NewImage = Annotated[
+    bool,
+    Field(
+        description="Pay for a fresh image even if an identical request is still running or finished "
+        "in the last few minutes (by default that earlier task is returned instead).",
+    ),
+]
 TaskId = Annotated[
     str,
     Field(
@@ -100,11 +107,13 @@ def register_tools(server: MCPServer[Engine], settings: Settings, listeners: Acc
         model: Model = None,
         aspect_ratio: AspectRatioArg = None,
         images: Images = None,
+        new_image: NewImage = False,
     ) -> ToolResult:
         engine = engine_of(ctx)
         try:
             request = parse_image_request(settings.default_model, prompt, model, aspect_ratio, images)
-            return await _result(engine, await engine.create(request, account_of(ctx)))
+            started = await engine.create(request, account_of(ctx), new_image=new_image)
+            return await _result(engine, started.record, reused=started.reused)
         except GPTunnelMCPError as exc:
             return _error(exc)
 
@@ -140,12 +149,14 @@ def register_tools(server: MCPServer[Engine], settings: Settings, listeners: Acc
         model: Model = None,
         aspect_ratio: AspectRatioArg = None,
         images: Images = None,
+        new_image: NewImage = False,
     ) -> ToolResult:
         engine = engine_of(ctx)
         try:
             request = parse_image_request(settings.default_model, prompt, model, aspect_ratio, images)
-            record = await engine.generate(request, account_of(ctx), _ToolEvents(ctx, listeners))
-            return await _result(engine, record)
+            events = _ToolEvents(ctx, listeners)
+            started = await engine.generate(request, account_of(ctx), events, new_image=new_image)
+            return await _result(engine, started.record, reused=started.reused)
         except GPTunnelMCPError as exc:
             return _error(exc)
 
@@ -178,8 +189,8 @@ class BalanceResult(BaseModel):
     message: str
 
 
-async def _result(engine: Engine, record: TaskRecord) -> CallToolResult:
-    result = engine.describe(record)
+async def _result(engine: Engine, record: TaskRecord, *, reused: bool = False) -> CallToolResult:
+    result = engine.describe(record, reused=reused)
     content: list[ContentBlock] = []
     if record.status == "done" and record.file is not None:
         path = engine.folder.path(record.file)
