@@ -27,11 +27,18 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PENDING = 0, 1, 2, 3
 
 
 def _common() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: these flags may come before or after the command; a default here would let the
+    # command's parser overwrite a value given before it.
+    common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
     common.add_argument("--base-url", help="GPTunnel API base URL [GPTUNNEL_BASE_URL]")
     common.add_argument("--home", help="folder for history and images [GPTUNNEL_MCP_HOME]")
     common.add_argument(
-        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="stderr log level"
+        "--sandbox",
+        action="store_true",
+        help="use a built-in stand-in GPTunnel: no key, no network, no cost [GPTUNNEL_SANDBOX]",
+    )
+    common.add_argument(
+        "--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="stderr log level (INFO)"
     )
     return common
 
@@ -114,9 +121,11 @@ def _configure_logging(level: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    log_level = getattr(args, "log_level", "INFO")
     overrides = {
-        "base_url": args.base_url,
-        "home": args.home,
+        "base_url": getattr(args, "base_url", None),
+        "home": getattr(args, "home", None),
+        "sandbox": getattr(args, "sandbox", None),
         "default_model": getattr(args, "default_model", None),
         "wait_timeout": args.wait_timeout,
         "transport": getattr(args, "transport", None),
@@ -128,11 +137,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ConfigError as exc:
         _fail(str(exc))
     if args.command is None:
-        _configure_logging(args.log_level)
-        _serve(settings, args.log_level)
+        _configure_logging(log_level)
+        _serve(settings, log_level)
         return
     # Terminal commands talk to people: only warnings go to the log, the rest is their output.
-    _configure_logging("WARNING" if args.log_level == "INFO" else args.log_level)
+    _configure_logging("WARNING" if log_level == "INFO" else log_level)
     command: Callable[[Engine], Awaitable[int]] = {
         "generate": lambda engine: _generate(engine, args),
         "result": lambda engine: _result(engine, args),
@@ -162,7 +171,9 @@ def _fail(message: str, code: int = EXIT_USAGE) -> None:
 
 def _serve(settings: Settings, log_level: str) -> None:
     log = logging.getLogger("gptunnel_mcp")
-    if settings.api_key is None and not settings.multi_user:
+    if settings.sandbox:
+        log.warning("sandbox mode: no real images, no cost; history in %s", settings.home)
+    elif settings.api_key is None and not settings.multi_user:
         log.warning("GPTUNNEL_API_KEY is not set: tools will ask for it; stored images stay readable")
     with contextlib.suppress(KeyboardInterrupt):
         if settings.transport == "http":

@@ -311,6 +311,7 @@ class Engine:
             source_url_expires_at=record.source_url_expires_at,
             error=record.error,
             message="",
+            sandbox=self.settings.sandbox,
         )
         if record.status == "done" and record.file is not None:
             path = self.folder.path(record.file).resolve()
@@ -334,6 +335,8 @@ class Engine:
                 f"Task {record.task_id} is not finished yet (GPTunnel says '{record.upstream_status}'). "
                 f"Call get_result with task_id {record.task_id} in a little while to fetch the image."
             )
+        if self.settings.sandbox:
+            result.message = "Sandbox mode: made locally, nothing was charged. " + result.message
         if reused:
             result.reused = True
             result.message = (
@@ -436,20 +439,40 @@ async def open_engine(settings: Settings) -> AsyncIterator[Engine]:
         logger.info("removed %d unfinished download(s) left by an earlier run", removed)
     key = settings.api_key.get_secret_value() if settings.api_key else None
     secret = load_fingerprint_secret(settings.home) if settings.multi_user else None
-    client = GPTunnelClient(settings.api_base, timeout=settings.request_timeout)
-    storage = storage_client(settings.request_timeout)
-    engine = Engine(
-        settings=settings,
-        store=store,
-        folder=folder,
-        client=client,
-        storage=storage,
-        accounts=Accounts(Account(owner="", api_key=key), secret),
-    )
+    async with contextlib.AsyncExitStack() as stack:
+        base_url = settings.api_base
+        if settings.sandbox:
+            base_url = await stack.enter_async_context(_sandbox())
+            key = key or "sandbox"
+        client = GPTunnelClient(base_url, timeout=settings.request_timeout)
+        storage = storage_client(settings.request_timeout)
+        engine = Engine(
+            settings=settings,
+            store=store,
+            folder=folder,
+            client=client,
+            storage=storage,
+            accounts=Accounts(Account(owner="", api_key=key), secret),
+        )
+        try:
+            yield engine
+        finally:
+            with anyio.CancelScope(shield=True):
+                await client.aclose()
+                await storage.aclose()
+                await store.close()
+
+
+@contextlib.asynccontextmanager
+async def _sandbox() -> AsyncIterator[str]:
+    """A stand-in GPTunnel in this process, on a free loopback port: the sandbox's upstream."""
+    from .standin import Behaviour, StandIn
+
+    standin = StandIn(api_key=None, behaviour=Behaviour(generation_seconds=3.0, generation_jitter=0.3))
+    await anyio.to_thread.run_sync(standin.start)
+    logger.info("sandbox mode: images come from a built-in stand-in GPTunnel at %s", standin.url)
     try:
-        yield engine
+        yield standin.url
     finally:
         with anyio.CancelScope(shield=True):
-            await client.aclose()
-            await storage.aclose()
-            await store.close()
+            await anyio.to_thread.run_sync(standin.stop)

@@ -107,6 +107,7 @@ async def healthz(request: Request) -> Response:
             "version": __version__,
             "multi_user": settings.multi_user,
             "auth": settings.has_http_auth,
+            "sandbox": settings.sandbox,
         }
     )
 

@@ -195,6 +195,9 @@ class ImageResult(BaseModel):
     source_url: str | None = Field(default=None, description="GPTunnel's download link; expires after 48 h.")
     source_url_expires_at: datetime | None = None
     error: str | None = Field(default=None, description="Why the task failed (when failed).")
+    sandbox: bool = Field(
+        default=False, description="True when the server runs in sandbox mode (no real image)."
+    )
     reused: bool = Field(
         default=False,
         description="True when this call returned an earlier identical task instead of paying for a new one.",

@@ -93,6 +93,11 @@ class Settings(BaseSettings):
     auth_token: SecretStr | None = Field(
         default=None, validation_alias=AliasChoices("GPTUNNEL_MCP_AUTH_TOKEN", "auth_token")
     )
+    sandbox: bool = Field(
+        default=False,
+        validation_alias=AliasChoices("GPTUNNEL_SANDBOX", "sandbox"),
+        description="Serve against a built-in stand-in GPTunnel: no key, no network, no cost.",
+    )
     multi_user: bool = Field(
         default=False, validation_alias=AliasChoices("GPTUNNEL_MCP_MULTI_USER", "multi_user")
     )
@@ -150,6 +155,7 @@ _ENV_NAMES = {
     "allowed_origins": "GPTUNNEL_MCP_ALLOWED_ORIGINS",
     "auth_token": "GPTUNNEL_MCP_AUTH_TOKEN",
     "multi_user": "GPTUNNEL_MCP_MULTI_USER",
+    "sandbox": "GPTUNNEL_SANDBOX",
 }
 
 
@@ -168,13 +174,16 @@ def load_settings(**overrides: Any) -> Settings:
         shown = "" if field in ("api_key", "auth_token") else f" (got {err.get('input')!r})"
         raise ConfigError(f"invalid {name}: {err['msg']}{shown}") from None
     _check_combinations(settings)
+    if settings.sandbox:
+        # Sandbox images are pictures of their prompts: keep them out of the real history.
+        settings.home = settings.home / "sandbox"
     ensure_home(settings)
     return settings
 
 
 def _check_combinations(settings: Settings) -> None:
     """Settings that are each valid but unsafe or meaningless together."""
-    if settings.multi_user:
+    if settings.multi_user and not settings.sandbox:
         if settings.transport != "http":
             raise ConfigError(
                 "GPTUNNEL_MCP_MULTI_USER needs the HTTP transport: set GPTUNNEL_MCP_TRANSPORT=http "
