@@ -109,8 +109,8 @@ def _describe(exc: httpx.HTTPError) -> str:
 def _unknown_create(reason: str) -> str:
     return (
         f"the request to create the image was sent but its answer was lost ({reason}). It was not "
-        "retried, so you are not charged twice. Check the history (resource gptunnel://images) or "
-        "your GPTunnel account before asking for the image again."
+        "retried, so you are not charged twice. The image may still be made: check your GPTunnel "
+        "account before asking for it again."
     )
 
 
