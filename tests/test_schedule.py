@@ -1,37 +1,102 @@
-"""The poll schedule and the backoff: pure functions, checked without a clock."""
+"""The poll plan and the backoff: pure functions, checked without a clock."""
+
+from __future__ import annotations
 
 import itertools
 import random
+import statistics
 
 import pytest
 
-from gptunnel_mcp._schedule import MAX_RETRY_AFTER, Backoff, PollSchedule, parse_retry_after
+from gptunnel_mcp._schedule import (
+    MAX_RETRY_AFTER,
+    Backoff,
+    PollPlan,
+    PollSchedule,
+    Timing,
+    parse_retry_after,
+)
 
 
-def test_poll_delays_start_short_grow_and_stay_capped() -> None:
-    schedule = PollSchedule(first=1.0, factor=1.5, cap=5.0, jitter=0.0)
-    delays = list(itertools.islice(schedule.delays(), 8))
-    assert delays[:4] == pytest.approx([1.0, 1.5, 2.25, 3.375])
-    assert all(a <= b for a, b in itertools.pairwise(delays))
-    assert delays[-1] == pytest.approx(5.0)
+def ages(plan: PollPlan, until: float) -> list[float]:
+    """Every age at which the plan polls, up to `until`."""
+    moments, age = [], 0.0
+    while age < until:
+        age = plan.next_age(age)
+        moments.append(age)
+        assert len(moments) < 1000
+    return moments
 
 
-def test_poll_delays_jitter_stays_within_bounds_and_varies() -> None:
-    schedule = PollSchedule(first=2.0, factor=1.0, cap=2.0, jitter=0.1)
-    delays = list(itertools.islice(schedule.delays(random.Random(7)), 200))
-    assert all(1.8 <= d <= 2.2 for d in delays)
-    assert len({round(d, 6) for d in delays}) > 100
-
-
-def test_a_30s_generation_costs_few_polls() -> None:
-    # With the default schedule a 30-second image needs far fewer calls than a fixed 2 s poller (15).
-    elapsed, calls = 0.0, 0
-    for delay in PollSchedule(jitter=0.0).delays():
-        elapsed += delay
+def simulate(plan: PollPlan, finish: float) -> tuple[int, float]:
+    """Result calls and detection delay for a task that is done at `finish` seconds."""
+    calls, age = 0, 0.0
+    while True:
+        age = plan.next_age(age)
         calls += 1
-        if elapsed >= 30:
-            break
-    assert calls <= 9
+        if age >= finish:
+            return calls, age - finish
+
+
+def test_without_history_polls_start_short_grow_and_stay_capped() -> None:
+    plan = PollPlan(fallback=PollSchedule(first=1.0, factor=1.5, cap=5.0, jitter=0.0))
+    moments = ages(plan, 40)
+    gaps = [b - a for a, b in itertools.pairwise([0.0, *moments])]
+    assert gaps[:4] == pytest.approx([1.0, 1.5, 2.25, 3.375])
+    assert all(a <= b + 1e-9 for a, b in itertools.pairwise(gaps))
+    assert max(gaps) == pytest.approx(5.0)
+
+
+def test_fallback_jitter_stays_within_bounds() -> None:
+    plan = PollPlan(fallback=PollSchedule(first=2.0, factor=1.0, cap=2.0, jitter=0.1), rng=random.Random(7))
+    for age in range(0, 100, 3):
+        assert 0 < plan.next_age(age) - age <= 2.2 + 1e-9
+
+
+def test_timing_needs_a_few_samples_and_reads_the_range() -> None:
+    assert Timing.from_durations([10.0, 11.0]) is None
+    timing = Timing.from_durations([12.0, 9.0, 10.0, 11.0])
+    assert timing == Timing(low=9.0, expected=10.5, high=12.0)
+
+
+def test_learned_plan_waits_quietly_then_polls_closely_across_the_range() -> None:
+    plan = PollPlan(Timing(low=25.5, expected=30.0, high=34.5))
+    moments = ages(plan, 36)
+    assert moments[0] == pytest.approx(25.5 * 0.97)  # nothing before the fastest recent task
+    inside = [m for m in moments if m <= 34.5 * 1.03]
+    assert len(inside) == PollPlan.WINDOW_POLLS + 1
+    assert max(b - a for a, b in itertools.pairwise(inside)) <= (34.5 * 1.03 - 25.5 * 0.97) / 5 + 1e-9
+
+
+def test_a_late_task_is_polled_ever_more_rarely_but_never_beyond_the_cap() -> None:
+    plan = PollPlan(Timing(low=8.0, expected=10.0, high=12.0), fallback=PollSchedule(cap=5.0))
+    late = [m for m in ages(plan, 120) if m > 12.0 * 1.03]
+    gaps = [b - a for a, b in itertools.pairwise(late)]
+    assert all(a <= b + 1e-9 for a, b in itertools.pairwise(gaps))
+    assert max(gaps) == pytest.approx(5.0)
+
+
+@pytest.mark.parametrize("mean", [10.0, 30.0])
+def test_learned_plan_beats_a_fixed_2s_poller(mean: float) -> None:
+    """The issue's targets, on the plan alone: generation times spread +-15% around the mean."""
+    rng = random.Random(3)
+    history = [mean * rng.uniform(0.85, 1.15) for _ in range(10)]
+    plan = PollPlan(Timing.from_durations(history))
+    ours, fixed = [], []
+    for _ in range(400):
+        finish = mean * rng.uniform(0.85, 1.15)
+        ours.append(simulate(plan, finish))
+        fixed.append((int(finish // 2) + 1, 2 * (int(finish // 2) + 1) - finish))
+    our_calls = statistics.median(c for c, _ in ours)
+    base_calls = statistics.median(c for c, _ in fixed)
+    our_delay = statistics.median(d for _, d in ours)
+    base_delay = statistics.median(d for _, d in fixed)
+    if mean == 30.0:
+        assert our_delay <= 0.05 * mean
+        assert our_calls <= base_calls / 3
+    else:
+        assert our_calls < base_calls
+        assert our_delay <= base_delay
 
 
 def test_backoff_grows_exponentially_with_full_jitter_and_cap() -> None:

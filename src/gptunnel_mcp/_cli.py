@@ -199,7 +199,7 @@ class _ProgressLine:
     def __init__(self) -> None:
         self._tty = sys.stderr.isatty()
 
-    async def progress(self, elapsed: float, message: str) -> None:
+    async def progress(self, progress: float, total: float | None, message: str) -> None:
         if self._tty:
             print(f"\r\033[K{message}", end="", file=sys.stderr, flush=True)
         else:

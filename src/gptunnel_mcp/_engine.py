@@ -40,7 +40,7 @@ from ._models import (
     is_task_id,
     utcnow,
 )
-from ._schedule import Backoff, PollSchedule
+from ._schedule import Backoff, PollPlan, PollSchedule, Timing
 from ._settings import Settings
 from ._sqlite import SQLiteStore
 from ._store import TaskStore
@@ -50,18 +50,22 @@ _T = TypeVar("_T")
 
 #: Retries of one request inside a single tool call that is not a wait (create, one get_result).
 _QUICK_ATTEMPTS = 3
+#: Recent tasks of a model whose durations shape the poll plan.
+_TIMING_SAMPLES = 10
 
 
 class JobEvents(Protocol):
     """What a front end wants to hear while a job runs."""
 
-    async def progress(self, elapsed: float, message: str) -> None: ...
+    async def progress(self, progress: float, total: float | None, message: str) -> None:
+        """`progress` grows with every call; `total`, when known, is the expected end."""
+        ...
 
     async def image_stored(self, record: TaskRecord) -> None: ...
 
 
 class _Silent:
-    async def progress(self, elapsed: float, message: str) -> None:
+    async def progress(self, progress: float, total: float | None, message: str) -> None:
         return None
 
     async def image_stored(self, record: TaskRecord) -> None:
@@ -142,6 +146,7 @@ class Engine:
     async def _create(
         self, request: ImageRequest, request_key: str, account: Account, key: str
     ) -> TaskRecord:
+        submitted = utcnow()
         # Only failures that prove the request was not taken on are retried (see `_client`).
         upstream = await self._retry(
             lambda: self.client.create(request.payload(), key), attempts=_QUICK_ATTEMPTS
@@ -157,6 +162,7 @@ class Engine:
             created_at=_from_unix(upstream.created_at) or now,
             updated_at=now,
             request_key=request_key,
+            submitted_at=submitted,
         )
         _apply(record, upstream)
         try:
@@ -183,14 +189,15 @@ class Engine:
         self, task_id: str, account: Account, events: JobEvents = SILENT, *, poll_now: bool = True
     ) -> TaskRecord:
         """Poll until the task is finished or `wait_timeout` has passed; a timeout is no error,
-        the task comes back pending. `poll_now=False` waits one interval first (a fresh task)."""
+        the task comes back pending. `poll_now=False` waits for the plan's first poll (a fresh task)."""
         started = time.monotonic()
         deadline = started + self.settings.wait_timeout
-        delays = self.schedule.delays()
         record = await self._known(task_id, account)
+        plan = await self._plan(record)
+        origin = record.submitted_at if record is not None and record.submitted_at else utcnow()
         failures = 0
         last_error: TransientUpstreamError | None = None
-        delay = 0.0 if poll_now else next(delays)
+        delay = 0.0 if poll_now else max(0.0, plan.next_age(_age(origin)) - _age(origin))
         while record is None or not self._finished(record):
             if time.monotonic() + delay > deadline:
                 if record is None and last_error is not None:
@@ -200,17 +207,42 @@ class Engine:
             try:
                 record = await self._step(task_id, account, record, events, attempts=1)
                 failures, last_error = 0, None
-                delay = next(delays)
+                age = _age(origin)
+                delay = max(0.0, plan.next_age(age) - age)
                 state = record.upstream_status
             except TransientUpstreamError as exc:
                 failures, last_error = failures + 1, exc
+                # Backoff and Retry-After win over the plan: the upstream asked for room.
                 delay = self.backoff.delay(failures, exc.retry_after)
                 state = f"retrying after a transient error ({exc})"
                 logger.info("task %s: %s", task_id, state)
-            elapsed = time.monotonic() - started
-            await events.progress(elapsed, f"{state}, {elapsed:.0f} s elapsed")
+            age = _age(origin)
+            if record is not None and self._finished(record):
+                await events.progress(age, age, f"{state}, {age:.0f} s elapsed")
+            else:
+                await self._report(events, age, plan.timing, state)
         assert record is not None
         return record
+
+    async def _plan(self, record: TaskRecord | None) -> PollPlan:
+        if record is None or not record.model:
+            return PollPlan(fallback=self.schedule)
+        durations = await self.store.durations(record.model, limit=_TIMING_SAMPLES)
+        return PollPlan(Timing.from_durations(durations), fallback=self.schedule)
+
+    @staticmethod
+    async def _report(events: JobEvents, age: float, timing: Timing | None, state: str) -> None:
+        """Progress as age over expected duration: it never goes back, and stays below 100%
+        until the image is there, however late the task runs."""
+        if timing is None:
+            await events.progress(age, None, f"{state}, {age:.0f} s elapsed")
+            return
+        left = timing.expected - age
+        total = max(timing.expected, age / 0.95)
+        if left >= 1:
+            await events.progress(age, total, f"{state}, about {left:.0f} s left")
+        else:
+            await events.progress(age, total, f"{state}, taking longer than usual ({age:.0f} s so far)")
 
     async def generate(
         self, request: ImageRequest, account: Account, events: JobEvents = SILENT, *, new_image: bool = False
@@ -218,7 +250,7 @@ class Engine:
         started = await self.create(request, account, new_image=new_image)
         record = started.record
         what = "an identical earlier task reused" if started.reused else "created"
-        await events.progress(0.0, f"task {record.task_id} {what}, {record.upstream_status}")
+        await events.progress(0.0, None, f"task {record.task_id} {what}, {record.upstream_status}")
         record = await self.wait(record.task_id, account, events, poll_now=started.reused)
         return Started(record, started.reused)
 
@@ -238,10 +270,13 @@ class Engine:
                 created_at=_from_unix(upstream.created_at) or now,
                 updated_at=now,
             )
+        previous_poll, record.last_polled_at = record.last_polled_at, utcnow()
         _apply(record, upstream)
         if record.upstream_status.lower() == "done" and upstream.url:
             record.source_url = upstream.url
-            record.completed_at = record.completed_at or utcnow()
+            if record.completed_at is None:
+                record.completed_at = record.last_polled_at
+                record.duration = _duration(record, previous_poll)
             # Record "done upstream" first: if the download fails the link is not lost.
             await self.store.put(record)
             url = upstream.url
@@ -393,6 +428,22 @@ def check_task_id(task_id: str) -> str:
             "as returned by create_image."
         )
     return task_id.lower()
+
+
+def _age(origin: datetime) -> float:
+    return (utcnow() - origin).total_seconds()
+
+
+def _duration(record: TaskRecord, previous_poll: datetime | None) -> float | None:
+    """How long GPTunnel took, as well as polling can tell: the task finished between the last
+    poll that saw it pending and the one that saw it done, so the middle of the two is the
+    estimate with the least bias."""
+    if record.submitted_at is None or record.completed_at is None:
+        return None
+    seen = (record.completed_at - record.submitted_at).total_seconds()
+    if previous_poll is None or previous_poll < record.submitted_at:
+        return seen
+    return (seen + (previous_poll - record.submitted_at).total_seconds()) / 2
 
 
 def _stale(record: TaskRecord) -> bool:

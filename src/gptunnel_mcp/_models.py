@@ -161,6 +161,11 @@ class TaskRecord(BaseModel):
     file: StoredFile | None = None
     #: `ImageRequest.key()` of the request that made it ("" for tasks adopted from elsewhere).
     request_key: str = ""
+    #: Local clock when the create request was sent (None for tasks adopted from elsewhere).
+    submitted_at: datetime | None = None
+    last_polled_at: datetime | None = None
+    #: Seconds from submission until GPTunnel had the image done, as polling measured it.
+    duration: float | None = None
 
     @property
     def source_url_expires_at(self) -> datetime | None:

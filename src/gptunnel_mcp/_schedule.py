@@ -5,9 +5,10 @@ Pure functions of their inputs (and a random source), so they are tested without
 
 from __future__ import annotations
 
+import math
 import random
-from collections.abc import Iterator
-from dataclasses import dataclass
+import statistics
+from dataclasses import dataclass, field
 
 #: No Retry-After is followed further than this: a proxy asking for an hour would stall the agent.
 MAX_RETRY_AFTER = 60.0
@@ -15,20 +16,14 @@ MAX_RETRY_AFTER = 60.0
 
 @dataclass(frozen=True)
 class PollSchedule:
-    """Growing intervals between result calls: quick at first (small images finish in seconds),
-    then wider so a minutes-long generation costs few calls. Jitter spreads concurrent pollers."""
+    """Growing intervals between result calls, for a model with no history yet: quick at first
+    (small images finish in seconds), then wider so a minutes-long generation costs few calls.
+    Jitter spreads concurrent pollers."""
 
     first: float = 1.0
     factor: float = 1.5
     cap: float = 5.0
     jitter: float = 0.1
-
-    def delays(self, rng: random.Random | None = None) -> Iterator[float]:
-        rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
-        delay = self.first
-        while True:
-            yield delay * (1 + rng.uniform(-self.jitter, self.jitter))
-            delay = min(delay * self.factor, self.cap)
 
 
 @dataclass(frozen=True)
@@ -59,3 +54,61 @@ def parse_retry_after(value: str | None) -> float | None:
     except ValueError:
         return None
     return seconds if seconds >= 0 else None
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How long a model's recent tasks took, from submission to done (seconds)."""
+
+    low: float
+    expected: float
+    high: float
+
+    #: Fewer samples than this teach nothing reliable; the fixed schedule is used instead.
+    MIN_SAMPLES = 3
+
+    @classmethod
+    def from_durations(cls, durations: list[float]) -> Timing | None:
+        if len(durations) < cls.MIN_SAMPLES:
+            return None
+        ordered = sorted(durations)
+        return cls(low=ordered[0], expected=statistics.median(ordered), high=ordered[-1])
+
+
+@dataclass(frozen=True)
+class PollPlan:
+    """When to ask about one task, as ages (seconds since it was submitted).
+
+    Without timing it is the growing `PollSchedule`. With a model's timing it asks rarely while
+    the image cannot be ready yet, closely (`WINDOW_POLLS` times) across the range recent tasks
+    finished in, and ever more rarely if the task runs late.
+    """
+
+    timing: Timing | None = None
+    fallback: PollSchedule = PollSchedule()
+    rng: random.Random = field(default_factory=random.Random, compare=False)
+
+    #: Polls across the expected range: delay is about range/2/WINDOW_POLLS on the median.
+    WINDOW_POLLS = 5
+    MIN_GAP = 0.5
+
+    def next_age(self, age: float) -> float:
+        if self.timing is None:
+            return self._fallback_next(age)
+        start = max(self.fallback.first, self.timing.low * 0.97)
+        end = max(start, self.timing.high * 1.03)
+        gap = max(self.MIN_GAP, (end - start) / self.WINDOW_POLLS)
+        if age < start:
+            return start
+        if age < end:
+            # The next point of the grid strictly after `age` (the epsilon absorbs float error).
+            return min(end, start + gap * (math.floor((age - start) / gap + 1e-9) + 1))
+        # Running late: widen gradually, never beyond the fallback's cap.
+        return age + min(self.fallback.cap, max(gap, 0.2 * (age - end)))
+
+    def _fallback_next(self, age: float) -> float:
+        moment, delay = 0.0, self.fallback.first
+        while moment <= age:
+            moment += delay * (1 + self.rng.uniform(-self.fallback.jitter, self.fallback.jitter))
+            delay = min(delay * self.fallback.factor, self.fallback.cap)
+        return moment

@@ -23,11 +23,14 @@ CREATE TABLE IF NOT EXISTS tasks (
     status      TEXT NOT NULL,
     created_at  TEXT NOT NULL,
     request_key TEXT NOT NULL DEFAULT '',
+    model       TEXT NOT NULL DEFAULT '',
+    duration    REAL,
     record      TEXT NOT NULL,
     PRIMARY KEY (owner, task_id)
 );
 CREATE INDEX IF NOT EXISTS tasks_by_time ON tasks (owner, created_at DESC);
 CREATE INDEX IF NOT EXISTS tasks_by_request ON tasks (owner, request_key, created_at DESC);
+CREATE INDEX IF NOT EXISTS tasks_by_model ON tasks (model, created_at DESC) WHERE duration IS NOT NULL;
 """
 
 
@@ -69,14 +72,18 @@ class SQLiteStore:
             record.status,
             _iso(record.created_at),
             record.request_key,
+            record.model,
+            record.duration,
             record.model_dump_json(),
         )
         await self._run(
             lambda db: db.execute(
-                """INSERT INTO tasks (task_id, owner, status, created_at, request_key, record)
-                   VALUES (?, ?, ?, ?, ?, ?)
+                """INSERT INTO tasks
+                       (task_id, owner, status, created_at, request_key, model, duration, record)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?)
                    ON CONFLICT (owner, task_id) DO UPDATE SET
-                       status = excluded.status, record = excluded.record
+                       status = excluded.status, duration = excluded.duration,
+                       record = excluded.record
                    WHERE tasks.status != 'done' OR excluded.status = 'done'""",
                 row,
             )
@@ -115,6 +122,16 @@ class SQLiteStore:
             ).fetchall()
         )
         return [datetime.fromisoformat(r[0]) for r in rows]
+
+    async def durations(self, model: str, *, limit: int) -> list[float]:
+        rows = await self._run(
+            lambda db: db.execute(
+                "SELECT duration FROM tasks WHERE model = ? AND duration IS NOT NULL "
+                "ORDER BY created_at DESC LIMIT ?",
+                (model, limit),
+            ).fetchall()
+        )
+        return [float(r[0]) for r in rows]
 
     async def find_reusable(self, owner: str, request_key: str, since: datetime) -> TaskRecord | None:
         row = await self._run(

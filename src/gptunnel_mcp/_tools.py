@@ -77,8 +77,10 @@ class _ToolEvents(JobEvents):
         self._ctx = ctx
         self._listeners = listeners
 
-    async def progress(self, elapsed: float, message: str) -> None:
-        await self._ctx.report_progress(round(elapsed, 1), None, message)
+    async def progress(self, progress: float, total: float | None, message: str) -> None:
+        await self._ctx.report_progress(
+            round(progress, 1), None if total is None else round(total, 1), message
+        )
 
     async def image_stored(self, record: TaskRecord) -> None:
         # 2026-07-28 clients hear it on their subscriptions/listen stream; 2025-11-25 clients on

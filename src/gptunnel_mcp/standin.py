@@ -61,6 +61,7 @@ from starlette.types import Receive, Scope, Send
 
 __all__ = [
     "ASPECT_RATIOS",
+    "DOWNLOAD_FAULT_KINDS",
     "TRANSIENT_KINDS",
     "Behaviour",
     "StandIn",
@@ -74,6 +75,9 @@ ASPECT_RATIOS: tuple[str, ...] = ("1:1", "16:9", "9:16", "4:3", "3:4", "21:9", "
 
 #: Every value :attr:`Behaviour.transient_kind` accepts.
 TRANSIENT_KINDS: tuple[str, ...] = ("http503", "http429", "code6", "code1", "code500", "html", "disconnect")
+
+#: Every value :attr:`Behaviour.download_fault_kinds` accepts: HTTP 503, or the body cut off half-way.
+DOWNLOAD_FAULT_KINDS: tuple[str, ...] = ("http503", "truncate")
 
 # Pillow format -> (file extension, Content-Type).
 _FORMATS: dict[str, tuple[str, str]] = {
@@ -109,6 +113,14 @@ _NO_SUCH_KEY = (
 
 _API_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
+# (method, path) -> the endpoint's name in Stats.faults.
+_ENDPOINTS: dict[tuple[str, str], str] = {
+    ("POST", "/v1/media/create"): "create",
+    ("POST", "/v1/media/result"): "result",
+    ("GET", "/v1/media/result"): "result",
+    ("GET", "/v1/balance"): "balance",
+}
+
 
 @dataclass
 class Behaviour:
@@ -133,6 +145,12 @@ class Behaviour:
     transient_kind: str = "http503"
     #: Retry-After header (seconds) on "http429"; None sends no Retry-After at all.
     retry_after: float | None = None
+    #: Probability that a request under /v1 fails transiently at random (after any
+    #: transient_failures), for soak tests; the kind is drawn uniformly from fault_kinds. The draws
+    #: come from the stand-in's random source, seeded by ``StandIn(seed=...)``.
+    fault_rate: float = 0.0
+    #: The kinds random faults are drawn from: values of TRANSIENT_KINDS.
+    fault_kinds: tuple[str, ...] = TRANSIENT_KINDS
     #: HTTP status of file downloads (e.g. 404 as if the link expired, 500).
     download_status: int = 200
     #: Serve these bytes instead of the picture (still labelled with the image's Content-Type).
@@ -141,6 +159,13 @@ class Behaviour:
     download_truncate_at: int | None = None
     #: Seconds between the response headers and the body of a file download.
     download_delay: float = 0.0
+    #: With download_delay: send this many bytes of the body before the delay instead of none, so
+    #: the client holds part of the file while it waits.
+    download_pause_at: int | None = None
+    #: Probability that a file download fails transiently at random, for soak tests.
+    download_fault_rate: float = 0.0
+    #: The kinds download faults are drawn from: values of DOWNLOAD_FAULT_KINDS.
+    download_fault_kinds: tuple[str, ...] = DOWNLOAD_FAULT_KINDS
     balance: float = 100.0
     credit_limit: float = 0.0
 
@@ -159,6 +184,9 @@ class Stats:
     file_auth_headers: list[str] = field(default_factory=list)
     #: Task id -> time.time() at which it reached its final status (created + planned duration).
     task_done_at: dict[str, float] = field(default_factory=dict)
+    #: Transient failures served (by transient_failures or at random), by "endpoint:kind", e.g.
+    #: "create:http503", "result:disconnect", "download:truncate".
+    faults: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -311,25 +339,35 @@ class _FileResponse(Response):
         delay: float,
         truncate_at: int | None,
         drop_connection: Callable[[Scope], Awaitable[bool]],
+        pause_at: int | None = None,
     ) -> None:
         super().__init__(payload, 200, media_type=media_type)
         self._payload = payload
         self._delay = delay
         self._truncate_at = truncate_at
         self._drop_connection = drop_connection
+        self._pause_at = pause_at
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        if self._delay > 0:
-            await anyio.sleep(self._delay)
+        body = self._payload
         cut = self._truncate_at
-        if cut is not None and 0 <= cut < len(self._payload):
-            await send({"type": "http.response.body", "body": self._payload[:cut], "more_body": True})
+        truncated = cut is not None and 0 <= cut < len(body)
+        if truncated:
+            body = body[:cut]
+        sent = 0
+        if self._delay > 0:
+            sent = min(max(0, self._pause_at or 0), len(body))
+            if sent:
+                await send({"type": "http.response.body", "body": body[:sent], "more_body": True})
+            await anyio.sleep(self._delay)
+        if truncated:
+            await send({"type": "http.response.body", "body": body[sent:], "more_body": True})
             # Without our uvicorn server to close the socket on, returning early still ends the
             # connection: servers close it when a response stops short of its Content-Length.
             await self._drop_connection(scope)
             return
-        await send({"type": "http.response.body", "body": self._payload, "more_body": False})
+        await send({"type": "http.response.body", "body": body[sent:], "more_body": False})
 
 
 class _Disconnect(Response):
@@ -357,6 +395,7 @@ class StandIn:
 
     ``api_key`` None accepts any Authorization header (or none); otherwise the header must be
     exactly the key, bare, as GPTunnel's documentation sends it (a ``Bearer`` prefix is refused).
+    ``seed`` seeds the random source of generation jitter and random faults.
     """
 
     def __init__(
@@ -365,6 +404,8 @@ class StandIn:
         behaviour: Behaviour | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
+        *,
+        seed: int | None = None,
     ) -> None:
         self.api_key = api_key
         self.behaviour = behaviour if behaviour is not None else Behaviour()
@@ -375,7 +416,8 @@ class StandIn:
         self._lock = threading.Lock()
         self._tasks: dict[str, _Task] = {}
         self._images: dict[str, bytes] = {}
-        self._random = random.Random()  # noqa: S311 - jitter of fake generation times, not security
+        # Jitter of fake generation times and random faults, not security.
+        self._random = random.Random(seed)  # noqa: S311
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._url: str | None = None
@@ -465,6 +507,11 @@ class StandIn:
         with self._lock:
             return list(self._tasks)
 
+    def task_prompts(self) -> dict[str, str]:
+        """Task id -> prompt of every task created so far, oldest first (to find duplicate creates)."""
+        with self._lock:
+            return {task_id: task.prompt for task_id, task in self._tasks.items()}
+
     def image_bytes(self, task_id: str) -> bytes:
         """The exact bytes the file URL of this task serves (without download_bytes_override)."""
         with self._lock:
@@ -523,6 +570,20 @@ class StandIn:
                 return None
             behaviour.transient_failures -= 1
             return behaviour.transient_kind
+
+    def _draw_fault(self, rate: float, kinds: tuple[str, ...]) -> str | None:
+        """A random fault's kind with probability ``rate``, else None."""
+        if rate <= 0 or not kinds:
+            return None
+        with self._lock:
+            if self._random.random() >= rate:
+                return None
+            return self._random.choice(kinds)
+
+    def _count_fault(self, endpoint: str, kind: str) -> None:
+        with self._lock:
+            key = f"{endpoint}:{kind}"
+            self.stats.faults[key] = self.stats.faults.get(key, 0) + 1
 
     def _transient_response(self, kind: str) -> Response:
         if kind == "http503":
@@ -584,7 +645,11 @@ class StandIn:
         # Transient failures come first: a proxy or an overloaded backend fails before it looks
         # at the key or the body.
         kind = self._take_transient()
+        if kind is None:
+            behaviour = self.behaviour
+            kind = self._draw_fault(behaviour.fault_rate, behaviour.fault_kinds)
         if kind is not None:
+            self._count_fault(_ENDPOINTS.get(route, "other"), kind)
             return self._transient_response(kind)
         if route == ("POST", "/v1/media/create"):
             return await self._create(request)
@@ -690,12 +755,24 @@ class StandIn:
         override = behaviour.download_bytes_override
         # Encoding a large WebP takes tens of milliseconds: keep it off the event loop.
         payload = override if override is not None else await anyio.to_thread.run_sync(self._image_for, task)
+        truncate_at = behaviour.download_truncate_at
+        fault = self._draw_fault(behaviour.download_fault_rate, behaviour.download_fault_kinds)
+        if fault is not None:
+            self._count_fault("download", fault)
+            if fault == "http503":
+                return PlainTextResponse("503 Service Temporarily Unavailable", 503)
+            if fault != "truncate":
+                raise ValueError(
+                    f"unknown download fault kind {fault!r}: use one of {', '.join(DOWNLOAD_FAULT_KINDS)}"
+                )
+            truncate_at = len(payload) // 2
         return _FileResponse(
             payload,
             _FORMATS[task.image_format][1],
             behaviour.download_delay,
-            behaviour.download_truncate_at,
+            truncate_at,
             self._drop_connection,
+            pause_at=behaviour.download_pause_at,
         )
 
 
@@ -712,14 +789,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--generation-jitter", type=float, default=Behaviour.generation_jitter)
     parser.add_argument("--image-format", choices=sorted(_FORMATS), default=Behaviour.image_format)
     parser.add_argument("--final-status", default=Behaviour.final_status)
+    parser.add_argument(
+        "--fault-rate",
+        type=float,
+        default=Behaviour.fault_rate,
+        help="probability of a random transient fault",
+    )
+    parser.add_argument("--seed", type=int, default=None, help="seed of jitter and random faults")
     args = parser.parse_args(argv)
     behaviour = Behaviour(
         generation_seconds=args.generation_seconds,
         generation_jitter=args.generation_jitter,
         image_format=args.image_format,
         final_status=args.final_status,
+        fault_rate=args.fault_rate,
     )
-    standin = StandIn(api_key=args.api_key, behaviour=behaviour, host=args.host, port=args.port)
+    standin = StandIn(
+        api_key=args.api_key, behaviour=behaviour, host=args.host, port=args.port, seed=args.seed
+    )
     standin.start()
     print(f"GPTunnel stand-in listening on {standin.url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
     try:
