@@ -722,3 +722,25 @@ async def test_processes_sharing_a_home_share_the_history(
             assert pending["task_id"] in await history_ids(one)
     assert keyed_standin.stats.create_calls == 9
     assert keyed_standin.stats.download_calls == 9
+
+
+async def test_a_2025_session_belongs_to_the_user_who_opened_it(multi_launcher: ServerLauncher) -> None:
+    env = {"GPTUNNEL_MCP_MULTI_USER": "1", "GPTUNNEL_API_KEY": None}
+    async with serve(multi_launcher, **env) as url:
+        opened = await post_initialize(url, {"Authorization": "Bearer key-of-user-a"})
+        assert_initialized(opened)
+        session = opened.headers["mcp-session-id"]
+        ping = {"jsonrpc": "2.0", "id": 2, "method": "ping"}
+        async with httpx.AsyncClient(timeout=15) as raw:
+            intruder = await raw.post(
+                url,
+                json=ping,
+                headers={**MCP_HEADERS, "Authorization": "Bearer key-of-user-b", "mcp-session-id": session},
+            )
+            owner = await raw.post(
+                url,
+                json=ping,
+                headers={**MCP_HEADERS, "Authorization": "Bearer key-of-user-a", "mcp-session-id": session},
+            )
+    assert intruder.status_code == 404
+    assert owner.status_code == 200, owner.text

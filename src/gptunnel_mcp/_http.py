@@ -11,13 +11,14 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 
 from mcp.server.transport_security import TransportSecuritySettings
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
 from ._accounts import bearer_token
@@ -44,42 +45,65 @@ def transport_security(settings: Settings) -> TransportSecuritySettings:
 
 
 class BearerAuth:
-    """Refuses any request to the MCP endpoint that does not carry an accepted bearer token."""
+    """Refuses any request to the MCP endpoint that does not carry an accepted bearer token.
+
+    In multi-user mode it also ties each 2025-11-25 session to the user who opened it: a
+    session id is no capability, and another user's requests on it are answered as if the
+    session did not exist (its notices would otherwise reach them).
+    """
+
+    _SESSION_HEADER = "mcp-session-id"
+    _MAX_SESSIONS = 10_000
 
     def __init__(self, app: ASGIApp, settings: Settings, engine: Callable[[], Engine]) -> None:
         self._app = app
         self._token = settings.auth_token.get_secret_value() if settings.auth_token else None
         self._engine = engine
         self._multi_user = settings.multi_user
+        self._session_owners: OrderedDict[str, str] = OrderedDict()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         open_paths = scope["type"] != "http" or scope["path"] == "/healthz"
         if open_paths or (self._token is None and not self._multi_user):
             await self._app(scope, receive, send)
             return
-        token = bearer_token(Request(scope).headers)
-        refusal = await self._check(token)
+        headers = Request(scope).headers
+        token = bearer_token(headers)
+        if token is None:
+            what = "your GPTunnel key" if self._multi_user else "the server's token"
+            await _unauthorized(f"send {what} as 'Authorization: Bearer <token>'", "invalid_request")(
+                scope, receive, send
+            )
+            return
+        if self._token is not None:
+            refusal = self._check_token(token)
+        else:
+            refusal, owner = await self._check_key(token)
+            if refusal is None and owner is not None:
+                session = headers.get(self._SESSION_HEADER)
+                if session is not None and self._session_owners.get(session, owner) != owner:
+                    refusal = JSONResponse({"error": "session not found"}, status_code=404)
+                else:
+                    send = self._remembering_sessions(send, owner)
         if refusal is not None:
             await refusal(scope, receive, send)
             return
         await self._app(scope, receive, send)
 
-    async def _check(self, token: str | None) -> Response | None:
-        if token is None:
-            what = "your GPTunnel key" if self._multi_user else "the server's token"
-            return _unauthorized(f"send {what} as 'Authorization: Bearer <token>'", "invalid_request")
-        if self._token is not None:
-            # compare_digest: the time taken must not tell how much of a guess was right.
-            if hmac.compare_digest(token.encode(), self._token.encode()):
-                return None
-            return _unauthorized("the bearer token is not this server's token", "invalid_token")
+    def _check_token(self, token: str) -> Response | None:
+        # compare_digest: the time taken must not tell how much of a guess was right.
+        if hmac.compare_digest(token.encode(), (self._token or "").encode()):
+            return None
+        return _unauthorized("the bearer token is not this server's token", "invalid_token")
+
+    async def _check_key(self, token: str) -> tuple[Response | None, str | None]:
         try:
-            await self._engine().authenticate(token)
+            account = await self._engine().authenticate(token)
         except AuthenticationError:
-            return _unauthorized("GPTunnel does not accept this key", "invalid_token")
+            return _unauthorized("GPTunnel does not accept this key", "invalid_token"), None
         except GPTunnelMCPError as exc:
             logger.warning("could not check a caller's key with GPTunnel: %s", exc)
-            return JSONResponse(
+            unavailable = JSONResponse(
                 {
                     "error": "temporarily_unavailable",
                     "error_description": "cannot check the key with GPTunnel now",
@@ -87,7 +111,22 @@ class BearerAuth:
                 status_code=503,
                 headers={"Retry-After": "5"},
             )
-        return None
+            return unavailable, None
+        return None, account.owner
+
+    def _remembering_sessions(self, send: Send, owner: str) -> Send:
+        """Wraps `send` to note which user a newly opened session belongs to."""
+
+        async def remembering(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                for name, value in message.get("headers", []):
+                    if name.decode("latin-1").lower() == self._SESSION_HEADER:
+                        self._session_owners[value.decode("latin-1")] = owner
+                        while len(self._session_owners) > self._MAX_SESSIONS:
+                            self._session_owners.popitem(last=False)
+            await send(message)
+
+        return remembering
 
 
 def _unauthorized(description: str, error: str) -> Response:
