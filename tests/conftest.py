@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -17,6 +17,7 @@ import httpx
 import httpx2
 import pytest
 from mcp import Client, StdioServerParameters
+from mcp.client.extension import ClientExtension
 from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
 
@@ -72,20 +73,30 @@ class ServerLauncher:
 
     @contextlib.asynccontextmanager
     async def connect(
-        self, mode: str = "auto", *, token: str | None = None, **env: str | None
+        self,
+        mode: str = "auto",
+        *,
+        token: str | None = None,
+        extensions: Sequence[ClientExtension] | None = None,
+        **env: str | None,
     ) -> AsyncIterator[Client]:
         log = self.log_dir / f"server-{len(self.logs)}.log"
         self.logs.append(log)
         with log.open("w") as errlog:
             if self.transport == "stdio":
                 transport = stdio_client(self.params(**env), errlog=errlog)
-                async with Client(transport, mode=mode, cache=None) as client:  # type: ignore[arg-type]
+                async with Client(transport, mode=mode, cache=None, extensions=extensions) as client:  # type: ignore[arg-type]
                     yield client
                 return
             async with (
                 self.http_server(errlog, **env) as url,
                 http_client(url, token) as http,
-                Client(streamable_http_client(url, http_client=http), mode=mode, cache=None) as client,  # type: ignore[arg-type]
+                Client(
+                    streamable_http_client(url, http_client=http),  # type: ignore[arg-type]
+                    mode=mode,
+                    cache=None,
+                    extensions=extensions,
+                ) as client,
             ):
                 yield client
 

@@ -8,6 +8,7 @@ database does not let anyone test guessed keys against it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import os
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from ._exceptions import AuthenticationError, ConfigError
 
-_SECRET_FILE = "fingerprint.secret"  # noqa: S105 - a file name, not a secret
+_SECRET_FILE = "server.secret"  # noqa: S105 - a file name, not a secret
 
 
 @dataclass(frozen=True)
@@ -29,19 +30,24 @@ class Account:
     api_key: str | None = field(default=None, repr=False)
 
 
-def load_fingerprint_secret(home: Path) -> bytes:
-    """The server's fingerprint secret, made once and shared by every process on this home."""
+def load_server_secret(home: Path) -> bytes:
+    """The server's secret, made once and shared by every process on this home. It keys the
+    users' fingerprints and the MCP task handles (each with its own prefix, so neither can stand
+    in for the other)."""
     path = home / _SECRET_FILE
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        raise ConfigError(f"cannot create {path} ({exc.strerror}); check GPTUNNEL_MCP_HOME") from None
-    else:
-        # O_EXCL: of several processes starting together, exactly one writes the secret.
-        with os.fdopen(fd, "w") as out:
-            out.write(secrets.token_hex(32))
+    if not path.exists():
+        # Written aside, then linked into place: link fails if the name exists, so of several
+        # processes starting together exactly one secret wins, and none reads a half-written one.
+        draft = home / f".{_SECRET_FILE}.{secrets.token_hex(4)}"
+        try:
+            draft.write_text(secrets.token_hex(32))
+            draft.chmod(0o600)
+            with contextlib.suppress(FileExistsError):
+                os.link(draft, path)
+        except OSError as exc:
+            raise ConfigError(f"cannot create {path} ({exc.strerror}); check GPTUNNEL_MCP_HOME") from None
+        finally:
+            draft.unlink(missing_ok=True)
     secret = path.read_text().strip()
     if len(secret) != 64:
         raise ConfigError(f"{path} is damaged; delete it (users' histories will start anew)")
@@ -49,7 +55,7 @@ def load_fingerprint_secret(home: Path) -> bytes:
 
 
 def account_for_key(secret: bytes, api_key: str) -> Account:
-    owner = hmac.new(secret, api_key.encode(), hashlib.sha256).hexdigest()[:32]
+    owner = hmac.new(secret, b"user-key:" + api_key.encode(), hashlib.sha256).hexdigest()[:32]
     return Account(owner=owner, api_key=api_key)
 
 

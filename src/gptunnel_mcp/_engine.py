@@ -18,7 +18,7 @@ from weakref import WeakValueDictionary
 import anyio
 import httpx
 
-from ._accounts import Account, Accounts, load_fingerprint_secret
+from ._accounts import Account, Accounts, load_server_secret
 from ._catalog import check_options
 from ._client import Balance, GPTunnelClient
 from ._download import download_image, storage_client
@@ -243,6 +243,36 @@ class Engine:
             await events.progress(age, total, f"{state}, about {left:.0f} s left")
         else:
             await events.progress(age, total, f"{state}, taking longer than usual ({age:.0f} s so far)")
+
+    async def advance(self, task_id: str, account: Account) -> tuple[TaskRecord, float]:
+        """Move a task on by at most one upstream poll, when the poll plan says one is due, and
+        say in how many seconds to ask again. For callers that poll us (the MCP tasks
+        extension): the plan, not the caller's pace, decides what GPTunnel sees."""
+        record = await self.lookup(task_id, account.owner)
+        if self._finished(record) or record.cancelled_at is not None:
+            return record, 0.0
+        plan = await self._plan(record)
+        origin = record.submitted_at or record.created_at
+        last = record.last_polled_at
+        due = last is None or _age(origin) >= plan.next_age((last - origin).total_seconds())
+        retry_in: float | None = None
+        if due:
+            try:
+                record = await self._step(task_id, account, record, SILENT, attempts=1)
+            except TransientUpstreamError as exc:
+                logger.info("task %s: transient error (%s)", task_id, exc)
+                retry_in = self.backoff.delay(1, exc.retry_after)
+        age = _age(origin)
+        return record, retry_in if retry_in is not None else max(0.0, plan.next_age(age) - age)
+
+    async def cancel(self, task_id: str, account: Account) -> TaskRecord:
+        """Stop following a task. GPTunnel has no cancel call, so the image may still be made:
+        the task stays in the history and get_result can still fetch it."""
+        record = await self.lookup(task_id, account.owner)
+        if record.cancelled_at is None and not self._finished(record):
+            record.cancelled_at = utcnow()
+            await self.store.put(record)
+        return record
 
     async def generate(
         self, request: ImageRequest, account: Account, events: JobEvents = SILENT, *, new_image: bool = False
@@ -489,7 +519,7 @@ async def open_engine(settings: Settings) -> AsyncIterator[Engine]:
     if removed:
         logger.info("removed %d unfinished download(s) left by an earlier run", removed)
     key = settings.api_key.get_secret_value() if settings.api_key else None
-    secret = load_fingerprint_secret(settings.home) if settings.multi_user else None
+    secret = load_server_secret(settings.home) if settings.multi_user else None
     async with contextlib.AsyncExitStack() as stack:
         base_url = settings.api_base
         if settings.sandbox:

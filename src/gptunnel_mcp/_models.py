@@ -166,6 +166,8 @@ class TaskRecord(BaseModel):
     last_polled_at: datetime | None = None
     #: Seconds from submission until GPTunnel had the image done, as polling measured it.
     duration: float | None = None
+    #: When a follower (an MCP task) was cancelled; the GPTunnel task itself runs on.
+    cancelled_at: datetime | None = None
 
     @property
     def source_url_expires_at(self) -> datetime | None:

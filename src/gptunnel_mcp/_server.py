@@ -10,11 +10,13 @@ from mcp.server import MCPServer
 from mcp.server.lowlevel.server import NotificationOptions
 
 from . import __version__
+from ._accounts import load_server_secret
 from ._engine import Engine, open_engine
 from ._listeners import AccountListeners
 from ._prompts import register_prompts
 from ._resources import register_resources
 from ._settings import Settings
+from ._tasks import TasksExtension
 from ._tools import register_tools
 
 INSTRUCTIONS = """\
@@ -56,6 +58,7 @@ def build_server(settings: Settings, slot: EngineSlot | None = None) -> MCPServe
         instructions=INSTRUCTIONS,
         website_url="https://github.com/gptunnel-mcp/gptunnel-mcp",
         lifespan=lifespan,
+        extensions=[TasksExtension(load_server_secret(settings.home))],
     )
     listeners = AccountListeners()
     listeners.install(server)

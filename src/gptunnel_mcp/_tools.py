@@ -115,9 +115,9 @@ def register_tools(server: MCPServer[Engine], settings: Settings, listeners: Acc
         try:
             request = parse_image_request(settings.default_model, prompt, model, aspect_ratio, images)
             started = await engine.create(request, account_of(ctx), new_image=new_image)
-            return await _result(engine, started.record, reused=started.reused)
+            return await tool_result(engine, started.record, reused=started.reused)
         except GPTunnelMCPError as exc:
-            return _error(exc)
+            return error_result(exc)
 
     @server.tool(
         title="Check an image task",
@@ -132,9 +132,9 @@ def register_tools(server: MCPServer[Engine], settings: Settings, listeners: Acc
         engine = engine_of(ctx)
         try:
             record = await engine.refresh(task_id, account_of(ctx), _ToolEvents(ctx, listeners))
-            return await _result(engine, record)
+            return await tool_result(engine, record)
         except GPTunnelMCPError as exc:
-            return _error(exc)
+            return error_result(exc)
 
     @server.tool(
         title="Generate an image and wait for it",
@@ -158,9 +158,9 @@ def register_tools(server: MCPServer[Engine], settings: Settings, listeners: Acc
             request = parse_image_request(settings.default_model, prompt, model, aspect_ratio, images)
             events = _ToolEvents(ctx, listeners)
             started = await engine.generate(request, account_of(ctx), events, new_image=new_image)
-            return await _result(engine, started.record, reused=started.reused)
+            return await tool_result(engine, started.record, reused=started.reused)
         except GPTunnelMCPError as exc:
-            return _error(exc)
+            return error_result(exc)
 
     @server.tool(
         title="GPTunnel balance",
@@ -173,7 +173,7 @@ def register_tools(server: MCPServer[Engine], settings: Settings, listeners: Acc
         try:
             balance = await engine_of(ctx).balance(account_of(ctx))
         except GPTunnelMCPError as exc:
-            return _error(exc)
+            return error_result(exc)
         result = BalanceResult(
             balance=balance.balance,
             credit_limit=balance.credit_limit,
@@ -191,7 +191,7 @@ class BalanceResult(BaseModel):
     message: str
 
 
-async def _result(engine: Engine, record: TaskRecord, *, reused: bool = False) -> CallToolResult:
+async def tool_result(engine: Engine, record: TaskRecord, *, reused: bool = False) -> CallToolResult:
     result = engine.describe(record, reused=reused)
     content: list[ContentBlock] = []
     if record.status == "done" and record.file is not None:
@@ -216,7 +216,7 @@ async def _result(engine: Engine, record: TaskRecord, *, reused: bool = False) -
     )
 
 
-def _error(exc: GPTunnelMCPError) -> CallToolResult:
+def error_result(exc: GPTunnelMCPError) -> CallToolResult:
     text = str(exc)
     return CallToolResult(content=[TextContent(text=text[:1].upper() + text[1:])], is_error=True)
 

@@ -1,0 +1,169 @@
+"""The MCP tasks extension (`io.modelcontextprotocol/tasks`, 2026-07-28) for generate_and_wait.
+
+A client that declares the extension on its request gets a task handle at once instead of a
+result after the wait, and follows it with `tasks/get` (and may `tasks/cancel`). Any other
+client gets the synchronous call, unchanged.
+
+Each MCP task is a GPTunnel task of the history, so a restart forgets nothing, and any replica
+sharing the home can answer for it. The server keeps no job running for it: a `tasks/get`
+moves the task on by at most one upstream poll, when the poll plan says one is due, and its
+`pollIntervalMs` tells the client when to ask next.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from datetime import datetime
+from typing import Any
+
+from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
+from mcp.server.extension import Extension, MethodBinding
+from mcp.shared.exceptions import MCPError
+from mcp_types import INTERNAL_ERROR, INVALID_PARAMS, CallToolRequestParams, RequestParams
+from pydantic import ConfigDict, Field
+
+from ._accounts import Account
+from ._engine import Engine
+from ._exceptions import GPTunnelMCPError, TaskNotFoundError
+from ._listeners import request_headers
+from ._models import TaskRecord, is_task_id, parse_image_request
+from ._tools import error_result, tool_result
+
+EXTENSION = "io.modelcontextprotocol/tasks"
+TASK_TOOLS = frozenset({"generate_and_wait"})
+RequestContext = ServerRequestContext[Engine, Any]
+
+
+class TaskIdParams(RequestParams):
+    model_config = ConfigDict(populate_by_name=True, extra="allow")
+
+    task_id: str = Field(alias="taskId")
+
+
+class TasksExtension(Extension):
+    identifier = EXTENSION
+
+    def __init__(self, secret: bytes) -> None:
+        #: Keys the task handles: GPTunnel ids are sequential, and a handle must not be guessable.
+        self._secret = secret
+
+    def methods(self) -> list[MethodBinding]:
+        return [
+            MethodBinding("tasks/get", TaskIdParams, self._get),
+            MethodBinding("tasks/update", TaskIdParams, self._update),
+            MethodBinding("tasks/cancel", TaskIdParams, self._cancel),
+        ]
+
+    async def intercept_tool_call(
+        self, params: CallToolRequestParams, ctx: ServerRequestContext[Any, Any], call_next: CallNext
+    ) -> HandlerResult:
+        if params.name not in TASK_TOOLS or not _declares_tasks(ctx):
+            return await call_next(ctx)
+        engine: Engine = ctx.lifespan_context
+        args = params.arguments or {}
+        try:
+            account = engine.accounts.for_headers(request_headers(ctx))
+            request = parse_image_request(
+                engine.settings.default_model,
+                args.get("prompt", ""),
+                args.get("model"),
+                args.get("aspect_ratio"),
+                args.get("images"),
+            )
+            # Created before answering: the spec wants the task to exist when its handle is given.
+            started = await engine.create(request, account, new_image=bool(args.get("new_image", False)))
+        except GPTunnelMCPError as exc:
+            return error_result(exc)
+        return {"resultType": "task", **self._task(engine, started.record, poll_in=1.0)}
+
+    async def _get(self, ctx: RequestContext, params: TaskIdParams) -> dict[str, Any]:
+        engine = ctx.lifespan_context
+        try:
+            record, poll_in = await engine.advance(self._gptunnel_id(params.task_id), self._account(ctx))
+        except TaskNotFoundError:
+            raise _not_found() from None
+        except GPTunnelMCPError as exc:
+            # A failure of this poll, not of the task: the task stays working.
+            raise MCPError(code=INTERNAL_ERROR, message=str(exc)) from None
+        body = self._task(engine, record, poll_in=poll_in)
+        if body["status"] == "completed":
+            result = await tool_result(engine, record)
+            body["result"] = result.model_dump(by_alias=True, mode="json", exclude_none=True)
+        return {"resultType": "complete", **body}
+
+    async def _update(self, ctx: RequestContext, params: TaskIdParams) -> dict[str, Any]:
+        # generate_and_wait never asks the client for input; the ack is all the spec requires.
+        await self._find(ctx, params)
+        return {"resultType": "complete"}
+
+    async def _cancel(self, ctx: RequestContext, params: TaskIdParams) -> dict[str, Any]:
+        try:
+            await ctx.lifespan_context.cancel(self._gptunnel_id(params.task_id), self._account(ctx))
+        except GPTunnelMCPError:
+            raise _not_found() from None
+        return {"resultType": "complete"}
+
+    async def _find(self, ctx: RequestContext, params: TaskIdParams) -> TaskRecord:
+        try:
+            return await ctx.lifespan_context.lookup(
+                self._gptunnel_id(params.task_id), self._account(ctx).owner
+            )
+        except GPTunnelMCPError:
+            raise _not_found() from None
+
+    def _account(self, ctx: RequestContext) -> Account:
+        try:
+            return ctx.lifespan_context.accounts.for_headers(request_headers(ctx))
+        except GPTunnelMCPError:
+            raise _not_found() from None
+
+    # --- handles ---------------------------------------------------------------------------
+
+    def handle(self, gptunnel_id: str) -> str:
+        tag = hmac.new(self._secret, b"mcp-task:" + gptunnel_id.encode(), hashlib.sha256).hexdigest()[:32]
+        return f"{gptunnel_id}-{tag}"
+
+    def _gptunnel_id(self, handle: str) -> str:
+        gptunnel_id = handle.partition("-")[0]
+        if not is_task_id(gptunnel_id) or not hmac.compare_digest(handle, self.handle(gptunnel_id.lower())):
+            raise _not_found()
+        return gptunnel_id.lower()
+
+    def _task(self, engine: Engine, record: TaskRecord, *, poll_in: float) -> dict[str, Any]:
+        status, message = _status(engine, record)
+        task: dict[str, Any] = {
+            "taskId": self.handle(record.task_id),
+            "status": status,
+            "statusMessage": message,
+            "createdAt": _iso(record.created_at),
+            "lastUpdatedAt": _iso(record.updated_at),
+            # The history keeps every task; nothing expires on our side.
+            "ttlMs": None,
+        }
+        if status == "working":
+            task["pollIntervalMs"] = max(250, round(poll_in * 1000))
+        return task
+
+
+def _status(engine: Engine, record: TaskRecord) -> tuple[str, str]:
+    if record.cancelled_at is not None:
+        return "cancelled", "cancelled; the image may still be made: get_result can fetch it"
+    if record.status == "pending":
+        return "working", engine.describe(record).message
+    # A failed generation is a tool result with isError, and so a completed task (spec).
+    return "completed", engine.describe(record).message
+
+
+def _declares_tasks(ctx: ServerRequestContext[Any, Any]) -> bool:
+    capabilities = ctx.session.client_capabilities
+    extensions = getattr(capabilities, "extensions", None) or {}
+    return EXTENSION in extensions
+
+
+def _iso(moment: datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+def _not_found() -> MCPError:
+    return MCPError(code=INVALID_PARAMS, message="Failed to retrieve task: Task not found")

@@ -1,0 +1,192 @@
+"""The MCP tasks extension (io.modelcontextprotocol/tasks) on generate_and_wait, driven by the
+official client with a client-side extension, over stdio and HTTP."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import anyio
+import mcp_types as types
+import pytest
+from mcp.client.extension import ClaimContext, ClientExtension, ResultClaim
+from mcp.shared.exceptions import MCPError
+from mcp_types import CallToolResult, RequestParams, Result
+from pydantic import ConfigDict, Field
+
+from gptunnel_mcp.standin import StandIn
+
+from .conftest import ServerLauncher, structured
+
+pytestmark = pytest.mark.anyio
+EXTENSION = "io.modelcontextprotocol/tasks"
+
+
+class TaskIdParams(RequestParams):
+    model_config = ConfigDict(populate_by_name=True, extra="allow")
+    task_id: str = Field(alias="taskId")
+
+
+class CreateTaskResult(Result):
+    result_type: Literal["task"]
+    task_id: str
+    status: str
+    status_message: str | None = None
+    created_at: str
+    last_updated_at: str
+    ttl_ms: int | None = None
+    poll_interval_ms: int | None = None
+
+
+class GetTaskResult(Result):
+    task_id: str
+    status: str
+    status_message: str | None = None
+    poll_interval_ms: int | None = None
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+
+
+class GetTaskRequest(types.Request[TaskIdParams, Literal["tasks/get"]]):
+    method: Literal["tasks/get"] = "tasks/get"
+    params: TaskIdParams
+    name_param = "taskId"
+
+
+class CancelTaskRequest(types.Request[TaskIdParams, Literal["tasks/cancel"]]):
+    method: Literal["tasks/cancel"] = "tasks/cancel"
+    params: TaskIdParams
+    name_param = "taskId"
+
+
+async def get_task(client: Any, task_id: str) -> GetTaskResult:
+    request = GetTaskRequest(params=TaskIdParams(task_id=task_id))
+    return await client.session.send_request(request, GetTaskResult)  # type: ignore[no-any-return]
+
+
+async def follow(client: Any, created: CreateTaskResult, seen: list[GetTaskResult]) -> GetTaskResult:
+    with anyio.fail_after(30):
+        while True:
+            snapshot = await get_task(client, created.task_id)
+            seen.append(snapshot)
+            if snapshot.status != "working":
+                return snapshot
+            await anyio.sleep((snapshot.poll_interval_ms or 1000) / 1000)
+
+
+class ClientTasks(ClientExtension):
+    """What a tasks-aware client does: follow the handle until the final result."""
+
+    identifier = EXTENSION
+
+    def claims(self) -> tuple[ResultClaim[Any], ...]:
+        async def resolve(created: CreateTaskResult, ctx: ClaimContext) -> CallToolResult:
+            snapshot = await follow(ctx, created, [])
+            assert snapshot.status == "completed", snapshot
+            return CallToolResult.model_validate(snapshot.result, by_name=False)
+
+        return (ResultClaim(result_type="task", model=CreateTaskResult, resolve=resolve),)
+
+
+async def test_a_declaring_client_gets_a_handle_at_once_and_the_same_result_at_the_end(
+    server: ServerLauncher, standin: StandIn
+) -> None:
+    standin.behaviour.generation_seconds = 2
+    async with server.connect(extensions=[ClientTasks()]) as client:
+        with anyio.fail_after(1.5):  # a handle at once, long before the image
+            created = await client.session.call_tool(
+                "generate_and_wait", {"prompt": "a task fox", "aspect_ratio": "16:9"}, allow_claimed=True
+            )
+        assert isinstance(created, CreateTaskResult), created
+        assert created.status == "working" and created.poll_interval_ms
+        assert len(created.task_id) > 40  # unguessable: not just GPTunnel's sequential id
+        (gptunnel_id,) = standin.task_ids()
+        assert created.task_id.startswith(gptunnel_id)
+
+        seen: list[GetTaskResult] = []
+        final = await follow(client, created, seen)
+        assert final.status == "completed"
+        assert any(s.status == "working" for s in seen[:-1])
+        assert all(s.poll_interval_ms and s.poll_interval_ms >= 250 for s in seen if s.status == "working")
+        result = CallToolResult.model_validate(final.result, by_name=False)
+        assert [b.type for b in result.content] == ["image", "resource_link", "text"]
+        data = structured(result)
+        assert data["status"] == "done" and data["task_id"] == gptunnel_id
+        assert data["aspect_ratio"] == "16:9"
+        # Asked again, a finished task answers from the history.
+        calls = standin.stats.result_calls
+        assert (await get_task(client, created.task_id)).status == "completed"
+        assert standin.stats.result_calls == calls
+    assert standin.stats.create_calls == 1
+    # The server, not the client's pace, decides how often GPTunnel is asked.
+    assert standin.stats.result_calls <= len(seen)
+
+
+async def test_the_official_client_resolves_the_task_transparently(server: ServerLauncher) -> None:
+    async with server.connect(extensions=[ClientTasks()]) as client:
+        result = await client.call_tool("generate_and_wait", {"prompt": "transparent"})
+    assert not result.is_error
+    assert structured(result)["status"] == "done"
+
+
+async def test_clients_that_do_not_declare_it_get_the_synchronous_call(
+    server: ServerLauncher, standin: StandIn
+) -> None:
+    async with server.connect() as client:
+        plain = await client.session.call_tool("generate_and_wait", {"prompt": "plain"}, allow_claimed=True)
+    assert isinstance(plain, CallToolResult) and structured(plain)["status"] == "done"
+    async with server.connect("legacy", extensions=[ClientTasks()]) as client:
+        legacy = await client.call_tool("generate_and_wait", {"prompt": "legacy"})
+    assert structured(legacy)["status"] == "done"
+    async with server.connect(extensions=[ClientTasks()]) as client:
+        other_tool = await client.session.call_tool("create_image", {"prompt": "other"}, allow_claimed=True)
+    assert isinstance(other_tool, CallToolResult)
+
+
+async def test_bad_input_is_a_plain_error_not_a_task(server: ServerLauncher, standin: StandIn) -> None:
+    async with server.connect(extensions=[ClientTasks()]) as client:
+        result = await client.session.call_tool(
+            "generate_and_wait", {"prompt": "x", "aspect_ratio": "2:1"}, allow_claimed=True
+        )
+    assert isinstance(result, CallToolResult) and result.is_error
+    assert standin.stats.create_calls == 0
+
+
+async def test_cancel_stops_following_and_the_image_stays_fetchable(
+    server: ServerLauncher, standin: StandIn
+) -> None:
+    standin.behaviour.generation_seconds = 1.5
+    async with server.connect(extensions=[ClientTasks()]) as client:
+        created = await client.session.call_tool(
+            "generate_and_wait", {"prompt": "cancel"}, allow_claimed=True
+        )
+        assert isinstance(created, CreateTaskResult)
+        await client.session.send_request(
+            CancelTaskRequest(params=TaskIdParams(task_id=created.task_id)), types.EmptyResult
+        )
+        assert (await get_task(client, created.task_id)).status == "cancelled"
+        await anyio.sleep(1.6)
+        assert (await get_task(client, created.task_id)).status == "cancelled"  # terminal
+        (gptunnel_id,) = standin.task_ids()
+        done = structured(await client.call_tool("get_result", {"task_id": gptunnel_id}))
+    assert done["status"] == "done"
+    assert standin.stats.create_calls == 1
+
+
+async def test_a_task_survives_a_restart_and_forged_handles_are_not_found(
+    server: ServerLauncher, standin: StandIn
+) -> None:
+    standin.behaviour.generation_seconds = 1.5
+    async with server.connect(extensions=[ClientTasks()]) as client:
+        created = await client.session.call_tool(
+            "generate_and_wait", {"prompt": "restart"}, allow_claimed=True
+        )
+    assert isinstance(created, CreateTaskResult)
+    async with server.connect(extensions=[ClientTasks()]) as client:
+        final = await follow(client, created, [])
+        assert final.status == "completed"
+        gptunnel_id = created.task_id.split("-")[0]
+        for forged in (gptunnel_id, f"{gptunnel_id}-{'0' * 32}", "nonsense", created.task_id[:-1] + "x"):
+            with pytest.raises(MCPError) as info:
+                await get_task(client, forged)
+            assert info.value.error.code == -32602
+    assert standin.stats.create_calls == 1
