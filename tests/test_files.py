@@ -11,7 +11,7 @@ from PIL import Image
 
 from gptunnel_mcp import DownloadError
 from gptunnel_mcp._files import ImageFolder
-from gptunnel_mcp._images import make_preview, sniff_mime
+from gptunnel_mcp._images import make_preview, pixel_size, sniff_mime
 
 
 def png(size: tuple[int, int] = (300, 200), mode: str = "RGB") -> bytes:
@@ -82,3 +82,22 @@ def test_preview_is_bounded_and_keeps_transparency(tmp_path: Path) -> None:
     clear.write_bytes(png((100, 400), mode="RGBA"))
     small = make_preview(clear, 512)
     assert (small.width, small.height, small.mime_type) == (100, 400, "image/png")
+
+
+@pytest.mark.parametrize(
+    ("fmt", "options", "mode"),
+    [
+        ("WEBP", {}, "RGB"),
+        ("WEBP", {}, "RGBA"),
+        ("WEBP", {"lossless": True}, "RGB"),
+        ("PNG", {}, "RGBA"),
+        ("GIF", {}, "RGB"),
+        ("JPEG", {}, "RGB"),
+    ],
+)
+def test_pixel_size_of_every_served_format(
+    tmp_path: Path, fmt: str, options: dict[str, bool], mode: str
+) -> None:
+    path = tmp_path / "image"
+    Image.new(mode, (1234, 567), "red").save(path, format=fmt, **options)
+    assert pixel_size(path) == (1234, 567)

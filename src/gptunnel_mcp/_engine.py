@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -31,9 +32,11 @@ from ._exceptions import (
     TransientUpstreamError,
 )
 from ._files import ImageFolder
+from ._images import Preview, make_preview
 from ._models import (
     ImageRequest,
     ImageResult,
+    StoredFile,
     TaskRecord,
     UpstreamTask,
     file_uri,
@@ -94,6 +97,9 @@ class Engine:
     storage: httpx.AsyncClient
     schedule: PollSchedule = field(default_factory=PollSchedule)
     backoff: Backoff = field(default_factory=Backoff)
+    _preview_slots: anyio.CapacityLimiter = field(
+        default_factory=lambda: anyio.CapacityLimiter(os.cpu_count() or 2), repr=False
+    )
     _create_locks: WeakValueDictionary[tuple[str, str], anyio.Lock] = field(
         default_factory=WeakValueDictionary, repr=False
     )
@@ -359,6 +365,13 @@ class Engine:
             raise TaskNotFoundError(f"task {record.task_id} has no stored image yet; call get_result first.")
         stored = record.file
         return await anyio.to_thread.run_sync(lambda: self.folder.read(stored))
+
+    async def preview(self, stored: StoredFile) -> Preview:
+        """A small copy for inline display. Decoding a full image takes tens of MB, so only as
+        many run at once as there are cores; the rest queue instead of growing memory."""
+        path = self.folder.path(stored)
+        max_px = self.settings.preview_max_px
+        return await anyio.to_thread.run_sync(make_preview, path, max_px, limiter=self._preview_slots)
 
     def describe(self, record: TaskRecord, *, reused: bool = False) -> ImageResult:
         """The tool-facing view of a record, with a sentence telling the agent what to do next."""

@@ -35,7 +35,16 @@ def sniff_mime(head: bytes) -> str | None:
 
 
 def pixel_size(path: Path) -> tuple[int, int]:
-    """Width and height, read from the header only. Raises ValueError if Pillow cannot parse it."""
+    """Width and height. Raises ValueError for a file that is no readable image.
+
+    PNG, GIF and WebP say their size in the first bytes; reading it there spares a decoder
+    (Pillow's WebP reader decodes the image to open it, the dearest step of a download).
+    """
+    with path.open("rb") as file:
+        head = file.read(32)
+    size = _size_from_header(head)
+    if size is not None:
+        return size
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -44,6 +53,26 @@ def pixel_size(path: Path) -> tuple[int, int]:
             return int(width), int(height)
     except (UnidentifiedImageError, OSError) as exc:
         raise ValueError(f"not a readable image: {exc}") from None
+
+
+def _size_from_header(head: bytes) -> tuple[int, int] | None:
+    if len(head) < 30:
+        return None
+    if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR":
+        return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return int.from_bytes(head[6:8], "little"), int.from_bytes(head[8:10], "little")
+    if head[:4] != b"RIFF" or head[8:12] != b"WEBP":
+        return None
+    chunk = head[12:16]
+    if chunk == b"VP8X":  # extended: 24-bit width-1 and height-1
+        return int.from_bytes(head[24:27], "little") + 1, int.from_bytes(head[27:30], "little") + 1
+    if chunk == b"VP8L" and head[20] == 0x2F:  # lossless: 14-bit fields after the signature
+        bits = int.from_bytes(head[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8 " and head[23:26] == b"\x9d\x01\x2a":  # lossy: key frame start code
+        return int.from_bytes(head[26:28], "little") & 0x3FFF, int.from_bytes(head[28:30], "little") & 0x3FFF
+    return None
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 from typing import Annotated, Any
 
-import anyio
 from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
 from mcp_types import CallToolResult, ContentBlock, ImageContent, ResourceLink, TextContent, ToolAnnotations
@@ -14,7 +13,6 @@ from pydantic import BaseModel, Field, WithJsonSchema
 from ._accounts import Account
 from ._engine import Engine, JobEvents
 from ._exceptions import GPTunnelMCPError
-from ._images import make_preview
 from ._listeners import AccountListeners
 from ._models import ASPECT_RATIOS, TASK_ID_PATTERN, ImageResult, TaskRecord, file_uri, parse_image_request
 from ._settings import Settings
@@ -195,8 +193,7 @@ async def tool_result(engine: Engine, record: TaskRecord, *, reused: bool = Fals
     result = engine.describe(record, reused=reused)
     content: list[ContentBlock] = []
     if record.status == "done" and record.file is not None:
-        path = engine.folder.path(record.file)
-        preview = await anyio.to_thread.run_sync(make_preview, path, engine.settings.preview_max_px)
+        preview = await engine.preview(record.file)
         content.append(
             ImageContent(data=base64.b64encode(preview.data).decode("ascii"), mime_type=preview.mime_type)
         )

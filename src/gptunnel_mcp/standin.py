@@ -20,7 +20,8 @@ Every way the real service (or a proxy in front of it) can misbehave is a knob o
 :class:`Behaviour`, which tests change between calls; :class:`Stats` counts what the server saw.
 Knobs that shape a task (generation time, final status, image format and size) are read when the
 task is created, so changing them never rewrites tasks already in flight; the other knobs are read
-on every request.
+on every request. For soak tests, ``fault_rate`` and ``download_fault_rate`` fail a share of
+requests at random (reproducibly with ``StandIn(seed=...)``); ``Stats.faults`` counts them.
 
 Usage in a test::
 
@@ -182,6 +183,8 @@ class Stats:
     auth_headers: list[str] = field(default_factory=list)
     #: Every Authorization header value received on /files: should stay empty, storage needs no key.
     file_auth_headers: list[str] = field(default_factory=list)
+    #: Task id -> result calls that reached the task (for polling benchmarks).
+    result_calls_by_task: dict[str, int] = field(default_factory=dict)
     #: Task id -> time.time() at which it reached its final status (created + planned duration).
     task_done_at: dict[str, float] = field(default_factory=dict)
     #: Transient failures served (by transient_failures or at random), by "endpoint:kind", e.g.
@@ -716,6 +719,8 @@ class StandIn:
             task = self._tasks.get(task_id)
             if task is None:
                 return _code_error(4)
+            by_task = self.stats.result_calls_by_task
+            by_task[task_id] = by_task.get(task_id, 0) + 1
             status, ended = self._status(task, time.time())
         return JSONResponse(self._task_body(task, status, ended, self._base_url(request)))
 
