@@ -316,12 +316,18 @@ class Engine:
             # Record "done upstream" first: if the download fails the link is not lost.
             await self.store.put(record)
             url = upstream.url
-            record.file = await self._retry(
-                lambda: download_image(
-                    self.storage, url, self.folder, task_id, max_bytes=self.settings.max_image_bytes
-                ),
-                attempts=_QUICK_ATTEMPTS,
-            )
+            try:
+                record.file = await self._retry(
+                    lambda: download_image(
+                        self.storage, url, self.folder, task_id, max_bytes=self.settings.max_image_bytes
+                    ),
+                    attempts=_QUICK_ATTEMPTS,
+                )
+            except StorageError as exc:
+                # The agent may never have seen this task's id (generate_and_wait): name it.
+                raise StorageError(
+                    f"{exc}. The task is kept: call get_result with task_id {task_id} to fetch the image."
+                ) from None
             record.status = "done"
             record.updated_at = utcnow()
             await self.store.put(record)

@@ -14,6 +14,11 @@ import secrets
 from pathlib import Path
 from typing import BinaryIO
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
+
 from ._exceptions import DownloadError, StorageError
 from ._images import EXTENSIONS, SNIFF_BYTES, pixel_size, sniff_mime
 from ._models import StoredFile
@@ -39,10 +44,16 @@ class ImageFolder:
             raise StorageError(f"cannot read the stored image {stored.file_name}: {exc.strerror}") from None
 
     def remove_stray_temporaries(self) -> int:
-        """Delete what interrupted downloads left behind. Call at start, before serving."""
+        """Delete what interrupted downloads left behind. Call at start, before serving.
+
+        Another process sharing the folder may be downloading right now: its temporary file is
+        locked (see `PartialFile`) and stays. A killed process's lock dies with it.
+        """
         removed = 0
         for path in self.root.glob(f".*{_TEMP_SUFFIX}"):
             with contextlib.suppress(OSError):
+                if _in_use(path):
+                    continue
                 path.unlink()
                 removed += 1
         return removed
@@ -56,10 +67,29 @@ class ImageFolder:
             raise StorageError(_cannot_write(self.root, exc)) from None
 
 
+def _lock(file: BinaryIO) -> None:
+    """Mark a temporary file as being written. Where there is no fcntl (Windows), an open file
+    cannot be deleted anyway, which protects it the same way."""
+    if fcntl is not None:
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _in_use(path: Path) -> bool:
+    if fcntl is None:
+        return False
+    with path.open("rb") as probe:
+        try:
+            fcntl.flock(probe.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(probe.fileno(), fcntl.LOCK_UN)
+        return False
+
+
 def _cannot_write(where: Path, exc: OSError) -> str:
     return (
         f"cannot write the image into {where} ({exc.strerror}). Free some disk space or set "
-        "GPTUNNEL_MCP_HOME to a writable folder, then call get_result again: the task is kept."
+        "GPTUNNEL_MCP_HOME to a writable folder"
     )
 
 
@@ -71,6 +101,7 @@ class PartialFile:
         self._task_id = task_id
         self._path = path
         self._file: BinaryIO = path.open("xb")
+        _lock(self._file)
         self._sha = hashlib.sha256()
         self._head = b""
         self.size = 0
