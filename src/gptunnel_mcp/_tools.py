@@ -98,7 +98,8 @@ def register_tools(server: MCPServer[Engine], settings: Settings, listeners: Acc
         title="Start an image (returns at once)",
         description="Start generating an image with GPTunnel and return its task_id at once, without "
         "waiting. Then call get_result with the task_id until status is 'done'. Prefer generate_and_wait "
-        "unless you want to do other work meanwhile. Each call creates (and bills) a new image.",
+        "unless you want to do other work meanwhile. A new image is billed; an identical request still "
+        "running or made minutes ago is answered with that task instead (new_image=true for a fresh one).",
         annotations=_SPENDS_MONEY,
     )
     async def create_image(
@@ -139,8 +140,9 @@ def register_tools(server: MCPServer[Engine], settings: Settings, listeners: Acc
         description="Generate an image with GPTunnel and wait for it in one call: returns a preview, the "
         "stored file's path and a resource link to the full image. If the image takes longer than "
         f"the server's wait limit (about {settings.wait_timeout:.0f} s), the result is status 'pending' "
-        "with a task_id: call get_result with it later instead of generating again. "
-        "Each call creates (and bills) a new image.",
+        "with a task_id: call get_result with it later instead of generating again. A new image is "
+        "billed; an identical request still running or made minutes ago is answered with that task "
+        "instead (new_image=true for a fresh one).",
         annotations=_SPENDS_MONEY,
     )
     async def generate_and_wait(
