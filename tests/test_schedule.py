@@ -28,14 +28,15 @@ def ages(plan: PollPlan, until: float) -> list[float]:
     return moments
 
 
-def simulate(plan: PollPlan, finish: float) -> tuple[int, float]:
-    """Result calls and detection delay for a task that is done at `finish` seconds."""
-    calls, age = 0, 0.0
+def simulate(plan: PollPlan, finish: float) -> tuple[int, float, tuple[float | None, float]]:
+    """Result calls, detection delay and the (finished after, finished by) span the server
+    would record, for a task that is done at `finish` seconds."""
+    calls, age, before = 0, 0.0, None
     while True:
-        age = plan.next_age(age)
+        before, age = (age if calls else None), plan.next_age(age)
         calls += 1
         if age >= finish:
-            return calls, age - finish
+            return calls, age - finish, (before, age)
 
 
 def test_without_history_polls_start_short_grow_and_stay_capped() -> None:
@@ -54,9 +55,11 @@ def test_fallback_jitter_stays_within_bounds() -> None:
 
 
 def test_timing_needs_a_few_samples_and_reads_the_range() -> None:
-    assert Timing.from_durations([10.0, 11.0]) is None
-    timing = Timing.from_durations([12.0, 9.0, 10.0, 11.0])
-    assert timing == Timing(low=9.0, expected=10.5, high=12.0)
+    assert Timing.from_spans([(9.0, 10.0), (10.0, 11.0)]) is None
+    timing = Timing.from_spans([(11.0, 12.0), (9.0, 10.0), (10.0, 11.0), (None, 10.0)])
+    # Each span counts by its middle; one first seen done may have finished well before, so
+    # its span starts 20% earlier: (8 + 10) / 2.
+    assert timing == Timing(low=9.0, expected=10.0, high=11.5)
 
 
 def test_learned_plan_waits_quietly_then_polls_closely_across_the_range() -> None:
@@ -78,15 +81,19 @@ def test_a_late_task_is_polled_ever_more_rarely_but_never_beyond_the_cap() -> No
 
 @pytest.mark.parametrize("mean", [10.0, 30.0])
 def test_learned_plan_beats_a_fixed_2s_poller(mean: float) -> None:
-    """The issue's targets, on the plan alone: generation times spread +-15% around the mean."""
+    """The issue's targets on the plan alone, learning as the server does: generation times
+    spread +-15% around the mean, ten tasks of warm-up from no history, then each task's span
+    feeds the next plan."""
     rng = random.Random(3)
-    history = [mean * rng.uniform(0.85, 1.15) for _ in range(10)]
-    plan = PollPlan(Timing.from_durations(history))
+    spans: list[tuple[float | None, float]] = []
     ours, fixed = [], []
-    for _ in range(400):
+    for n in range(410):
         finish = mean * rng.uniform(0.85, 1.15)
-        ours.append(simulate(plan, finish))
-        fixed.append((int(finish // 2) + 1, 2 * (int(finish // 2) + 1) - finish))
+        calls, delay, span = simulate(PollPlan(Timing.from_spans(spans[-10:]), rng=rng), finish)
+        spans.append(span)
+        if n >= 10:
+            ours.append((calls, delay))
+            fixed.append((int(finish // 2) + 1, 2 * (int(finish // 2) + 1) - finish))
     our_calls = statistics.median(c for c, _ in ours)
     base_calls = statistics.median(c for c, _ in fixed)
     our_delay = statistics.median(d for _, d in ours)

@@ -58,7 +58,9 @@ class GPTunnelClient:
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             transport=transport,
             follow_redirects=False,
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+            # httpcore scans every pooled connection on each request: a small pool is cheaper,
+            # and calls to GPTunnel are short (downloads use their own client).
+            limits=httpx.Limits(max_connections=16, max_keepalive_connections=16),
         )
 
     async def aclose(self) -> None:

@@ -211,7 +211,9 @@ class Engine:
                 break
             await anyio.sleep(delay)
             try:
-                record = await self._step(task_id, account, record, events, attempts=1)
+                record = await self._step(
+                    task_id, account, record, events, attempts=1, keep_quiet_polls=False
+                )
                 failures, last_error = 0, None
                 age = _age(origin)
                 delay = max(0.0, plan.next_age(age) - age)
@@ -233,8 +235,8 @@ class Engine:
     async def _plan(self, record: TaskRecord | None) -> PollPlan:
         if record is None or not record.model:
             return PollPlan(fallback=self.schedule)
-        durations = await self.store.durations(record.model, limit=_TIMING_SAMPLES)
-        return PollPlan(Timing.from_durations(durations), fallback=self.schedule)
+        spans = await self.store.durations(record.model, limit=_TIMING_SAMPLES)
+        return PollPlan(Timing.from_spans(spans), fallback=self.schedule)
 
     @staticmethod
     async def _report(events: JobEvents, age: float, timing: Timing | None, state: str) -> None:
@@ -291,8 +293,18 @@ class Engine:
         return Started(record, started.reused)
 
     async def _step(
-        self, task_id: str, account: Account, record: TaskRecord | None, events: JobEvents, *, attempts: int
+        self,
+        task_id: str,
+        account: Account,
+        record: TaskRecord | None,
+        events: JobEvents,
+        *,
+        attempts: int,
+        keep_quiet_polls: bool = True,
     ) -> TaskRecord:
+        """One upstream poll; the download when the image is ready. Every change is recorded; a
+        poll that changed nothing is too, unless `keep_quiet_polls` is off (a wait that holds the
+        record in memory needs no write per poll)."""
         key = _key(account)
         upstream = await self._retry(lambda: self.client.result(task_id, key), attempts=attempts)
         if record is None:
@@ -307,12 +319,13 @@ class Engine:
                 updated_at=now,
             )
         previous_poll, record.last_polled_at = record.last_polled_at, utcnow()
+        status_before = record.upstream_status if previous_poll is not None else None
         _apply(record, upstream)
         if record.upstream_status.lower() == "done" and upstream.url:
             record.source_url = upstream.url
             if record.completed_at is None:
                 record.completed_at = record.last_polled_at
-                record.duration = _duration(record, previous_poll)
+                _time_finish(record, previous_poll)
             # Record "done upstream" first: if the download fails the link is not lost.
             await self.store.put(record)
             url = upstream.url
@@ -334,7 +347,8 @@ class Engine:
             logger.info("task %s stored as %s", task_id, record.file.file_name)
             await events.image_stored(record)
             return record
-        await self.store.put(record)
+        if keep_quiet_polls or record.upstream_status != status_before:
+            await self.store.put(record)
         return record
 
     def _finished(self, record: TaskRecord) -> bool:
@@ -483,16 +497,13 @@ def _age(origin: datetime) -> float:
     return (utcnow() - origin).total_seconds()
 
 
-def _duration(record: TaskRecord, previous_poll: datetime | None) -> float | None:
-    """How long GPTunnel took, as well as polling can tell: the task finished between the last
-    poll that saw it pending and the one that saw it done, so the middle of the two is the
-    estimate with the least bias."""
+def _time_finish(record: TaskRecord, previous_poll: datetime | None) -> None:
+    """Bracket when GPTunnel finished: between the previous poll and this one."""
     if record.submitted_at is None or record.completed_at is None:
-        return None
-    seen = (record.completed_at - record.submitted_at).total_seconds()
-    if previous_poll is None or previous_poll < record.submitted_at:
-        return seen
-    return (seen + (previous_poll - record.submitted_at).total_seconds()) / 2
+        return
+    record.finished_by = (record.completed_at - record.submitted_at).total_seconds()
+    if previous_poll is not None and previous_poll > record.submitted_at:
+        record.finished_after = (previous_poll - record.submitted_at).total_seconds()
 
 
 def _stale(record: TaskRecord) -> bool:

@@ -164,8 +164,10 @@ class TaskRecord(BaseModel):
     #: Local clock when the create request was sent (None for tasks adopted from elsewhere).
     submitted_at: datetime | None = None
     last_polled_at: datetime | None = None
-    #: Seconds from submission until GPTunnel had the image done, as polling measured it.
-    duration: float | None = None
+    #: When GPTunnel finished it, in seconds after submission, as polling can tell: after the
+    #: last poll that saw it pending (None: none did) and by the first that saw it done.
+    finished_after: float | None = None
+    finished_by: float | None = None
     #: When a follower (an MCP task) was cancelled; the GPTunnel task itself runs on.
     cancelled_at: datetime | None = None
 

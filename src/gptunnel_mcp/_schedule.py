@@ -22,7 +22,7 @@ class PollSchedule:
 
     first: float = 1.0
     factor: float = 1.5
-    cap: float = 5.0
+    cap: float = 3.0
     jitter: float = 0.1
 
 
@@ -66,13 +66,20 @@ class Timing:
 
     #: Fewer samples than this teach nothing reliable; the fixed schedule is used instead.
     MIN_SAMPLES = 3
+    #: A task found done at its first poll finished at some unknown time before: assume this
+    #: much earlier, so a plan that starts too late corrects itself within a few tasks.
+    UNSEEN_START = 0.8
 
     @classmethod
-    def from_durations(cls, durations: list[float]) -> Timing | None:
-        if len(durations) < cls.MIN_SAMPLES:
+    def from_spans(cls, spans: list[tuple[float | None, float]]) -> Timing | None:
+        """From (finished after, finished by) pairs: the last poll that saw each task pending,
+        None if none did, and the first that saw it done."""
+        if len(spans) < cls.MIN_SAMPLES:
             return None
-        ordered = sorted(durations)
-        return cls(low=ordered[0], expected=statistics.median(ordered), high=ordered[-1])
+        # The middle of each span is the estimate with the least bias; the bounds themselves
+        # would stretch the range by a whole poll gap at each end.
+        middles = [((after if after is not None else by * cls.UNSEEN_START) + by) / 2 for after, by in spans]
+        return cls(low=min(middles), expected=statistics.median(middles), high=max(middles))
 
 
 @dataclass(frozen=True)

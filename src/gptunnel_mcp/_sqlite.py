@@ -24,13 +24,14 @@ CREATE TABLE IF NOT EXISTS tasks (
     created_at  TEXT NOT NULL,
     request_key TEXT NOT NULL DEFAULT '',
     model       TEXT NOT NULL DEFAULT '',
-    duration    REAL,
+    finished_after REAL,
+    finished_by    REAL,
     record      TEXT NOT NULL,
     PRIMARY KEY (owner, task_id)
 );
 CREATE INDEX IF NOT EXISTS tasks_by_time ON tasks (owner, created_at DESC);
 CREATE INDEX IF NOT EXISTS tasks_by_request ON tasks (owner, request_key, created_at DESC);
-CREATE INDEX IF NOT EXISTS tasks_by_model ON tasks (model, created_at DESC) WHERE duration IS NOT NULL;
+CREATE INDEX IF NOT EXISTS tasks_by_model ON tasks (model, created_at DESC) WHERE finished_by IS NOT NULL;
 """
 
 
@@ -73,16 +74,19 @@ class SQLiteStore:
             _iso(record.created_at),
             record.request_key,
             record.model,
-            record.duration,
+            record.finished_after,
+            record.finished_by,
             record.model_dump_json(),
         )
         await self._run(
             lambda db: db.execute(
                 """INSERT INTO tasks
-                       (task_id, owner, status, created_at, request_key, model, duration, record)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                       (task_id, owner, status, created_at, request_key, model,
+                        finished_after, finished_by, record)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
                    ON CONFLICT (owner, task_id) DO UPDATE SET
-                       status = excluded.status, duration = excluded.duration,
+                       status = excluded.status, finished_after = excluded.finished_after,
+                       finished_by = excluded.finished_by,
                        record = excluded.record
                    WHERE tasks.status != 'done' OR excluded.status = 'done'""",
                 row,
@@ -123,15 +127,15 @@ class SQLiteStore:
         )
         return [datetime.fromisoformat(r[0]) for r in rows]
 
-    async def durations(self, model: str, *, limit: int) -> list[float]:
+    async def durations(self, model: str, *, limit: int) -> list[tuple[float | None, float]]:
         rows = await self._run(
             lambda db: db.execute(
-                "SELECT duration FROM tasks WHERE model = ? AND duration IS NOT NULL "
+                "SELECT finished_after, finished_by FROM tasks WHERE model = ? AND finished_by IS NOT NULL "
                 "ORDER BY created_at DESC LIMIT ?",
                 (model, limit),
             ).fetchall()
         )
-        return [float(r[0]) for r in rows]
+        return [(None if r[0] is None else float(r[0]), float(r[1])) for r in rows]
 
     async def find_reusable(self, owner: str, request_key: str, since: datetime) -> TaskRecord | None:
         row = await self._run(

@@ -29,8 +29,9 @@ class TaskStore(Protocol):
         """Creation times of the owner's tasks from `since` on, oldest first (for the caps)."""
         ...
 
-    async def durations(self, model: str, *, limit: int) -> list[float]:
-        """How long the newest finished tasks of `model` took (any owner: speed is the model's)."""
+    async def durations(self, model: str, *, limit: int) -> list[tuple[float | None, float]]:
+        """When the newest finished tasks of `model` were done, as (finished after, finished by)
+        seconds after submission (any owner: speed is the model's)."""
         ...
 
     async def find_reusable(self, owner: str, request_key: str, since: datetime) -> TaskRecord | None:
