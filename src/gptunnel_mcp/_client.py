@@ -9,9 +9,8 @@ money: a failure after which the request may have reached GPTunnel is reported a
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 from pydantic import AliasChoices, BaseModel, Field, ValidationError
 
 from ._exceptions import (
@@ -27,6 +26,9 @@ from ._exceptions import (
 )
 from ._models import CreatePayload, UpstreamTask
 from ._schedule import parse_retry_after
+
+if TYPE_CHECKING:
+    import httpx
 
 TRANSIENT_CODES = frozenset({1, 6, 500})
 # Statuses by which a proxy or GPTunnel says it did not take the request on.
@@ -52,19 +54,32 @@ class GPTunnelClient:
     def __init__(
         self, base_url: str, *, timeout: float = 30.0, transport: httpx.AsyncBaseTransport | None = None
     ) -> None:
-        self._http = httpx.AsyncClient(
-            base_url=base_url,
-            headers={"User-Agent": _user_agent()},
-            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
-            transport=transport,
-            follow_redirects=False,
-            # httpcore scans every pooled connection on each request: a small pool is cheaper,
-            # and calls to GPTunnel are short (downloads use their own client).
-            limits=httpx.Limits(max_connections=16, max_keepalive_connections=16),
-        )
+        self._base_url = base_url
+        self._timeout = timeout
+        self._transport = transport
+        self._client: httpx.AsyncClient | None = None
+
+    @property
+    def _http(self) -> httpx.AsyncClient:
+        # Made on first use: importing httpx is a tenth of the server's start-up time.
+        if self._client is None:
+            import httpx
+
+            self._client = httpx.AsyncClient(
+                base_url=self._base_url,
+                headers={"User-Agent": _user_agent()},
+                timeout=httpx.Timeout(self._timeout, connect=min(self._timeout, 10.0)),
+                transport=self._transport,
+                follow_redirects=False,
+                # httpcore scans every pooled connection on each request: a small pool is cheaper,
+                # and calls to GPTunnel are short (downloads use their own client).
+                limits=httpx.Limits(max_connections=16, max_keepalive_connections=16),
+            )
+        return self._client
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        if self._client is not None:
+            await self._client.aclose()
 
     async def create(self, payload: CreatePayload, key: str) -> UpstreamTask:
         body = payload.model_dump(exclude_none=True)
@@ -86,6 +101,8 @@ class GPTunnelClient:
     async def _send(
         self, method: str, path: str, key: str, body: dict[str, Any] | None, *, create: bool
     ) -> dict[str, Any]:
+        import httpx
+
         try:
             response = await self._http.request(method, path, json=body, headers={"Authorization": key})
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:

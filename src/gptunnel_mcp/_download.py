@@ -2,48 +2,63 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import anyio
-import httpx
 
 from ._exceptions import DownloadError, TransientUpstreamError
 from ._files import ImageFolder
 from ._models import StoredFile
 from ._schedule import parse_retry_after
 
+if TYPE_CHECKING:
+    import httpx
+
 _CHUNK = 64 * 1024
 
 
-def storage_client(timeout: float) -> httpx.AsyncClient:
-    """An HTTP client for storage links. It carries no API key: the link is on another host,
-    and the key must not travel anywhere but GPTunnel's API."""
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)), follow_redirects=True
-    )
+class ImageDownloader:
+    """Fetches storage links. Its HTTP client carries no API key: the link is on another host,
+    and the key must not travel anywhere but GPTunnel's API. httpx is imported on first use, so
+    that starting the server does not wait for it."""
 
+    def __init__(self, folder: ImageFolder, *, timeout: float, max_bytes: int) -> None:
+        self._folder = folder
+        self._timeout = timeout
+        self._max_bytes = max_bytes
+        self._http: httpx.AsyncClient | None = None
 
-async def download_image(
-    http: httpx.AsyncClient, url: str, folder: ImageFolder, task_id: str, *, max_bytes: int
-) -> StoredFile:
-    """Stream `url` into the folder as the image of `task_id`.
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
 
-    Raises `TransientUpstreamError` where trying again may help, `DownloadError` where it will
-    not (expired link, not an image, too large) and `StorageError` when the disk refuses.
-    """
-    try:
-        async with http.stream("GET", url) as response:
-            _check_status(response)
-            declared = response.headers.get("Content-Length")
-            if declared and declared.isdigit() and int(declared) > max_bytes:
-                raise _too_large(max_bytes)
-            with folder.open_temporary(task_id) as partial:
-                async for chunk in response.aiter_bytes(_CHUNK):
-                    partial.write(chunk)
-                    if partial.size > max_bytes:
-                        raise _too_large(max_bytes)
-                # fsync and the header parse block: keep them off the event loop.
-                return await anyio.to_thread.run_sync(partial.commit)
-    except httpx.HTTPError as exc:
-        raise TransientUpstreamError(f"the image download broke off ({type(exc).__name__})") from None
+    async def download(self, url: str, task_id: str) -> StoredFile:
+        """Stream `url` into the folder as the image of `task_id`.
+
+        Raises `TransientUpstreamError` where trying again may help, `DownloadError` where it
+        will not (expired link, not an image, too large) and `StorageError` when the disk refuses.
+        """
+        import httpx
+
+        if self._http is None:
+            self._http = httpx.AsyncClient(
+                timeout=httpx.Timeout(self._timeout, connect=min(self._timeout, 10.0)), follow_redirects=True
+            )
+        try:
+            async with self._http.stream("GET", url) as response:
+                _check_status(response)
+                declared = response.headers.get("Content-Length")
+                if declared and declared.isdigit() and int(declared) > self._max_bytes:
+                    raise _too_large(self._max_bytes)
+                with self._folder.open_temporary(task_id) as partial:
+                    async for chunk in response.aiter_bytes(_CHUNK):
+                        partial.write(chunk)
+                        if partial.size > self._max_bytes:
+                            raise _too_large(self._max_bytes)
+                    # fsync and the header parse block: keep them off the event loop.
+                    return await anyio.to_thread.run_sync(partial.commit)
+        except httpx.HTTPError as exc:
+            raise TransientUpstreamError(f"the image download broke off ({type(exc).__name__})") from None
 
 
 def _check_status(response: httpx.Response) -> None:

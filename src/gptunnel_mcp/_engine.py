@@ -17,12 +17,11 @@ from typing import Protocol, TypeVar
 from weakref import WeakValueDictionary
 
 import anyio
-import httpx
 
 from ._accounts import Account, Accounts, load_server_secret
 from ._catalog import check_options
 from ._client import Balance, GPTunnelClient
-from ._download import download_image, storage_client
+from ._download import ImageDownloader
 from ._exceptions import (
     ConfigError,
     InputError,
@@ -94,7 +93,7 @@ class Engine:
     client: GPTunnelClient
     #: Who may call, and as whom: one account, or one per GPTunnel key in multi-user mode.
     accounts: Accounts
-    storage: httpx.AsyncClient
+    downloader: ImageDownloader
     schedule: PollSchedule = field(default_factory=PollSchedule)
     backoff: Backoff = field(default_factory=Backoff)
     _preview_slots: anyio.CapacityLimiter = field(
@@ -331,9 +330,7 @@ class Engine:
             url = upstream.url
             try:
                 record.file = await self._retry(
-                    lambda: download_image(
-                        self.storage, url, self.folder, task_id, max_bytes=self.settings.max_image_bytes
-                    ),
+                    lambda: self.downloader.download(url, task_id),
                     attempts=_QUICK_ATTEMPTS,
                 )
             except StorageError as exc:
@@ -556,13 +553,15 @@ async def open_engine(settings: Settings) -> AsyncIterator[Engine]:
             base_url = await stack.enter_async_context(_sandbox())
             key = key or "sandbox"
         client = GPTunnelClient(base_url, timeout=settings.request_timeout)
-        storage = storage_client(settings.request_timeout)
+        downloader = ImageDownloader(
+            folder, timeout=settings.request_timeout, max_bytes=settings.max_image_bytes
+        )
         engine = Engine(
             settings=settings,
             store=store,
             folder=folder,
             client=client,
-            storage=storage,
+            downloader=downloader,
             accounts=Accounts(Account(owner="", api_key=key), secret),
         )
         try:
@@ -570,7 +569,7 @@ async def open_engine(settings: Settings) -> AsyncIterator[Engine]:
         finally:
             with anyio.CancelScope(shield=True):
                 await client.aclose()
-                await storage.aclose()
+                await downloader.aclose()
                 await store.close()
 
 
