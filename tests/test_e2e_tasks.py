@@ -3,9 +3,11 @@ official client with a client-side extension, over stdio and HTTP."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 import anyio
+import httpx
 import mcp_types as types
 import pytest
 from mcp.client.extension import ClaimContext, ClientExtension, ResultClaim
@@ -190,3 +192,43 @@ async def test_a_task_survives_a_restart_and_forged_handles_are_not_found(
                 await get_task(client, forged)
             assert info.value.error.code == -32602
     assert standin.stats.create_calls == 1
+
+
+async def test_a_2025_client_that_declares_tasks_at_the_handshake_still_gets_the_result(
+    standin: StandIn, home: Path, tmp_path: Path
+) -> None:
+    """Some clients (the MCP Inspector among them) declare the extension in their 2025-11-25
+    initialize; that era cannot carry a task result, so the call must stay synchronous."""
+    launcher = ServerLauncher(standin, home, tmp_path, transport="http")
+    headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+    initialize = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": "2025-11-25",
+            "capabilities": {"extensions": {EXTENSION: {}}},
+            "clientInfo": {"name": "tasks-at-handshake", "version": "1"},
+        },
+    }
+    call = {
+        "jsonrpc": "2.0",
+        "id": 2,
+        "method": "tools/call",
+        "params": {"name": "generate_and_wait", "arguments": {"prompt": "handshake"}},
+    }
+    with (tmp_path / "server.log").open("w") as log:
+        async with launcher.http_server(log) as url, httpx.AsyncClient(timeout=30) as http:
+            opened = await http.post(url, json=initialize, headers=headers)
+            session = {
+                **headers,
+                "mcp-session-id": opened.headers["mcp-session-id"],
+                "mcp-protocol-version": "2025-11-25",
+            }
+            await http.post(
+                url, json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=session
+            )
+            answer = await http.post(url, json=call, headers=session)
+    assert answer.status_code == 200
+    assert '"resultType":"task"' not in answer.text.replace(" ", "")
+    assert '"status":"done"' in answer.text.replace(" ", "")

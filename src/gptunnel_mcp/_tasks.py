@@ -21,6 +21,7 @@ from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.extension import Extension, MethodBinding
 from mcp.shared.exceptions import MCPError
 from mcp_types import INTERNAL_ERROR, INVALID_PARAMS, CallToolRequestParams, RequestParams
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import ConfigDict, Field
 
 from ._accounts import Account
@@ -156,6 +157,10 @@ def _status(engine: Engine, record: TaskRecord) -> tuple[str, str]:
 
 
 def _declares_tasks(ctx: ServerRequestContext[Any, Any]) -> bool:
+    # The extension belongs to 2026-07-28: a 2025-11-25 connection cannot carry a task result,
+    # whatever its client declared at the handshake.
+    if ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS:
+        return False
     capabilities = ctx.session.client_capabilities
     extensions = getattr(capabilities, "extensions", None) or {}
     return EXTENSION in extensions
