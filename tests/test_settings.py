@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import platformdirs
 import pytest
 
 from gptunnel_mcp import ConfigError, load_settings
@@ -68,3 +69,19 @@ def test_home_that_cannot_be_made(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("GPTUNNEL_MCP_HOME", str(blocker / "home"))
     with pytest.raises(ConfigError, match="set GPTUNNEL_MCP_HOME to a writable folder"):
         load_settings()
+
+
+def test_the_shells_own_variables_are_never_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Variables are matched case-insensitively: a bare field name would pick up HOME or PORT.
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    for name, value in {"HOST": "example.org", "PORT": "9", "TRANSPORT": "http", "SANDBOX": "1"}.items():
+        monkeypatch.setenv(name, value)
+    settings = load_settings()
+    assert settings.home == platformdirs.user_data_path("gptunnel-mcp", appauthor=False)
+    assert settings.home != tmp_path / "user"
+    assert (settings.host, settings.port, settings.transport, settings.sandbox) == (
+        "127.0.0.1",
+        8000,
+        "stdio",
+        False,
+    )

@@ -7,7 +7,6 @@ from typing import Annotated, Any, Literal
 
 import platformdirs
 from pydantic import (
-    AliasChoices,
     BeforeValidator,
     Field,
     HttpUrl,
@@ -39,6 +38,8 @@ def _default_home() -> Path:
 class Settings(BaseSettings):
     """Everything the server can be told. Field docs double as the README's reference."""
 
+    # Every variable is named in full (validation_alias) and none by its bare field name: matching
+    # is case-insensitive, and HOME, HOST or PORT from the user's shell must never be read.
     model_config = SettingsConfigDict(
         env_prefix="GPTUNNEL_",
         populate_by_name=True,
@@ -54,7 +55,7 @@ class Settings(BaseSettings):
     base_url: HttpUrl = Field(default=HttpUrl(DEFAULT_BASE_URL), description="GPTunnel API base URL.")
     home: Path = Field(
         default_factory=_default_home,
-        validation_alias=AliasChoices("GPTUNNEL_MCP_HOME", "home"),
+        validation_alias="GPTUNNEL_MCP_HOME",
         description="Folder for the history database and the image files.",
     )
     default_model: str = Field(
@@ -77,30 +78,18 @@ class Settings(BaseSettings):
     max_images_per_day: int | None = Field(default=None, ge=0, description="Cap on images created per day.")
 
     # Serving over HTTP (the MCP_ variables are about this server, not about GPTunnel).
-    transport: Literal["stdio", "http"] = Field(
-        default="stdio", validation_alias=AliasChoices("GPTUNNEL_MCP_TRANSPORT", "transport")
-    )
-    host: str = Field(default="127.0.0.1", validation_alias=AliasChoices("GPTUNNEL_MCP_HOST", "host"))
-    port: int = Field(
-        default=8000, ge=0, le=65535, validation_alias=AliasChoices("GPTUNNEL_MCP_PORT", "port")
-    )
-    allowed_hosts: CommaList = Field(
-        default_factory=list, validation_alias=AliasChoices("GPTUNNEL_MCP_ALLOWED_HOSTS", "allowed_hosts")
-    )
-    allowed_origins: CommaList = Field(
-        default_factory=list, validation_alias=AliasChoices("GPTUNNEL_MCP_ALLOWED_ORIGINS", "allowed_origins")
-    )
-    auth_token: SecretStr | None = Field(
-        default=None, validation_alias=AliasChoices("GPTUNNEL_MCP_AUTH_TOKEN", "auth_token")
-    )
+    transport: Literal["stdio", "http"] = Field(default="stdio", validation_alias="GPTUNNEL_MCP_TRANSPORT")
+    host: str = Field(default="127.0.0.1", validation_alias="GPTUNNEL_MCP_HOST")
+    port: int = Field(default=8000, ge=0, le=65535, validation_alias="GPTUNNEL_MCP_PORT")
+    allowed_hosts: CommaList = Field(default_factory=list, validation_alias="GPTUNNEL_MCP_ALLOWED_HOSTS")
+    allowed_origins: CommaList = Field(default_factory=list, validation_alias="GPTUNNEL_MCP_ALLOWED_ORIGINS")
+    auth_token: SecretStr | None = Field(default=None, validation_alias="GPTUNNEL_MCP_AUTH_TOKEN")
     sandbox: bool = Field(
         default=False,
-        validation_alias=AliasChoices("GPTUNNEL_SANDBOX", "sandbox"),
+        validation_alias="GPTUNNEL_SANDBOX",
         description="Serve against a built-in stand-in GPTunnel: no key, no network, no cost.",
     )
-    multi_user: bool = Field(
-        default=False, validation_alias=AliasChoices("GPTUNNEL_MCP_MULTI_USER", "multi_user")
-    )
+    multi_user: bool = Field(default=False, validation_alias="GPTUNNEL_MCP_MULTI_USER")
 
     @field_validator("base_url")
     @classmethod
