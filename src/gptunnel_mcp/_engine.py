@@ -24,6 +24,7 @@ from ._client import Balance, GPTunnelClient
 from ._download import ImageDownloader
 from ._exceptions import (
     ConfigError,
+    DownloadError,
     InputError,
     QuotaExceededError,
     StorageError,
@@ -338,6 +339,14 @@ class Engine:
                 raise StorageError(
                     f"{exc}. The task is kept: call get_result with task_id {task_id} to fetch the image."
                 ) from None
+            except DownloadError:
+                if not _stale(record):
+                    raise
+                # Past GPTunnel's 48 hours the link will never work again: say so once, for good.
+                record.status = "failed"
+                record.error = "the image's link expired (48 hours) before it could be downloaded"
+                await self.store.put(record)
+                return record
             record.status = "done"
             record.updated_at = utcnow()
             await self.store.put(record)
