@@ -104,41 +104,9 @@ class ServerLauncher:
     async def http_server(self, errlog: IO[str], **env: str | None) -> AsyncIterator[str]:
         """A server process on a free loopback port; yields its MCP URL once /healthz answers."""
         port = free_port()
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gptunnel_mcp",
-                "--transport",
-                "http",
-                "--port",
-                str(port),
-                "--log-level",
-                "DEBUG",
-            ],
-            env=self.env(**env),
-            stdin=subprocess.DEVNULL,
-            stdout=errlog,
-            stderr=errlog,
-        )
-        base = f"http://127.0.0.1:{port}"
-        try:
-            with anyio.fail_after(20):
-                while True:
-                    if process.poll() is not None:
-                        raise RuntimeError(f"server exited with {process.returncode}")
-                    with contextlib.suppress(httpx.HTTPError):
-                        if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                            break
-                    await anyio.sleep(0.1)
-            yield f"{base}/mcp"
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        command = [sys.executable, "-m", "gptunnel_mcp", "--transport", "http", "--port", str(port)]
+        async with running_server([*command, "--log-level", "DEBUG"], self.env(**env), errlog, port):
+            yield f"http://127.0.0.1:{port}/mcp"
 
     def stderr(self) -> str:
         return "".join(p.read_text() for p in self.logs if p.exists())
@@ -149,6 +117,33 @@ def server(request: pytest.FixtureRequest, standin: StandIn, home: Path) -> Iter
     """The server as clients meet it, once per transport: every test using it runs over both."""
     with tempfile.TemporaryDirectory() as logs:
         yield ServerLauncher(standin, home, Path(logs), transport=request.param)
+
+
+@contextlib.asynccontextmanager
+async def running_server(
+    command: list[str], env: dict[str, str], log: IO[Any], port: int
+) -> AsyncIterator[subprocess.Popen[bytes]]:
+    """Runs `command` (a server process); yields it once GET /healthz on `port` answers 200, and
+    stops it (terminate, then kill) on the way out."""
+    process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    try:
+        with anyio.fail_after(20):
+            while True:
+                if process.poll() is not None:
+                    raise RuntimeError(f"server exited with {process.returncode}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                        break
+                await anyio.sleep(0.05)
+        yield process
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
 
 
 def free_port() -> int:

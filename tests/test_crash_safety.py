@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import httpx
 import pytest
 from mcp import Client, MCPError
 from mcp.client.streamable_http import streamable_http_client
@@ -33,7 +32,7 @@ from PIL import Image
 
 from gptunnel_mcp.standin import StandIn
 
-from .conftest import ServerLauncher, free_port, http_client, structured, text_of
+from .conftest import ServerLauncher, free_port, http_client, running_server, structured, text_of
 
 pytestmark = pytest.mark.anyio
 
@@ -97,29 +96,10 @@ class Servers:
             script = f"trap '' XFSZ; ulimit -f {file_limit_blocks}; exec \"$@\""
             command = ["bash", "-c", script, "bash", *command]
         with log.open("wb") as out:
-            process = subprocess.Popen(
-                command, env=self.launcher.env(**env), stdin=subprocess.DEVNULL, stdout=out, stderr=out
-            )
-        server = ServerProcess(process, f"http://127.0.0.1:{port}/mcp", log)
-        self.started.append(server)
-        try:
-            with anyio.fail_after(20):
-                while True:
-                    if process.poll() is not None:
-                        raise RuntimeError(f"server exited with {process.returncode}:\n{server.log_text()}")
-                    with contextlib.suppress(httpx.HTTPError):
-                        if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                            break
-                    await anyio.sleep(0.05)
-            yield server
-        finally:
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait(timeout=10)
+            async with running_server(command, self.launcher.env(**env), out, port) as process:
+                server = ServerProcess(process, f"http://127.0.0.1:{port}/mcp", log)
+                self.started.append(server)
+                yield server
 
     def logs(self) -> str:
         return "\n".join(f"--- {s.log.name}\n{s.log_text()}" for s in self.started)

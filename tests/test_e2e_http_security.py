@@ -36,7 +36,7 @@ from mcp_types import BlobResourceContents, ResourceTemplateReference, TextResou
 import gptunnel_mcp
 from gptunnel_mcp.standin import Behaviour, StandIn, Stats
 
-from .conftest import API_KEY, ServerLauncher, free_port, http_client, structured, text_of
+from .conftest import API_KEY, ServerLauncher, free_port, http_client, running_server, structured, text_of
 
 pytestmark = pytest.mark.anyio
 
@@ -324,48 +324,28 @@ def test_public_bind_without_auth_refuses_to_start(launcher: ServerLauncher, how
 async def test_public_bind_with_a_token_starts(launcher: ServerLauncher, tmp_path: Path) -> None:
     port = free_port()
     log = tmp_path / "public.log"
+    command = [
+        sys.executable,
+        "-m",
+        "gptunnel_mcp",
+        "--transport",
+        "http",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(port),
+    ]
+    env = launcher.env(GPTUNNEL_MCP_AUTH_TOKEN=AUTH_TOKEN)
     with log.open("w") as errlog:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gptunnel_mcp",
-                "--transport",
-                "http",
-                "--host",
-                "0.0.0.0",
-                "--port",
-                str(port),
-            ],
-            env=launcher.env(GPTUNNEL_MCP_AUTH_TOKEN=AUTH_TOKEN),
-            stdin=subprocess.DEVNULL,
-            stdout=errlog,
-            stderr=errlog,
-        )
-        try:
+        async with running_server(command, env, errlog, port):
             base = f"http://127.0.0.1:{port}"
-            health: httpx.Response | None = None
-            with anyio.fail_after(20):
-                while health is None:
-                    assert process.poll() is None, (
-                        f"server exited with {process.returncode}: {log.read_text()}"
-                    )
-                    with contextlib.suppress(httpx.HTTPError):
-                        async with httpx.AsyncClient(timeout=1) as raw:
-                            health = await raw.get(f"{base}/healthz")
-                    await anyio.sleep(0.1)
+            async with httpx.AsyncClient(timeout=5) as raw:
+                health = await raw.get(f"{base}/healthz")
             assert health.status_code == 200 and health.json()["auth"] is True
             assert_unauthorized(await post_initialize(f"{base}/mcp"), "invalid_request")
             assert_initialized(
                 await post_initialize(f"{base}/mcp", {"Authorization": f"Bearer {AUTH_TOKEN}"})
             )
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
     assert AUTH_TOKEN not in log.read_text()
 
 
