@@ -14,9 +14,7 @@ import argparse
 import asyncio
 import contextlib
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import textwrap
@@ -32,6 +30,7 @@ from mcp import Client, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
 
+import _server  # bench/ is not a package: found next to this script
 from gptunnel_mcp._images import make_preview
 from gptunnel_mcp.standin import Behaviour, StandIn
 
@@ -44,52 +43,12 @@ WAVE = 10
 # --- processes -------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextlib.asynccontextmanager
 async def http_server(standin: StandIn, home: Path, **env: str) -> AsyncIterator[tuple[str, int]]:
-    """One `gptunnel-mcp --transport http` process; yields its MCP URL and pid."""
-    port = free_port()
-    environment = {
-        "PATH": os.environ.get("PATH", ""),
-        "GPTUNNEL_API_KEY": KEY,
-        "GPTUNNEL_BASE_URL": standin.url,
-        "GPTUNNEL_MCP_HOME": str(home),
-        "GPTUNNEL_WAIT_TIMEOUT": "120",
-        **env,
-    }
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gptunnel_mcp",
-            "--transport",
-            "http",
-            "--port",
-            str(port),
-            "--log-level",
-            "WARNING",
-        ],
-        env=environment,
-        stdin=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(200):
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            await asyncio.sleep(0.1)
-        else:
-            raise RuntimeError("the server did not start")
-        yield f"{base}/mcp", process.pid
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
+    """One server process, quiet; yields its MCP URL and pid."""
+    env = {"GPTUNNEL_WAIT_TIMEOUT": "120", **env}
+    async with _server.http_server(standin, home, KEY, log_level="WARNING", **env) as (url, process):
+        yield url, process.pid
 
 
 @contextlib.asynccontextmanager

@@ -29,11 +29,9 @@ import argparse
 import contextlib
 import functools
 import hashlib
-import os
 import re
 import secrets
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,12 +42,12 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import httpx
 import httpx2
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp_types import CallToolResult
 
+from _server import http_server  # bench/ is not a package: found next to this script
 from gptunnel_mcp.standin import Behaviour, StandIn
 
 API_KEY = "sk-gptunnel-SOAK-4b1d"
@@ -244,51 +242,15 @@ def classify_error(text: str) -> str:
     return "other"
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextlib.asynccontextmanager
 async def _server(standin: StandIn, home: Path, log: Path, wait_timeout: float) -> AsyncIterator[str]:
-    """`python -m gptunnel_mcp --transport http` on a free port; yields its MCP URL once healthy."""
-    port = _free_port()
-    env = {
-        "PATH": os.environ.get("PATH", ""),
-        "GPTUNNEL_API_KEY": API_KEY,
-        "GPTUNNEL_BASE_URL": standin.url,
-        "GPTUNNEL_MCP_HOME": str(home),
-        "GPTUNNEL_WAIT_TIMEOUT": str(wait_timeout),
-    }
-    command = [sys.executable, "-m", "gptunnel_mcp", "--transport", "http", "--port", str(port)]
+    """The server on a free port, logging at INFO into `log`; yields its MCP URL once healthy."""
     with log.open("wb") as out:
-        process = subprocess.Popen(
-            [*command, "--log-level", "INFO"], env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out
-        )
-    try:
-        with anyio.fail_after(30):
-            async with httpx.AsyncClient(timeout=1) as probe:
-                while True:
-                    if process.poll() is not None:
-                        raise RuntimeError(f"the server exited with {process.returncode}: see {log}")
-                    with contextlib.suppress(httpx.HTTPError):
-                        if (await probe.get(f"http://127.0.0.1:{port}/healthz")).status_code == 200:
-                            break
-                    await anyio.sleep(0.05)
-        yield f"http://127.0.0.1:{port}/mcp"
-        if process.poll() is not None:
-            raise RuntimeError(f"the server died during the run (exit {process.returncode}): see {log}")
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
+        env = {"GPTUNNEL_WAIT_TIMEOUT": str(wait_timeout)}
+        async with http_server(standin, home, API_KEY, log=out, **env) as (url, process):
+            yield url
+            if process.poll() is not None:
+                raise RuntimeError(f"the server died during the run (exit {process.returncode}): see {log}")
 
 
 def _text(result: CallToolResult) -> str:
