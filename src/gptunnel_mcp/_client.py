@@ -71,9 +71,9 @@ class GPTunnelClient:
                 timeout=httpx.Timeout(self._timeout, connect=min(self._timeout, 10.0)),
                 transport=self._transport,
                 follow_redirects=False,
-                # httpcore scans every pooled connection on each request: a small pool is cheaper,
-                # and calls to GPTunnel are short (downloads use their own client).
-                limits=httpx.Limits(max_connections=16, max_keepalive_connections=16),
+                # Enough connections that concurrent jobs rarely queue: httpcore re-scans its queue
+                # of waiting requests on every release, which costs more than extra sockets.
+                limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
             )
         return self._client
 

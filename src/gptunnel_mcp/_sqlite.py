@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-import threading
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -41,7 +40,9 @@ def _iso(moment: datetime) -> str:
 
 
 class SQLiteStore:
-    """`TaskStore` on SQLite. Calls run in worker threads; one connection, one lock."""
+    """`TaskStore` on SQLite. Calls run in a worker thread, one at a time on one connection: a
+    single slot, rather than a lock, so that waiting callers hold no thread (threads cost memory
+    under load, and SQLite serialises writers anyway)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -54,17 +55,16 @@ class SQLiteStore:
             raise StorageError(
                 f"cannot open the history database {path} ({exc}); set GPTUNNEL_MCP_HOME to a writable folder"
             ) from None
-        self._lock = threading.Lock()
+        self._slot = anyio.CapacityLimiter(1)
 
     async def _run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-        def locked() -> _T:
-            with self._lock:
-                try:
-                    return fn(self._db)
-                except sqlite3.Error as exc:
-                    raise StorageError(f"the history database failed: {exc}") from None
+        def call() -> _T:
+            try:
+                return fn(self._db)
+            except sqlite3.Error as exc:
+                raise StorageError(f"the history database failed: {exc}") from None
 
-        return await anyio.to_thread.run_sync(locked)
+        return await anyio.to_thread.run_sync(call, limiter=self._slot)
 
     async def put(self, record: TaskRecord) -> None:
         row = (
