@@ -254,7 +254,8 @@ def _finish(engine: Engine, record: TaskRecord, out: Path | None) -> int:
 
 
 async def _history(engine: Engine, limit: int, *, as_json: bool) -> int:
-    total, records = await engine.history(engine.accounts.default.owner, limit=max(1, limit))
+    owner = engine.accounts.default.owner
+    total, records = await engine.count(owner), await engine.history(owner, limit=max(1, limit))
     if as_json:
         print(json.dumps([engine.describe(r).model_dump(mode="json") for r in records], indent=2))
         return EXIT_OK
@@ -284,7 +285,7 @@ async def _doctor(engine: Engine) -> int:
     try:
         probe.write_bytes(b"ok")
         probe.unlink()
-        total, _ = await engine.history(engine.accounts.default.owner, limit=1)
+        total = await engine.count(engine.accounts.default.owner)
         report(True, f"data folder {settings.home} is writable; history has {total} task(s)")
     except (OSError, GPTunnelMCPError) as exc:
         report(False, f"data folder {settings.home}: {exc}; set GPTUNNEL_MCP_HOME to a writable folder")

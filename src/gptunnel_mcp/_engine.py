@@ -383,8 +383,12 @@ class Engine:
             )
         return record
 
-    async def history(self, owner: str, *, limit: int = 50, offset: int = 0) -> tuple[int, list[TaskRecord]]:
-        return await self.store.count(owner), await self.store.recent(owner, limit=limit, offset=offset)
+    async def history(self, owner: str, *, limit: int = 50, offset: int = 0) -> list[TaskRecord]:
+        """The owner's tasks, newest first."""
+        return await self.store.recent(owner, limit=limit, offset=offset)
+
+    async def count(self, owner: str) -> int:
+        return await self.store.count(owner)
 
     async def image_bytes(self, record: TaskRecord) -> bytes:
         if record.file is None or not self._finished(record):

@@ -10,32 +10,21 @@ from __future__ import annotations
 class GPTunnelMCPError(Exception):
     """Base of every error this package raises on purpose."""
 
-    #: "input", "config", "upstream", "storage": lets front ends group errors without isinstance chains.
-    kind = "error"
-
 
 class ConfigError(GPTunnelMCPError):
     """The server's configuration is unusable (a bad environment variable, no API key, ...)."""
-
-    kind = "config"
 
 
 class InputError(GPTunnelMCPError):
     """A tool argument is invalid. Raised before any request reaches GPTunnel."""
 
-    kind = "input"
-
 
 class QuotaExceededError(GPTunnelMCPError):
     """A configured cap on images per hour or day is reached. Raised before any upstream call."""
 
-    kind = "quota"
-
 
 class TaskNotFoundError(GPTunnelMCPError):
     """No task with this id, neither in the history nor upstream."""
-
-    kind = "not_found"
 
 
 class UpstreamError(GPTunnelMCPError):
@@ -45,7 +34,6 @@ class UpstreamError(GPTunnelMCPError):
     request may succeed later.
     """
 
-    kind = "upstream"
     retryable = False
 
     def __init__(self, message: str, *, code: int | None = None) -> None:
@@ -90,10 +78,6 @@ class UnknownCreateOutcomeError(UpstreamError):
 class DownloadError(GPTunnelMCPError):
     """The finished image could not be downloaded or is not an image."""
 
-    kind = "download"
-
 
 class StorageError(GPTunnelMCPError):
     """The history or an image file could not be written or read."""
-
-    kind = "storage"

@@ -78,7 +78,7 @@ async def _complete(ctx: RequestContext, params: CompleteRequestParams) -> Compl
     if not is_ours or params.argument.name != "task_id":
         return CompleteResult(completion=Completion(values=[], total=0, has_more=False))
     typed = params.argument.value.lower()
-    _, records = await ctx.lifespan_context.history(_owner(ctx), limit=HISTORY_LIMIT)
+    records = await ctx.lifespan_context.history(_owner(ctx), limit=HISTORY_LIMIT)
     ids = [r.task_id for r in records if r.task_id.startswith(typed)]
     # The protocol caps a completion at 100 values.
     return CompleteResult(completion=Completion(values=ids[:100], total=len(ids), has_more=len(ids) > 100))
@@ -87,7 +87,7 @@ async def _complete(ctx: RequestContext, params: CompleteRequestParams) -> Compl
 async def _list_resources(ctx: RequestContext, params: PaginatedRequestParams) -> ListResourcesResult:
     engine = ctx.lifespan_context
     offset = _offset(params.cursor)
-    _, records = await engine.history(_owner(ctx), limit=PAGE_SIZE + 1, offset=offset)
+    records = await engine.history(_owner(ctx), limit=PAGE_SIZE + 1, offset=offset)
     resources = [_history_resource(), _MODELS_RESOURCE] if offset == 0 else []
     resources += [_file_resource(r) for r in records[:PAGE_SIZE] if r.status == "done" and r.file]
     more = len(records) > PAGE_SIZE
@@ -125,7 +125,7 @@ async def _read_resource(ctx: RequestContext, params: ReadResourceRequestParams)
 
 
 async def _history(engine: Engine, owner: str) -> dict[str, Any]:
-    total, records = await engine.history(owner, limit=HISTORY_LIMIT)
+    total, records = await engine.count(owner), await engine.history(owner, limit=HISTORY_LIMIT)
     page = HistoryPage(
         total=total,
         shown=len(records),

@@ -150,10 +150,8 @@ class TasksExtension(Extension):
 def _status(engine: Engine, record: TaskRecord) -> tuple[str, str]:
     if record.cancelled_at is not None:
         return "cancelled", "cancelled; the image may still be made: get_result can fetch it"
-    if record.status == "pending":
-        return "working", engine.describe(record).message
     # A failed generation is a tool result with isError, and so a completed task (spec).
-    return "completed", engine.describe(record).message
+    return ("working" if record.status == "pending" else "completed"), engine.describe(record).message
 
 
 def _declares_tasks(ctx: ServerRequestContext[Any, Any]) -> bool:
