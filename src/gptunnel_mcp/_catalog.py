@@ -9,7 +9,7 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 
 from ._exceptions import InputError
-from ._models import ImageRequest
+from ._request import ImageRequest
 
 _STANDARD_RATIOS = ["1:1", "16:9", "9:16", "4:3", "3:4"]
 
@@ -83,12 +83,16 @@ def check_options(request: ImageRequest) -> None:
     if request.aspect_ratio is not None and request.aspect_ratio not in info.aspect_ratios:
         takes = f"takes {', '.join(info.aspect_ratios)}" if info.aspect_ratios else "takes no aspect_ratio"
         raise InputError(
-            f"model {info.id} {takes}; got aspect_ratio {request.aspect_ratio}. Choose one of those, "
-            "omit it, or pick another model (see resource gptunnel://models). Nothing was sent to GPTunnel."
+            f"model {info.id} {takes}; got {request.aspect_ratio}. Choose one of those, leave it out, "
+            "or pick another model. Nothing was sent to GPTunnel.",
+            argument="aspect_ratio",
+            model=info.id,
         )
     if request.images and not info.reference_images:
         with_images = ", ".join(m.id for m in MODELS if m.reference_images)
         raise InputError(
             f"model {info.id} takes no reference images; models that do: {with_images}. "
-            "Nothing was sent to GPTunnel."
+            "Nothing was sent to GPTunnel.",
+            argument="images",
+            model=info.id,
         )

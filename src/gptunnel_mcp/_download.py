@@ -8,11 +8,11 @@ import anyio
 
 from ._exceptions import DownloadError, TransientUpstreamError
 from ._files import ImageFolder
-from ._models import StoredFile
+from ._records import StoredFile
 from ._schedule import parse_retry_after
 
 if TYPE_CHECKING:
-    import httpx
+    from ._httpx import httpx
 
 _CHUNK = 64 * 1024
 
@@ -22,8 +22,16 @@ class ImageDownloader:
     and the key must not travel anywhere but GPTunnel's API. httpx is imported on first use, so
     that starting the server does not wait for it."""
 
-    def __init__(self, folder: ImageFolder, *, timeout: float, max_bytes: int) -> None:
+    def __init__(
+        self,
+        folder: ImageFolder,
+        *,
+        timeout: float,
+        max_bytes: int,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
         self._folder = folder
+        self._transport = transport
         self._timeout = timeout
         self._max_bytes = max_bytes
         self._http: httpx.AsyncClient | None = None
@@ -38,11 +46,13 @@ class ImageDownloader:
         Raises `TransientUpstreamError` where trying again may help, `DownloadError` where it
         will not (expired link, not an image, too large) and `StorageError` when the disk refuses.
         """
-        import httpx
+        from ._httpx import httpx
 
         if self._http is None:
             self._http = httpx.AsyncClient(
-                timeout=httpx.Timeout(self._timeout, connect=min(self._timeout, 10.0)), follow_redirects=True
+                timeout=httpx.Timeout(self._timeout, connect=min(self._timeout, 10.0)),
+                follow_redirects=True,
+                transport=self._transport,
             )
         try:
             async with self._http.stream("GET", url) as response:

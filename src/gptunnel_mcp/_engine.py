@@ -1,16 +1,17 @@
-"""The job engine: create a task, poll it, download its image, and record every step.
+"""The job engine: the life of one GPTunnel task. Create it (or reuse an identical one, within
+the caps), poll it, download its image, record every step, retry what may be retried.
 
 Every front end (MCP tools and resources, terminal commands) goes through `Engine`; none of
-them talks to GPTunnel, the database or the images folder directly.
+them talks to GPTunnel, the database or the images folder directly. The engine answers in
+records and exceptions that carry facts; the words for each audience are the front ends'.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Protocol, TypeVar
@@ -18,14 +19,13 @@ from weakref import WeakValueDictionary
 
 import anyio
 
-from ._accounts import Account, Accounts, load_server_secret
+from ._accounts import Account, Accounts
 from ._catalog import check_options
-from ._client import Balance, GPTunnelClient
 from ._download import ImageDownloader
 from ._exceptions import (
-    ConfigError,
     DownloadError,
-    InputError,
+    ImageNotReadyError,
+    MissingKeyError,
     QuotaExceededError,
     StorageError,
     TaskNotFoundError,
@@ -33,20 +33,12 @@ from ._exceptions import (
 )
 from ._files import ImageFolder
 from ._images import Preview, make_preview
-from ._models import (
-    ImageRequest,
-    ImageResult,
-    StoredFile,
-    TaskRecord,
-    UpstreamTask,
-    file_uri,
-    is_task_id,
-    utcnow,
-)
+from ._records import StoredFile, TaskRecord, check_task_id, utcnow
+from ._request import ImageRequest
 from ._schedule import Backoff, PollPlan, PollSchedule, Timing
 from ._settings import Settings
-from ._sqlite import SQLiteStore
 from ._store import TaskStore
+from ._upstream import Balance, GPTunnelClient, UpstreamTask
 
 logger = logging.getLogger("gptunnel_mcp")
 _T = TypeVar("_T")
@@ -79,8 +71,9 @@ SILENT: JobEvents = _Silent()
 
 
 @dataclass(frozen=True)
-class Started:
-    """A task a create call answered with; `reused` when it was an earlier identical one."""
+class Outcome:
+    """The task a request was answered with, in its latest known state; `reused` when it is an
+    earlier identical request's task rather than a new one."""
 
     record: TaskRecord
     reused: bool
@@ -106,7 +99,7 @@ class Engine:
 
     # --- starting a task -------------------------------------------------------------------
 
-    async def create(self, request: ImageRequest, account: Account, *, new_image: bool = False) -> Started:
+    async def create(self, request: ImageRequest, account: Account, *, new_image: bool = False) -> Outcome:
         """Start a task upstream and record it before returning, unless an identical request is
         still running or finished moments ago: agents retry calls their client cut off, and
         paying twice for one image is the costliest mistake this server could make."""
@@ -119,9 +112,9 @@ class Engine:
                 earlier = await self._reusable(account.owner, request_key)
                 if earlier is not None:
                     logger.info("reusing task %s for an identical request", earlier.task_id)
-                    return Started(earlier, reused=True)
+                    return Outcome(earlier, reused=True)
             await self._check_caps(account.owner)
-            return Started(await self._create(request, request_key, account, key), reused=False)
+            return Outcome(await self._create(request, request_key, account, key), reused=False)
 
     async def _reusable(self, owner: str, request_key: str) -> TaskRecord | None:
         window = self.settings.reuse_window
@@ -143,20 +136,14 @@ class Engine:
             recent = await self.store.created_since(owner, now - span)
             if len(recent) >= cap:
                 frees = recent[len(recent) - cap] + span
-                raise QuotaExceededError(
-                    f"the cap of {cap} images per {unit} ({name}) is reached: {len(recent)} made in the "
-                    f"last {unit}. The next can be made at {frees:%Y-%m-%d %H:%M:%S} UTC. "
-                    "Nothing was sent to GPTunnel."
-                )
+                raise QuotaExceededError(cap=cap, unit=unit, setting=name, made=len(recent), frees_at=frees)
 
     async def _create(
         self, request: ImageRequest, request_key: str, account: Account, key: str
     ) -> TaskRecord:
         submitted = utcnow()
         # Only failures that prove the request was not taken on are retried (see `_client`).
-        upstream = await self._retry(
-            lambda: self.client.create(request.payload(), key), attempts=_QUICK_ATTEMPTS
-        )
+        upstream = await self._retry(lambda: self.client.create(request, key), attempts=_QUICK_ATTEMPTS)
         now = utcnow()
         record = TaskRecord(
             task_id=upstream.id.lower(),
@@ -175,8 +162,7 @@ class Engine:
             await self.store.put(record)
         except StorageError as exc:
             raise StorageError(
-                f"GPTunnel started task {record.task_id}, but it could not be recorded ({exc}). "
-                f"Fix the data folder, then call get_result with task_id {record.task_id}."
+                f"GPTunnel started it, but it could not be recorded ({exc.reason})", task_id=record.task_id
             ) from None
         logger.info("created task %s (model %s)", record.task_id, record.model)
         return record
@@ -284,13 +270,13 @@ class Engine:
 
     async def generate(
         self, request: ImageRequest, account: Account, events: JobEvents = SILENT, *, new_image: bool = False
-    ) -> Started:
+    ) -> Outcome:
         started = await self.create(request, account, new_image=new_image)
         record = started.record
         what = "an identical earlier task reused" if started.reused else "created"
         await events.progress(0.0, None, f"task {record.task_id} {what}, {record.upstream_status}")
         record = await self.wait(record.task_id, account, events, poll_now=started.reused)
-        return Started(record, started.reused)
+        return Outcome(record, started.reused)
 
     async def _step(
         self,
@@ -335,10 +321,8 @@ class Engine:
                     attempts=_QUICK_ATTEMPTS,
                 )
             except StorageError as exc:
-                # The agent may never have seen this task's id (generate_and_wait): name it.
-                raise StorageError(
-                    f"{exc}. The task is kept: call get_result with task_id {task_id} to fetch the image."
-                ) from None
+                # The caller may never have seen this task's id (generate_and_wait): name it.
+                raise StorageError(exc.reason, task_id=task_id) from None
             except DownloadError:
                 if not _stale(record):
                     raise
@@ -378,9 +362,7 @@ class Engine:
     async def lookup(self, task_id: str, owner: str) -> TaskRecord:
         record = await self.lookup_or_none(task_id, owner)
         if record is None:
-            raise TaskNotFoundError(
-                f"no task {task_id} in the history. List known tasks with the resource gptunnel://images."
-            )
+            raise TaskNotFoundError(task_id)
         return record
 
     async def history(self, owner: str, *, limit: int = 50, offset: int = 0) -> list[TaskRecord]:
@@ -392,7 +374,7 @@ class Engine:
 
     async def image_bytes(self, record: TaskRecord) -> bytes:
         if record.file is None or not self._finished(record):
-            raise TaskNotFoundError(f"task {record.task_id} has no stored image yet; call get_result first.")
+            raise ImageNotReadyError(record.task_id)
         stored = record.file
         return await anyio.to_thread.run_sync(lambda: self.folder.read(stored))
 
@@ -402,57 +384,6 @@ class Engine:
         path = self.folder.path(stored)
         max_px = self.settings.preview_max_px
         return await anyio.to_thread.run_sync(make_preview, path, max_px, limiter=self._preview_slots)
-
-    def describe(self, record: TaskRecord, *, reused: bool = False) -> ImageResult:
-        """The tool-facing view of a record, with a sentence telling the agent what to do next."""
-        result = ImageResult(
-            task_id=record.task_id,
-            status=record.status,
-            upstream_status=record.upstream_status,
-            model=record.model,
-            prompt=record.prompt,
-            aspect_ratio=record.aspect_ratio,
-            images=record.images,
-            created_at=record.created_at,
-            completed_at=record.completed_at,
-            source_url=record.source_url,
-            source_url_expires_at=record.source_url_expires_at,
-            error=record.error,
-            message="",
-            sandbox=self.settings.sandbox,
-        )
-        if record.status == "done" and record.file is not None:
-            path = self.folder.path(record.file).resolve()
-            result.file_path = str(path)
-            result.resource_uri = file_uri(record.task_id)
-            result.mime_type = record.file.mime_type
-            result.size_bytes = record.file.size_bytes
-            result.sha256 = record.file.sha256
-            result.width = record.file.width
-            result.height = record.file.height
-            result.message = (
-                f"The image is ready: {record.file.width}x{record.file.height}, stored at {path}."
-            )
-        elif record.status == "failed":
-            result.message = (
-                f"GPTunnel could not make this image: {record.error}. Change the prompt or the model "
-                "and try again."
-            )
-        else:
-            result.message = (
-                f"Task {record.task_id} is not finished yet (GPTunnel says '{record.upstream_status}'). "
-                f"Call get_result with task_id {record.task_id} in a little while to fetch the image."
-            )
-        if self.settings.sandbox:
-            result.message = "Sandbox mode: made locally, nothing was charged. " + result.message
-        if reused:
-            result.reused = True
-            result.message = (
-                f"An identical request made at {record.created_at:%H:%M:%S} UTC was answered with this "
-                "task instead of paying for a new image (pass new_image=true to get a fresh one). "
-                + result.message
-            )
-        return result
 
     # --- plumbing ----------------------------------------------------------------------------
 
@@ -486,21 +417,8 @@ class Engine:
 
 def _key(account: Account) -> str:
     if account.api_key is None:
-        raise ConfigError(
-            "no GPTunnel API key is configured. Set GPTUNNEL_API_KEY in the MCP server's "
-            "environment (your client's server config) to the key from your GPTunnel account, "
-            "then restart the server."
-        )
+        raise MissingKeyError()
     return account.api_key
-
-
-def check_task_id(task_id: str) -> str:
-    if not is_task_id(task_id):
-        raise InputError(
-            f"{task_id[:40]!r} is not a GPTunnel task id: it must be 24 hexadecimal characters, "
-            "as returned by create_image."
-        )
-    return task_id.lower()
 
 
 def _age(origin: datetime) -> float:
@@ -548,54 +466,3 @@ def _from_unix(value: float | None) -> datetime | None:
         return datetime.fromtimestamp(value, tz=timezone.utc)
     except (OverflowError, OSError, ValueError):
         return None
-
-
-@contextlib.asynccontextmanager
-async def open_engine(settings: Settings) -> AsyncIterator[Engine]:
-    """The engine with its store, folder and HTTP clients, closed again on exit."""
-    store = SQLiteStore(settings.db_path)
-    folder = ImageFolder(settings.images_dir)
-    removed = folder.remove_stray_temporaries()
-    if removed:
-        logger.info("removed %d unfinished download(s) left by an earlier run", removed)
-    key = settings.api_key.get_secret_value() if settings.api_key else None
-    secret = load_server_secret(settings.home) if settings.multi_user else None
-    async with contextlib.AsyncExitStack() as stack:
-        base_url = settings.api_base
-        if settings.sandbox:
-            base_url = await stack.enter_async_context(_sandbox())
-            key = key or "sandbox"
-        client = GPTunnelClient(base_url, timeout=settings.request_timeout)
-        downloader = ImageDownloader(
-            folder, timeout=settings.request_timeout, max_bytes=settings.max_image_bytes
-        )
-        engine = Engine(
-            settings=settings,
-            store=store,
-            folder=folder,
-            client=client,
-            downloader=downloader,
-            accounts=Accounts(Account(owner="", api_key=key), secret),
-        )
-        try:
-            yield engine
-        finally:
-            with anyio.CancelScope(shield=True):
-                await client.aclose()
-                await downloader.aclose()
-                await store.close()
-
-
-@contextlib.asynccontextmanager
-async def _sandbox() -> AsyncIterator[str]:
-    """A stand-in GPTunnel in this process, on a free loopback port: the sandbox's upstream."""
-    from .standin import Behaviour, StandIn
-
-    standin = StandIn(api_key=None, behaviour=Behaviour(generation_seconds=3.0, generation_jitter=0.3))
-    await anyio.to_thread.run_sync(standin.start)
-    logger.info("sandbox mode: images come from a built-in stand-in GPTunnel at %s", standin.url)
-    try:
-        yield standin.url
-    finally:
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(standin.stop)

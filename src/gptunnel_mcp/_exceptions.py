@@ -1,10 +1,12 @@
-"""One tree of exceptions. Every message is written for the person who has to act on it.
-
-The MCP layer turns any `GPTunnelMCPError` into a tool error with the message as its text, so a
-message must say what went wrong and what to do, and must never contain the API key.
+"""One tree of exceptions, raised by the core. Each carries facts (which task, which cap, which
+argument) and a message that states what happened in words any front end can show. What the
+reader should do next differs by front end (an agent calls a tool, a person runs a command), so
+the advice is added there, from the facts; a message never contains the API key.
 """
 
 from __future__ import annotations
+
+from datetime import datetime
 
 
 class GPTunnelMCPError(Exception):
@@ -15,16 +17,61 @@ class ConfigError(GPTunnelMCPError):
     """The server's configuration is unusable (a bad environment variable, no API key, ...)."""
 
 
+class MissingKeyError(ConfigError):
+    """A call needs a GPTunnel key and none is configured."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "no GPTunnel API key is configured: set GPTUNNEL_API_KEY to the key from your GPTunnel account"
+        )
+
+
 class InputError(GPTunnelMCPError):
-    """A tool argument is invalid. Raised before any request reaches GPTunnel."""
+    """An argument is invalid. Raised before any request reaches GPTunnel.
+
+    `argument` names the request field at fault (prompt, model, aspect_ratio, images, task_id),
+    so a front end can name it the way its users typed it; `model` is set when the refusal
+    comes from what a known model accepts.
+    """
+
+    def __init__(self, problem: str, *, argument: str | None = None, model: str | None = None) -> None:
+        self.problem = problem
+        self.argument = argument
+        self.model = model
+        super().__init__(problem)
 
 
 class QuotaExceededError(GPTunnelMCPError):
     """A configured cap on images per hour or day is reached. Raised before any upstream call."""
 
+    def __init__(self, *, cap: int, unit: str, setting: str, made: int, frees_at: datetime) -> None:
+        self.cap, self.unit, self.setting, self.made, self.frees_at = cap, unit, setting, made, frees_at
+        super().__init__(
+            f"the cap of {cap} images per {unit} ({setting}) is reached: {made} made in the last {unit}. "
+            f"The next can be made at {frees_at:%Y-%m-%d %H:%M:%S} UTC. Nothing was sent to GPTunnel."
+        )
+
 
 class TaskNotFoundError(GPTunnelMCPError):
-    """No task with this id, neither in the history nor upstream."""
+    """No such task for this caller: not in their history (`upstream` False), or unknown to
+    GPTunnel itself (code 4, `upstream` True)."""
+
+    def __init__(self, task_id: str | None, *, upstream: bool = False) -> None:
+        self.task_id = task_id
+        self.upstream = upstream
+        if upstream:
+            text = "GPTunnel has no task with this id (code 4)"
+        else:
+            text = f"no task {task_id} in the history"
+        super().__init__(text)
+
+
+class ImageNotReadyError(GPTunnelMCPError):
+    """The task is known but has no stored image (yet)."""
+
+    def __init__(self, task_id: str) -> None:
+        self.task_id = task_id
+        super().__init__(f"task {task_id} has no stored image yet")
 
 
 class UpstreamError(GPTunnelMCPError):
@@ -80,4 +127,13 @@ class DownloadError(GPTunnelMCPError):
 
 
 class StorageError(GPTunnelMCPError):
-    """The history or an image file could not be written or read."""
+    """The history or an image file could not be written or read.
+
+    `task_id` is set when GPTunnel has the task and the history keeps it: nothing is lost, and
+    fetching the task again once the disk is fixed finishes the job.
+    """
+
+    def __init__(self, reason: str, *, task_id: str | None = None) -> None:
+        self.reason = reason
+        self.task_id = task_id
+        super().__init__(reason if task_id is None else f"task {task_id}: {reason}")

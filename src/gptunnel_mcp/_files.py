@@ -21,7 +21,7 @@ except ImportError:  # Windows
 
 from ._exceptions import DownloadError, StorageError
 from ._images import EXTENSIONS, SNIFF_BYTES, pixel_size, sniff_mime
-from ._models import StoredFile
+from ._records import StoredFile
 
 _TEMP_SUFFIX = ".part"
 
@@ -130,7 +130,7 @@ class PartialFile:
         if self.size == 0 or mime is None:
             raise DownloadError(
                 "GPTunnel's link did not return an image (the file is empty or of an unknown type); "
-                "call get_result again later, or create the image anew if this persists."
+                "try again later, or create the image anew if this persists."
             )
         try:
             self._file.flush()

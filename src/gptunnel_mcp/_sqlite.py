@@ -11,32 +11,37 @@ from typing import TypeVar
 import anyio
 
 from ._exceptions import StorageError
-from ._models import TaskRecord
+from ._migrations import migrate
+from ._records import TaskRecord
 
 _T = TypeVar("_T")
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS tasks (
-    task_id     TEXT NOT NULL,
-    owner       TEXT NOT NULL DEFAULT '',
-    status      TEXT NOT NULL,
-    created_at  TEXT NOT NULL,
-    request_key TEXT NOT NULL DEFAULT '',
-    model       TEXT NOT NULL DEFAULT '',
-    finished_after REAL,
-    finished_by    REAL,
-    record      TEXT NOT NULL,
-    PRIMARY KEY (owner, task_id)
-);
-CREATE INDEX IF NOT EXISTS tasks_by_time ON tasks (owner, created_at DESC);
-CREATE INDEX IF NOT EXISTS tasks_by_request ON tasks (owner, request_key, created_at DESC);
-CREATE INDEX IF NOT EXISTS tasks_by_model ON tasks (model, created_at DESC) WHERE finished_by IS NOT NULL;
-"""
+#: How long to wait for another process's write lock before giving up.
+_BUSY_SECONDS = 30
 
 
 def _iso(moment: datetime) -> str:
     """One fixed-width UTC form, so that text order is time order in SQL comparisons."""
     return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f+00:00")
+
+
+def _open_error(path: Path, exc: sqlite3.Error) -> StorageError:
+    """The usual reasons a history does not open, each with its own remedy. SQLite's error texts
+    are matched because its error codes reach Python only from 3.11 on."""
+    text = str(exc)
+    if "not a database" in text or "malformed" in text:
+        return StorageError(
+            f"{path} is not a SQLite database, or is damaged ({exc}), so it cannot hold the history: "
+            "move it away, or set GPTUNNEL_MCP_HOME to another folder"
+        )
+    if "locked" in text:
+        return StorageError(
+            f"the history database {path} stayed locked by another process for {_BUSY_SECONDS} s ({exc}): "
+            "try again, or stop the other process"
+        )
+    return StorageError(
+        f"cannot open the history database {path} ({exc}); set GPTUNNEL_MCP_HOME to a writable folder"
+    )
 
 
 class SQLiteStore:
@@ -47,14 +52,20 @@ class SQLiteStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            self._db = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
+            self._db = sqlite3.connect(
+                path, timeout=_BUSY_SECONDS, check_same_thread=False, isolation_level=None
+            )
+        except sqlite3.Error as exc:
+            raise _open_error(path, exc) from None
+        try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
-        except sqlite3.Error as exc:
-            raise StorageError(
-                f"cannot open the history database {path} ({exc}); set GPTUNNEL_MCP_HOME to a writable folder"
-            ) from None
+            migrate(self._db)
+        except BaseException as exc:
+            self._db.close()
+            if isinstance(exc, sqlite3.Error):
+                raise _open_error(path, exc) from None
+            raise
         self._slot = anyio.CapacityLimiter(1)
 
     async def _run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Protocol
 
-from ._models import TaskRecord
+from ._records import TaskRecord
 
 
 class TaskStore(Protocol):

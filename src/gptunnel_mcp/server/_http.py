@@ -20,12 +20,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import __version__
-from ._accounts import bearer_token
-from ._engine import Engine
-from ._exceptions import AuthenticationError, GPTunnelMCPError
-from ._server import EngineSlot, build_server
-from ._settings import Settings
+from .._accounts import bearer_token
+from .._engine import Engine
+from .._exceptions import AuthenticationError, GPTunnelMCPError
+from .._settings import Settings
+from .._version import __version__
+from ._build import EngineSlot, build_server
 
 logger = logging.getLogger("gptunnel_mcp")
 MCP_PATH = "/mcp"

@@ -21,15 +21,15 @@ from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.extension import Extension, MethodBinding
 from mcp.shared.exceptions import MCPError
 from mcp_types import INTERNAL_ERROR, INVALID_PARAMS, CallToolRequestParams, RequestParams
-from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import ConfigDict, Field
 
-from ._accounts import Account
-from ._engine import Engine
-from ._exceptions import GPTunnelMCPError, TaskNotFoundError
-from ._listeners import request_headers
-from ._models import TaskRecord, is_task_id, parse_image_request
-from ._tools import error_result, tool_result
+from .._accounts import Account
+from .._engine import Engine
+from .._exceptions import GPTunnelMCPError, TaskNotFoundError
+from .._records import TaskRecord, is_task_id
+from ._arguments import ImageArguments, parse
+from ._presentation import describe, error_result, error_text, tool_result
+from ._sdk import declared_extensions, is_modern, request_headers
 
 EXTENSION = "io.modelcontextprotocol/tasks"
 TASK_TOOLS = frozenset({"generate_and_wait"})
@@ -62,21 +62,15 @@ class TasksExtension(Extension):
         if params.name not in TASK_TOOLS or not _declares_tasks(ctx):
             return await call_next(ctx)
         engine: Engine = ctx.lifespan_context
-        args = params.arguments or {}
         try:
             account = engine.accounts.for_headers(request_headers(ctx))
-            request = parse_image_request(
-                engine.settings.default_model,
-                args.get("prompt", ""),
-                args.get("model"),
-                args.get("aspect_ratio"),
-                args.get("images"),
-            )
+            args = parse(ImageArguments, params.arguments or {})
+            request = args.request(engine.settings.default_model)
             # Created before answering: the spec wants the task to exist when its handle is given.
-            started = await engine.create(request, account, new_image=bool(args.get("new_image", False)))
+            outcome = await engine.create(request, account, new_image=args.new_image)
         except GPTunnelMCPError as exc:
             return error_result(exc)
-        return {"resultType": "task", **self._task(engine, started.record, poll_in=1.0)}
+        return {"resultType": "task", **self._task(engine, outcome.record, poll_in=1.0)}
 
     async def _get(self, ctx: RequestContext, params: TaskIdParams) -> dict[str, Any]:
         engine = ctx.lifespan_context
@@ -86,7 +80,7 @@ class TasksExtension(Extension):
             raise _not_found() from None
         except GPTunnelMCPError as exc:
             # A failure of this poll, not of the task: the task stays working.
-            raise MCPError(code=INTERNAL_ERROR, message=str(exc)) from None
+            raise MCPError(code=INTERNAL_ERROR, message=error_text(exc)) from None
         body = self._task(engine, record, poll_in=poll_in)
         if body["status"] == "completed":
             result = await tool_result(engine, record)
@@ -151,17 +145,13 @@ def _status(engine: Engine, record: TaskRecord) -> tuple[str, str]:
     if record.cancelled_at is not None:
         return "cancelled", "cancelled; the image may still be made: get_result can fetch it"
     # A failed generation is a tool result with isError, and so a completed task (spec).
-    return ("working" if record.status == "pending" else "completed"), engine.describe(record).message
+    return ("working" if record.status == "pending" else "completed"), describe(engine, record).message
 
 
 def _declares_tasks(ctx: ServerRequestContext[Any, Any]) -> bool:
     # The extension belongs to 2026-07-28: a 2025-11-25 connection cannot carry a task result,
     # whatever its client declared at the handshake.
-    if ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS:
-        return False
-    capabilities = ctx.session.client_capabilities
-    extensions = getattr(capabilities, "extensions", None) or {}
-    return EXTENSION in extensions
+    return is_modern(ctx) and EXTENSION in declared_extensions(ctx)
 
 
 def _iso(moment: datetime) -> str:

@@ -1,22 +1,24 @@
-"""The MCP server: an `MCPServer` whose lifespan owns the engine, with the tools and resources on it."""
+"""The MCP server: an `MCPServer` whose lifespan owns the engine, with the tools, resources,
+prompts and the tasks extension on it."""
 
 from __future__ import annotations
 
-import functools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from mcp.server import MCPServer
-from mcp.server.lowlevel.server import NotificationOptions
 
-from . import __version__
-from ._accounts import load_server_secret
-from ._engine import Engine, open_engine
+from .._accounts import load_server_secret
+from .._engine import Engine
+from .._schedule import Backoff, PollSchedule
+from .._settings import Settings
+from .._version import __version__
+from .._wiring import open_engine
 from ._listeners import AccountListeners
 from ._prompts import register_prompts
 from ._resources import register_resources
-from ._settings import Settings
-from ._tasks import TasksExtension
+from ._sdk import advertise_resource_list_changes, check_sdk
+from ._task_extension import TasksExtension
 from ._tools import register_tools
 
 INSTRUCTIONS = """\
@@ -38,12 +40,19 @@ class EngineSlot:
         return self.engine
 
 
-def build_server(settings: Settings, slot: EngineSlot | None = None) -> MCPServer[Engine]:
+def build_server(
+    settings: Settings,
+    slot: EngineSlot | None = None,
+    *,
+    schedule: PollSchedule | None = None,
+    backoff: Backoff | None = None,
+) -> MCPServer[Engine]:
+    """The server for `settings`; `schedule` and `backoff` replace the built-in poll timing."""
     slot = slot or EngineSlot()
 
     @asynccontextmanager
     async def lifespan(_: MCPServer[Engine]) -> AsyncIterator[Engine]:
-        async with open_engine(settings) as engine:
+        async with open_engine(settings, schedule=schedule, backoff=backoff) as engine:
             slot.engine = engine
             try:
                 yield engine
@@ -60,19 +69,11 @@ def build_server(settings: Settings, slot: EngineSlot | None = None) -> MCPServe
         lifespan=lifespan,
         extensions=[TasksExtension(load_server_secret(settings.home))],
     )
+    check_sdk(server)
     listeners = AccountListeners()
     listeners.install(server)
     register_tools(server, settings, listeners)
     register_resources(server)
     register_prompts(server)
-    _advertise_resource_list_changes(server)
+    advertise_resource_list_changes(server)
     return server
-
-
-def _advertise_resource_list_changes(server: MCPServer[Engine]) -> None:
-    """2025-11-25 clients only listen for list changes the server advertises, and MCPServer
-    advertises none; the SDK has no public switch, so the options factory is given one."""
-    low = server._lowlevel_server  # the SDK offers no public hook for these handlers
-    low.create_initialization_options = functools.partial(  # type: ignore[method-assign]
-        low.create_initialization_options, NotificationOptions(resources_changed=True)
-    )

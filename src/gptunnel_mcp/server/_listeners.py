@@ -15,12 +15,8 @@ from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler
 from mcp.shared.subscriptions import ResourcesListChanged
 from mcp_types import SubscriptionsListenRequestParams, SubscriptionsListenResult
 
-from ._engine import Engine
-
-
-def request_headers(ctx: ServerRequestContext[Any, Any]) -> Any:
-    """The HTTP headers of the request being served; None on stdio."""
-    return getattr(ctx.request, "headers", None)
+from .._engine import Engine
+from ._sdk import add_request_handler, request_headers
 
 
 class AccountListeners:
@@ -28,9 +24,8 @@ class AccountListeners:
         self._by_owner: dict[str, tuple[InMemorySubscriptionBus, ListenHandler]] = {}
 
     def install(self, server: MCPServer[Engine]) -> None:
-        server._lowlevel_server.add_request_handler(  # replaces the SDK's shared handler
-            "subscriptions/listen", SubscriptionsListenRequestParams, self._listen
-        )
+        # Replaces the SDK's handler, which tells every stream of every user.
+        add_request_handler(server, "subscriptions/listen", SubscriptionsListenRequestParams, self._listen)
 
     async def resources_changed(self, owner: str) -> None:
         entry = self._by_owner.get(owner)

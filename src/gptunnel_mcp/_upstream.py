@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from pydantic import AliasChoices, BaseModel, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from ._exceptions import (
     AuthenticationError,
@@ -24,11 +24,47 @@ from ._exceptions import (
     UnknownCreateOutcomeError,
     UpstreamError,
 )
-from ._models import CreatePayload, UpstreamTask
+from ._records import TaskStatus
+from ._request import ImageRequest
 from ._schedule import parse_retry_after
 
 if TYPE_CHECKING:
-    import httpx
+    from ._httpx import httpx
+
+_FAILED_STATUSES = frozenset({"failed", "error", "cancelled", "canceled"})
+
+
+class UpstreamTask(BaseModel):
+    """A task as GPTunnel's create and result calls describe it (`code` already checked)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    model: str | None = None
+    prompt: str | None = None
+    created_at: float | None = None
+    status: str = "idle"
+    url: str | None = None
+    error: Any = None
+
+    @property
+    def outcome(self) -> TaskStatus:
+        status = self.status.lower()
+        if status == "done":
+            return "done"
+        if status in _FAILED_STATUSES:
+            return "failed"
+        return "pending"
+
+
+class CreatePayload(BaseModel):
+    """The body of `POST /v1/media/create`."""
+
+    model: str
+    prompt: str
+    images: list[str] | None = None
+    ar: str | None = None
+
 
 TRANSIENT_CODES = frozenset({1, 6, 500})
 # Statuses by which a proxy or GPTunnel says it did not take the request on.
@@ -63,7 +99,7 @@ class GPTunnelClient:
     def _http(self) -> httpx.AsyncClient:
         # Made on first use: importing httpx is a tenth of the server's start-up time.
         if self._client is None:
-            import httpx
+            from ._httpx import httpx
 
             self._client = httpx.AsyncClient(
                 base_url=self._base_url,
@@ -81,8 +117,10 @@ class GPTunnelClient:
         if self._client is not None:
             await self._client.aclose()
 
-    async def create(self, payload: CreatePayload, key: str) -> UpstreamTask:
-        body = payload.model_dump(exclude_none=True)
+    async def create(self, request: ImageRequest, key: str) -> UpstreamTask:
+        body = CreatePayload(
+            model=request.model, prompt=request.prompt, images=request.images or None, ar=request.aspect_ratio
+        ).model_dump(exclude_none=True)
         return _task(
             await self._send("POST", "/v1/media/create", key, body, create=True), create=True, key=key
         )
@@ -101,7 +139,7 @@ class GPTunnelClient:
     async def _send(
         self, method: str, path: str, key: str, body: dict[str, Any] | None, *, create: bool
     ) -> dict[str, Any]:
-        import httpx
+        from ._httpx import httpx
 
         try:
             response = await self._http.request(method, path, json=body, headers={"Authorization": key})
@@ -116,7 +154,7 @@ class GPTunnelClient:
 
 
 def _user_agent() -> str:
-    from . import __version__
+    from ._version import __version__
 
     return f"gptunnel-mcp/{__version__}"
 
@@ -174,7 +212,7 @@ def _message(body: dict[str, Any]) -> str:
 def _bad_key(reason: str) -> str:
     return (
         f"GPTunnel rejected the API key ({reason}). Set GPTUNNEL_API_KEY to a valid key from your "
-        "GPTunnel account (it is sent as-is, without 'Bearer') and restart the server."
+        "GPTunnel account (it is sent as-is, without 'Bearer')."
     )
 
 
@@ -191,14 +229,11 @@ def _code_error(code: int, body: dict[str, Any], key: str) -> UpstreamError | Ta
         listed = f"; issues: {redact(json.dumps(issues, ensure_ascii=False)[:500], key)}" if issues else ""
         return InvalidRequestError(
             f"GPTunnel rejected the request as invalid (code 3){detail}{listed}. "
-            "Fix the arguments (prompt, model, aspect_ratio, images) and try again.",
+            "Fix the request and try again.",
             code=code,
         )
     if code == 4:
-        return TaskNotFoundError(
-            "GPTunnel has no task with this id (code 4). Check the task_id, or list known tasks "
-            "with the resource gptunnel://images."
-        )
+        return TaskNotFoundError(None, upstream=True)
     if code == 5:
         return InsufficientBalanceError(
             "the GPTunnel balance is too low for this request (code 5). Top up the account, or "

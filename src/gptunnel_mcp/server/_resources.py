@@ -33,11 +33,22 @@ from mcp_types import (
     TextResourceContents,
 )
 
-from ._catalog import MODELS
-from ._engine import Engine
-from ._exceptions import GPTunnelMCPError
-from ._listeners import request_headers
-from ._models import HISTORY_URI, MODELS_URI, HistoryEntry, HistoryPage, TaskRecord, file_uri, task_uri
+from .._catalog import MODELS
+from .._engine import Engine
+from .._exceptions import GPTunnelMCPError
+from .._records import TaskRecord
+from ._presentation import (
+    HISTORY_URI,
+    MODELS_URI,
+    HistoryEntry,
+    HistoryPage,
+    describe,
+    error_text,
+    file_uri,
+    shorten,
+    task_uri,
+)
+from ._sdk import add_request_handler, request_headers
 
 RequestContext = ServerRequestContext[Engine]
 
@@ -64,11 +75,10 @@ _TEMPLATES = [
 
 
 def register_resources(server: MCPServer[Engine]) -> None:
-    low = server._lowlevel_server  # the SDK offers no public hook for these handlers
-    low.add_request_handler("resources/list", PaginatedRequestParams, _list_resources)
-    low.add_request_handler("resources/templates/list", PaginatedRequestParams, _list_templates)
-    low.add_request_handler("resources/read", ReadResourceRequestParams, _read_resource)
-    low.add_request_handler("completion/complete", CompleteRequestParams, _complete)
+    add_request_handler(server, "resources/list", PaginatedRequestParams, _list_resources)
+    add_request_handler(server, "resources/templates/list", PaginatedRequestParams, _list_templates)
+    add_request_handler(server, "resources/read", ReadResourceRequestParams, _read_resource)
+    add_request_handler(server, "completion/complete", CompleteRequestParams, _complete)
 
 
 async def _complete(ctx: RequestContext, params: CompleteRequestParams) -> CompleteResult:
@@ -113,10 +123,10 @@ async def _read_resource(ctx: RequestContext, params: ReadResourceRequestParams)
     try:
         record = await engine.lookup(match["id"], _owner(ctx))
         if match["file"] is None:
-            return _json(uri, engine.describe(record).model_dump(mode="json"))
+            return _json(uri, describe(engine, record).model_dump(mode="json"))
         data = await engine.image_bytes(record)
     except GPTunnelMCPError as exc:
-        raise _not_found(uri, str(exc)) from None
+        raise _not_found(uri, error_text(exc)) from None
     assert record.file is not None
     blob = BlobResourceContents(
         uri=uri, mime_type=record.file.mime_type, blob=base64.b64encode(data).decode()
@@ -150,7 +160,7 @@ def _owner(ctx: RequestContext) -> str:
     try:
         return ctx.lifespan_context.accounts.for_headers(request_headers(ctx)).owner
     except GPTunnelMCPError as exc:
-        raise MCPError(code=INVALID_REQUEST, message=str(exc)) from None
+        raise MCPError(code=INVALID_REQUEST, message=error_text(exc)) from None
 
 
 def _models(engine: Engine) -> dict[str, Any]:
@@ -183,7 +193,7 @@ def _history_resource() -> Resource:
 
 def _file_resource(record: TaskRecord) -> Resource:
     assert record.file is not None
-    prompt = record.prompt if len(record.prompt) <= 60 else record.prompt[:59] + "…"
+    prompt = shorten(record.prompt, 60)
     return Resource(
         uri=file_uri(record.task_id),
         name=record.file.file_name,

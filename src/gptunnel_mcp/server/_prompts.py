@@ -8,7 +8,7 @@ from typing import Annotated
 from mcp.server import MCPServer
 from pydantic import Field
 
-from ._engine import Engine
+from .._engine import Engine
 
 #: (argument, what it covers), in the order the brief lists them.
 BRIEF_PARTS: tuple[tuple[str, str], ...] = (

@@ -1,0 +1,206 @@
+"""The history's schema as it grew: an ordered list of migrations, and `migrate` to run the pending ones.
+
+Migration N takes the schema from version N-1 to N; the version is kept in `PRAGMA user_version`.
+A migration, once released, is never edited, because files in the field have already run it: a
+change to the schema is a new migration at the end. Another backend keeps a list of its own.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+
+from ._exceptions import StorageError
+
+Migration = Callable[[sqlite3.Connection], None]
+
+
+def _m001_tasks(db: sqlite3.Connection) -> None:
+    """The history as the first build (dabe035) made it."""
+    db.execute(
+        """CREATE TABLE tasks (
+               task_id    TEXT NOT NULL,
+               owner      TEXT NOT NULL DEFAULT '',
+               status     TEXT NOT NULL,
+               created_at TEXT NOT NULL,
+               record     TEXT NOT NULL,
+               PRIMARY KEY (owner, task_id)
+           )"""
+    )
+    db.execute("CREATE INDEX tasks_by_time ON tasks (owner, created_at DESC)")
+
+
+def _utc_text(text: str) -> str:
+    # The form d9ca34e began to compare in SQL, frozen here: the running code may change its own.
+    return datetime.fromisoformat(text).astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f+00:00")
+
+
+def _m002_request_key(db: sqlite3.Connection) -> None:
+    """Identical requests reuse a task (d9ca34e).
+
+    The first build wrote `created_at` as `isoformat()`, whose width varies, and from here on it is
+    compared as text against fixed-width UTC, so old rows are rewritten to that form. Their
+    `request_key` stays "" (never reused): the key cannot be rebuilt from an old record, which does
+    not tell a task made here from one adopted from elsewhere."""
+    db.execute("ALTER TABLE tasks ADD COLUMN request_key TEXT NOT NULL DEFAULT ''")
+    db.execute("UPDATE tasks SET request_key = COALESCE(json_extract(record, '$.request_key'), '')")
+    db.execute("CREATE INDEX tasks_by_request ON tasks (owner, request_key, created_at DESC)")
+    rows = db.execute("SELECT rowid, created_at FROM tasks").fetchall()
+    db.executemany("UPDATE tasks SET created_at = ? WHERE rowid = ?", [(_utc_text(c), r) for r, c in rows])
+
+
+def _m003_model_duration(db: sqlite3.Connection) -> None:
+    """Per-model durations for the poll plan (67d1792)."""
+    db.execute("ALTER TABLE tasks ADD COLUMN model TEXT NOT NULL DEFAULT ''")
+    db.execute("ALTER TABLE tasks ADD COLUMN duration REAL")
+    db.execute(
+        "UPDATE tasks SET model = COALESCE(json_extract(record, '$.model'), ''), "
+        "duration = json_extract(record, '$.duration')"
+    )
+    db.execute("CREATE INDEX tasks_by_model ON tasks (model, created_at DESC) WHERE duration IS NOT NULL")
+
+
+def _bracket(duration: float, submitted_at: str, completed_at: str) -> tuple[float | None, float]:
+    """67d1792's single duration as the (finished after, finished by) pair that replaced it.
+
+    That build stamped `completed_at` at the poll that saw the task done, and stored the middle of
+    that poll and the one before (or the former alone when no earlier poll followed submission),
+    so both ends can be recovered."""
+    by = (_instant(completed_at) - _instant(submitted_at)).total_seconds()
+    after = 2 * duration - by
+    return (after if 0 <= after < by else None), by
+
+
+def _instant(text: str) -> datetime:
+    # Pydantic writes UTC as "Z", which `fromisoformat` reads only from Python 3.11 on.
+    if text.endswith("Z"):
+        text = text[:-1] + "+00:00"
+    return datetime.fromisoformat(text)
+
+
+def _m004_finish_bracket(db: sqlite3.Connection) -> None:
+    """When a task finished as a bracket of two polls instead of one estimate (473c78f).
+
+    The table is rebuilt rather than `duration` dropped: DROP COLUMN needs SQLite 3.35, newer than
+    some Pythons this package supports still bundle."""
+    db.execute(
+        """CREATE TABLE tasks_v4 (
+               task_id     TEXT NOT NULL,
+               owner       TEXT NOT NULL DEFAULT '',
+               status      TEXT NOT NULL,
+               created_at  TEXT NOT NULL,
+               request_key TEXT NOT NULL DEFAULT '',
+               model       TEXT NOT NULL DEFAULT '',
+               finished_after REAL,
+               finished_by    REAL,
+               record      TEXT NOT NULL,
+               PRIMARY KEY (owner, task_id)
+           )"""
+    )
+    # rowid is kept: it breaks ties between tasks created in the same second.
+    db.execute(
+        """INSERT INTO tasks_v4 (rowid, task_id, owner, status, created_at, request_key, model,
+                                 finished_after, finished_by, record)
+           SELECT rowid, task_id, owner, status, created_at, request_key, model,
+                  json_extract(record, '$.finished_after'), json_extract(record, '$.finished_by'),
+                  json_remove(record, '$.duration')
+           FROM tasks"""
+    )
+    timed = db.execute(
+        """SELECT rowid, duration, json_extract(record, '$.submitted_at'), json_extract(record, '$.completed_at')
+           FROM tasks WHERE duration IS NOT NULL
+           AND json_extract(record, '$.submitted_at') IS NOT NULL
+           AND json_extract(record, '$.completed_at') IS NOT NULL"""
+    ).fetchall()
+    for rowid, duration, submitted_at, completed_at in timed:
+        after, by = _bracket(duration, submitted_at, completed_at)
+        # The record too: a later put of it rewrites the columns from its fields.
+        db.execute(
+            """UPDATE tasks_v4 SET finished_after = ?, finished_by = ?,
+                   record = json_set(record, '$.finished_after', ?, '$.finished_by', ?)
+               WHERE rowid = ?""",
+            (after, by, after, by, rowid),
+        )
+    db.execute("DROP TABLE tasks")
+    db.execute("ALTER TABLE tasks_v4 RENAME TO tasks")
+    db.execute("CREATE INDEX tasks_by_time ON tasks (owner, created_at DESC)")
+    db.execute("CREATE INDEX tasks_by_request ON tasks (owner, request_key, created_at DESC)")
+    db.execute("CREATE INDEX tasks_by_model ON tasks (model, created_at DESC) WHERE finished_by IS NOT NULL")
+
+
+SQLITE_MIGRATIONS: Sequence[Migration] = (
+    _m001_tasks,
+    _m002_request_key,
+    _m003_model_duration,
+    _m004_finish_bracket,
+)
+LATEST = len(SQLITE_MIGRATIONS)
+
+_V1_COLUMNS = frozenset({"task_id", "owner", "status", "created_at", "record"})
+_V2_COLUMNS = _V1_COLUMNS | {"request_key"}
+_V3_COLUMNS = _V2_COLUMNS | {"model", "duration"}
+_V4_COLUMNS = (_V3_COLUMNS - {"duration"}) | {"finished_after", "finished_by"}
+#: The columns of `tasks` that each build before versioning left, by the version they amount to.
+#: Each of those builds failed to open the file of an earlier one, so no file mixes two shapes.
+UNVERSIONED_SHAPES: dict[frozenset[str], int] = {
+    _V1_COLUMNS: 1,
+    _V2_COLUMNS: 2,
+    _V3_COLUMNS: 3,
+    _V4_COLUMNS: 4,
+}
+
+
+def migrate(db: sqlite3.Connection) -> None:
+    """Bring the history on `db` (a connection in autocommit mode, `isolation_level=None`) to
+    `LATEST`, all pending migrations in one transaction. `BEGIN IMMEDIATE` takes the write lock
+    before the version is read, so of two processes opening one old file, the second waits and
+    then finds nothing left to do."""
+    if _version(db) == LATEST:
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        _upgrade(db)
+        db.execute("COMMIT")
+    except BaseException:
+        # Some errors (a full disk) end the transaction themselves.
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
+def _upgrade(db: sqlite3.Connection) -> None:
+    version = _version(db)
+    if version > LATEST:
+        raise StorageError(
+            f"the history at {_path(db)} was written by a newer gptunnel-mcp (schema {version}; "
+            f"this version reads up to {LATEST}): upgrade gptunnel-mcp, or point GPTUNNEL_MCP_HOME elsewhere"
+        )
+    if version == 0:
+        version = _unversioned(db)
+    for migration in SQLITE_MIGRATIONS[version:]:
+        migration(db)
+    # PRAGMA takes no parameters; LATEST is this module's own integer.
+    db.execute(f"PRAGMA user_version = {LATEST:d}")
+
+
+def _unversioned(db: sqlite3.Connection) -> int:
+    """The version a file from before versioning amounts to: 0 for a new file, else by its columns."""
+    columns = frozenset(row[1] for row in db.execute("PRAGMA table_info(tasks)"))
+    if not columns:
+        return 0
+    if columns not in UNVERSIONED_SHAPES:
+        raise StorageError(
+            f"the history at {_path(db)} has a tasks table that no gptunnel-mcp wrote "
+            f"(columns {', '.join(sorted(columns))}): move the file away, or point GPTUNNEL_MCP_HOME elsewhere"
+        )
+    return UNVERSIONED_SHAPES[columns]
+
+
+def _version(db: sqlite3.Connection) -> int:
+    return int(db.execute("PRAGMA user_version").fetchone()[0])
+
+
+def _path(db: sqlite3.Connection) -> str:
+    # The main database comes first; its file is the third column.
+    return str(db.execute("PRAGMA database_list").fetchone()[2])

@@ -1,0 +1,62 @@
+"""The composition root: settings in, a running `Engine` out, with its store, images folder and
+HTTP clients (or, in sandbox mode, the in-process stand-in behind them), closed again on exit."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import anyio
+
+from ._accounts import Account, Accounts, load_server_secret
+from ._download import ImageDownloader
+from ._engine import Engine
+from ._files import ImageFolder
+from ._schedule import Backoff, PollSchedule
+from ._settings import Settings
+from ._sqlite import SQLiteStore
+from ._upstream import GPTunnelClient
+
+logger = logging.getLogger("gptunnel_mcp")
+
+
+@contextlib.asynccontextmanager
+async def open_engine(
+    settings: Settings, *, schedule: PollSchedule | None = None, backoff: Backoff | None = None
+) -> AsyncIterator[Engine]:
+    """`schedule` and `backoff` replace the built-in poll timing (tests make it quick)."""
+    store = SQLiteStore(settings.db_path)
+    folder = ImageFolder(settings.images_dir)
+    removed = folder.remove_stray_temporaries()
+    if removed:
+        logger.info("removed %d unfinished download(s) left by an earlier run", removed)
+    key = settings.api_key.get_secret_value() if settings.api_key else None
+    secret = load_server_secret(settings.home) if settings.multi_user else None
+    base_url, transport = settings.api_base, None
+    if settings.sandbox:
+        from ._sandbox import Sandbox
+
+        sandbox = Sandbox(settings.home / "sandbox-upstream")
+        base_url, transport, key = sandbox.base_url, sandbox.transport(), key or "sandbox"
+    client = GPTunnelClient(base_url, timeout=settings.request_timeout, transport=transport)
+    downloader = ImageDownloader(
+        folder, timeout=settings.request_timeout, max_bytes=settings.max_image_bytes, transport=transport
+    )
+    engine = Engine(
+        settings=settings,
+        store=store,
+        folder=folder,
+        client=client,
+        downloader=downloader,
+        accounts=Accounts(Account(owner="", api_key=key), secret),
+        schedule=schedule or PollSchedule(),
+        backoff=backoff or Backoff(),
+    )
+    try:
+        yield engine
+    finally:
+        with anyio.CancelScope(shield=True):
+            await client.aclose()
+            await downloader.aclose()
+            await store.close()

@@ -1,0 +1,122 @@
+"""The tools' arguments, one pydantic model per tool.
+
+The model is the only declaration: the tool's signature (and so its input schema) is derived
+from it, and the tasks extension, which receives raw arguments, validates them with the same
+model, so a call means the same on both paths. Enums, patterns and lengths are declared in the
+schema for clients but checked by the core's `ImageRequest`, whose messages say what to do; the
+SDK's pydantic messages for them are long and technical.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, TypeVar
+
+from pydantic import BaseModel, Field, ValidationError, WithJsonSchema
+
+from .._exceptions import InputError
+from .._records import TASK_ID_PATTERN
+from .._request import ASPECT_RATIOS, ImageRequest, parse_image_request
+
+_A = TypeVar("_A", bound=BaseModel)
+_C = TypeVar("_C")
+_R = TypeVar("_R")
+
+
+class ImageArguments(BaseModel):
+    """create_image and generate_and_wait."""
+
+    prompt: Annotated[
+        str,
+        Field(
+            description="What the image should show. Be concrete: subject, setting, style, lighting, "
+            "composition.",
+            json_schema_extra={"minLength": 1},
+        ),
+    ]
+    model: Annotated[
+        str | None,
+        Field(
+            description="GPTunnel model id, e.g. gpt-image-1-low, gpt-image-1-medium, gpt-image-1-high, "
+            "google-imagen-3, flux-dev, seedream-3, yandex-art. Omit for the server's default.",
+        ),
+    ] = None
+    aspect_ratio: Annotated[
+        Annotated[str, WithJsonSchema({"type": "string", "enum": list(ASPECT_RATIOS)})] | None,
+        Field(description="Aspect ratio of the image. Omit for the model's default (usually 1:1)."),
+    ] = None
+    images: Annotated[
+        list[str] | None,
+        Field(
+            description="Public http(s) URLs of reference images to edit or draw from. "
+            "GPTunnel fetches them itself: no uploads, no base64, no local paths.",
+        ),
+    ] = None
+    new_image: Annotated[
+        bool,
+        Field(
+            description="Pay for a fresh image even if an identical request is still running or finished "
+            "in the last few minutes (by default that earlier task is returned instead).",
+        ),
+    ] = False
+
+    def request(self, default_model: str) -> ImageRequest:
+        return parse_image_request(default_model, self.prompt, self.model, self.aspect_ratio, self.images)
+
+
+class TaskArguments(BaseModel):
+    """get_result."""
+
+    task_id: Annotated[
+        str,
+        Field(
+            description="The task_id returned by create_image or generate_and_wait (24 hex characters).",
+            json_schema_extra={"pattern": TASK_ID_PATTERN},
+        ),
+    ]
+
+
+class NoArguments(BaseModel):
+    """get_balance."""
+
+
+def parse(model: type[_A], raw: dict[str, Any]) -> _A:
+    """`model` from raw arguments, for callers the SDK does not validate for (the tasks path)."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        argument = str(err["loc"][0]) if err["loc"] else None
+        raise InputError(f"{err['msg']}. Nothing was sent to GPTunnel.", argument=argument) from None
+
+
+def takes(
+    model: type[_A], context: Any
+) -> Callable[[Callable[[_C, _A], Awaitable[_R]]], Callable[..., Awaitable[_R]]]:
+    """Turn `async def tool(ctx, args: model)` into the flat-argument function MCPServer expects:
+    one keyword parameter per field of `model`, with its type, default and description."""
+
+    def wrap(fn: Callable[[_C, _A], Awaitable[_R]]) -> Callable[..., Awaitable[_R]]:
+        async def tool(ctx: _C, **raw: Any) -> _R:
+            return await fn(ctx, model.model_validate(raw))
+
+        fields = {name: Annotated[info.annotation, info] for name, info in model.model_fields.items()}
+        returns = inspect.signature(fn, eval_str=True).return_annotation
+        parameters = [inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=context)]
+        parameters += [
+            inspect.Parameter(
+                name,
+                inspect.Parameter.KEYWORD_ONLY,
+                annotation=annotation,
+                default=inspect.Parameter.empty if info.is_required() else info.default,
+            )
+            for (name, annotation), info in zip(fields.items(), model.model_fields.values(), strict=True)
+        ]
+        tool.__name__ = fn.__name__
+        tool.__doc__ = fn.__doc__
+        tool.__signature__ = inspect.Signature(parameters, return_annotation=returns)  # type: ignore[attr-defined]
+        tool.__annotations__ = {"ctx": context, **fields, "return": returns}
+        return tool
+
+    return wrap

@@ -1,0 +1,196 @@
+"""How the MCP front end speaks to agents: the result models of tools and resources, the
+sentence in each result that says what to do next, and the advice added to each error.
+
+Shared by the tools, the tasks extension and the resources, so an agent reads the same words
+whichever way it reached a task.
+"""
+
+from __future__ import annotations
+
+import base64
+from datetime import datetime
+
+from mcp_types import CallToolResult, ContentBlock, ImageContent, ResourceLink, TextContent
+from pydantic import BaseModel, Field
+
+from .._engine import Engine
+from .._exceptions import (
+    AuthenticationError,
+    GPTunnelMCPError,
+    ImageNotReadyError,
+    InputError,
+    MissingKeyError,
+    StorageError,
+    TaskNotFoundError,
+)
+from .._records import TaskRecord, TaskStatus
+
+HISTORY_URI = "gptunnel://images"
+MODELS_URI = "gptunnel://models"
+
+
+def task_uri(task_id: str) -> str:
+    return f"{HISTORY_URI}/{task_id}"
+
+
+def file_uri(task_id: str) -> str:
+    return f"{HISTORY_URI}/{task_id}/file"
+
+
+class ImageResult(BaseModel):
+    """The structured result of every image tool, and the JSON of `gptunnel://images/{task_id}`."""
+
+    task_id: str = Field(description="GPTunnel task id (24 hex characters).")
+    status: TaskStatus = Field(description="pending, done or failed.")
+    upstream_status: str = Field(description="GPTunnel's own status text, as it last reported it.")
+    model: str
+    prompt: str
+    aspect_ratio: str | None = None
+    images: list[str] = Field(default_factory=list, description="Reference image URLs sent with the task.")
+    created_at: datetime
+    completed_at: datetime | None = None
+    message: str = Field(description="One sentence for the agent: what happened and what to do next.")
+    file_path: str | None = Field(default=None, description="Absolute path of the stored image (when done).")
+    resource_uri: str | None = Field(default=None, description="MCP resource of the full image (when done).")
+    mime_type: str | None = None
+    size_bytes: int | None = None
+    sha256: str | None = None
+    width: int | None = None
+    height: int | None = None
+    source_url: str | None = Field(default=None, description="GPTunnel's download link; expires after 48 h.")
+    source_url_expires_at: datetime | None = None
+    error: str | None = Field(default=None, description="Why the task failed (when failed).")
+    sandbox: bool = Field(
+        default=False, description="True when the server runs in sandbox mode (no real image)."
+    )
+    reused: bool = Field(
+        default=False,
+        description="True when this call returned an earlier identical task instead of paying for a new one.",
+    )
+
+
+class HistoryEntry(BaseModel):
+    task_id: str
+    status: TaskStatus
+    model: str
+    prompt: str
+    created_at: datetime
+    resource_uri: str
+    file_uri: str | None = None
+
+
+class HistoryPage(BaseModel):
+    """The JSON of `gptunnel://images`."""
+
+    total: int
+    shown: int
+    tasks: list[HistoryEntry]
+    note: str | None = None
+
+
+def describe(engine: Engine, record: TaskRecord, *, reused: bool = False) -> ImageResult:
+    """The agent-facing view of a record, with a sentence telling the agent what to do next."""
+    result = ImageResult(
+        task_id=record.task_id,
+        status=record.status,
+        upstream_status=record.upstream_status,
+        model=record.model,
+        prompt=record.prompt,
+        aspect_ratio=record.aspect_ratio,
+        images=record.images,
+        created_at=record.created_at,
+        completed_at=record.completed_at,
+        source_url=record.source_url,
+        source_url_expires_at=record.source_url_expires_at,
+        error=record.error,
+        message="",
+        sandbox=engine.settings.sandbox,
+    )
+    if record.status == "done" and record.file is not None:
+        path = engine.folder.path(record.file).resolve()
+        result.file_path = str(path)
+        result.resource_uri = file_uri(record.task_id)
+        result.mime_type = record.file.mime_type
+        result.size_bytes = record.file.size_bytes
+        result.sha256 = record.file.sha256
+        result.width = record.file.width
+        result.height = record.file.height
+        result.message = f"The image is ready: {record.file.width}x{record.file.height}, stored at {path}."
+    elif record.status == "failed":
+        result.message = (
+            f"GPTunnel could not make this image: {record.error}. Change the prompt or the model "
+            "and try again."
+        )
+    else:
+        result.message = (
+            f"Task {record.task_id} is not finished yet (GPTunnel says '{record.upstream_status}'). "
+            f"Call get_result with task_id {record.task_id} in a little while to fetch the image."
+        )
+    if engine.settings.sandbox:
+        result.message = "Sandbox mode: made locally, nothing was charged. " + result.message
+    if reused:
+        result.reused = True
+        result.message = (
+            f"An identical request made at {record.created_at:%H:%M:%S} UTC was answered with this "
+            "task instead of paying for a new image (pass new_image=true to get a fresh one). "
+            + result.message
+        )
+    return result
+
+
+async def tool_result(engine: Engine, record: TaskRecord, *, reused: bool = False) -> CallToolResult:
+    result = describe(engine, record, reused=reused)
+    content: list[ContentBlock] = []
+    if record.status == "done" and record.file is not None:
+        preview = await engine.preview(record.file)
+        content.append(
+            ImageContent(data=base64.b64encode(preview.data).decode("ascii"), mime_type=preview.mime_type)
+        )
+        content.append(
+            ResourceLink(
+                uri=file_uri(record.task_id),
+                name=record.file.file_name,
+                title=shorten(record.prompt, 80),
+                description=f"Full image, {record.file.width}x{record.file.height}",
+                mime_type=record.file.mime_type,
+                size=record.file.size_bytes,
+            )
+        )
+    content.append(TextContent(text=f"{result.message} (task_id {result.task_id}, status {result.status})"))
+    return CallToolResult(
+        content=content, structured_content=result.model_dump(mode="json"), is_error=record.status == "failed"
+    )
+
+
+def error_text(exc: GPTunnelMCPError) -> str:
+    """The core's account of what happened, and what an agent can do about it."""
+    text = str(exc)
+    if isinstance(exc, InputError):
+        if exc.argument is not None and exc.argument != "task_id":
+            text = f"invalid {exc.argument}: {text}"
+        if exc.model is not None:
+            text += f" The models and what each takes: resource {MODELS_URI}."
+        elif exc.argument == "task_id":
+            text += ", as returned by create_image or generate_and_wait."
+    elif isinstance(exc, TaskNotFoundError):
+        text += f". List known tasks with the resource {HISTORY_URI}."
+    elif isinstance(exc, ImageNotReadyError):
+        text += f": call get_result with task_id {exc.task_id} first."
+    elif isinstance(exc, StorageError) and exc.task_id is not None:
+        text += (
+            f". GPTunnel's task is kept in the history: once the data folder is fixed, call get_result "
+            f"with task_id {exc.task_id} to fetch the image."
+        )
+    elif isinstance(exc, MissingKeyError):
+        text += " in the MCP server's environment (your client's server config), then restart the server."
+    elif isinstance(exc, AuthenticationError):
+        text += " Then restart the MCP server."
+    return text[:1].upper() + text[1:]
+
+
+def error_result(exc: GPTunnelMCPError) -> CallToolResult:
+    return CallToolResult(content=[TextContent(text=error_text(exc))], is_error=True)
+
+
+def shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"

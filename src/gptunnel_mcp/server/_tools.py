@@ -1,0 +1,142 @@
+"""The MCP tools: thin wrappers that hand validated arguments to the engine and its records to
+the presentation."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from mcp.server import MCPServer
+from mcp.server.mcpserver import Context
+from mcp_types import CallToolResult, TextContent, ToolAnnotations
+from pydantic import BaseModel, Field
+
+from .._accounts import Account
+from .._engine import Engine, JobEvents
+from .._exceptions import GPTunnelMCPError
+from .._records import TaskRecord
+from .._settings import Settings
+from ._arguments import ImageArguments, NoArguments, TaskArguments, takes
+from ._listeners import AccountListeners
+from ._presentation import ImageResult, error_result, tool_result
+
+ToolContext = Context[Engine, Any]
+ToolResult = Annotated[CallToolResult, ImageResult]
+
+_SPENDS_MONEY = ToolAnnotations(
+    read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=True
+)
+_READS = ToolAnnotations(
+    read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=True
+)
+
+
+class BalanceResult(BaseModel):
+    balance: float = Field(description="Money on the account, in roubles.")
+    credit_limit: float = Field(description="How far the account may go below zero, in roubles.")
+    currency: str = "RUB"
+    message: str
+
+
+class _ToolEvents(JobEvents):
+    """Progress notifications and list-changed notices for the tool call that runs the job."""
+
+    def __init__(self, ctx: ToolContext, listeners: AccountListeners) -> None:
+        self._ctx = ctx
+        self._listeners = listeners
+
+    async def progress(self, progress: float, total: float | None, message: str) -> None:
+        await self._ctx.report_progress(
+            round(progress, 1), None if total is None else round(total, 1), message
+        )
+
+    async def image_stored(self, record: TaskRecord) -> None:
+        # 2026-07-28 clients hear it on their subscriptions/listen stream; 2025-11-25 clients on
+        # their session (the SDK drops the session notice on 2026-07-28 connections).
+        await self._listeners.resources_changed(record.owner)
+        await self._ctx.session.send_resource_list_changed()
+
+
+def engine_of(ctx: ToolContext) -> Engine:
+    return ctx.request_context.lifespan_context
+
+
+def account_of(ctx: ToolContext) -> Account:
+    return engine_of(ctx).accounts.for_headers(ctx.headers)
+
+
+def register_tools(server: MCPServer[Engine], settings: Settings, listeners: AccountListeners) -> None:
+
+    @server.tool(
+        title="Start an image (returns at once)",
+        description="Start generating an image with GPTunnel and return its task_id at once, without "
+        "waiting. Then call get_result with the task_id until status is 'done'. Prefer generate_and_wait "
+        "unless you want to do other work meanwhile. A new image is billed; an identical request still "
+        "running or made minutes ago is answered with that task instead (new_image=true for a fresh one).",
+        annotations=_SPENDS_MONEY,
+    )
+    @takes(ImageArguments, ToolContext)
+    async def create_image(ctx: ToolContext, args: ImageArguments) -> ToolResult:
+        engine = engine_of(ctx)
+        try:
+            request = args.request(engine.settings.default_model)
+            outcome = await engine.create(request, account_of(ctx), new_image=args.new_image)
+            return await tool_result(engine, outcome.record, reused=outcome.reused)
+        except GPTunnelMCPError as exc:
+            return error_result(exc)
+
+    @server.tool(
+        title="Check an image task",
+        description="Get the current state of an image task. When it is done, the image is downloaded once "
+        "and kept: the result carries a preview, the file path and a resource link to the full image. "
+        "Finished tasks are answered from the local history, even after GPTunnel's 48-hour link expired.",
+        annotations=_READS,
+    )
+    @takes(TaskArguments, ToolContext)
+    async def get_result(ctx: ToolContext, args: TaskArguments) -> ToolResult:
+        engine = engine_of(ctx)
+        try:
+            record = await engine.refresh(args.task_id, account_of(ctx), _ToolEvents(ctx, listeners))
+            return await tool_result(engine, record)
+        except GPTunnelMCPError as exc:
+            return error_result(exc)
+
+    @server.tool(
+        title="Generate an image and wait for it",
+        description="Generate an image with GPTunnel and wait for it in one call: returns a preview, the "
+        "stored file's path and a resource link to the full image. If the image takes longer than "
+        f"the server's wait limit (about {settings.wait_timeout:.0f} s), the result is status 'pending' "
+        "with a task_id: call get_result with it later instead of generating again. A new image is "
+        "billed; an identical request still running or made minutes ago is answered with that task "
+        "instead (new_image=true for a fresh one).",
+        annotations=_SPENDS_MONEY,
+    )
+    @takes(ImageArguments, ToolContext)
+    async def generate_and_wait(ctx: ToolContext, args: ImageArguments) -> ToolResult:
+        engine = engine_of(ctx)
+        try:
+            request = args.request(engine.settings.default_model)
+            events = _ToolEvents(ctx, listeners)
+            outcome = await engine.generate(request, account_of(ctx), events, new_image=args.new_image)
+            return await tool_result(engine, outcome.record, reused=outcome.reused)
+        except GPTunnelMCPError as exc:
+            return error_result(exc)
+
+    @server.tool(
+        title="GPTunnel balance",
+        description="The GPTunnel account's balance and credit limit (roubles), to check before spending.",
+        annotations=_READS,
+    )
+    @takes(NoArguments, ToolContext)
+    async def get_balance(ctx: ToolContext, args: NoArguments) -> Annotated[CallToolResult, BalanceResult]:
+        try:
+            balance = await engine_of(ctx).balance(account_of(ctx))
+        except GPTunnelMCPError as exc:
+            return error_result(exc)
+        result = BalanceResult(
+            balance=balance.balance,
+            credit_limit=balance.credit_limit,
+            message=f"Balance {balance.balance:.2f} RUB, credit limit {balance.credit_limit:.2f} RUB.",
+        )
+        return CallToolResult(
+            content=[TextContent(text=result.message)], structured_content=result.model_dump(mode="json")
+        )
