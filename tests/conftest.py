@@ -1,30 +1,44 @@
-"""Shared fixtures: a stand-in GPTunnel on loopback and the real server driven by the official client."""
+"""Shared fixtures: a stand-in GPTunnel on loopback, and the server driven by the official client.
+
+Behaviour tests run the server in this process (`Client(server)` in memory, or its HTTP app on
+an in-process uvicorn), with quick poll timing: connecting costs milliseconds, not a Python
+start-up. `ProcessLauncher` keeps the thin layer of tests that need a real server process.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
 import os
 import socket
 import subprocess
 import sys
-import tempfile
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 import anyio
-import httpx
 import httpx2
 import pytest
+import uvicorn
 from mcp import Client, StdioServerParameters
 from mcp.client.extension import ClientExtension
 from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
 
-from gptunnel_mcp.standin import Behaviour, StandIn
+from gptunnel_mcp import Settings, load_settings
+from gptunnel_mcp._schedule import Backoff, PollSchedule
+from gptunnel_mcp.server import build_server
+from gptunnel_mcp.server._http import build_http_app
+
+from .standin import Behaviour, StandIn
 
 #: The stand-in's key. Distinctive, so a leak anywhere is found by a substring search.
 API_KEY = "sk-gptunnel-TEST-9f3a7c1e5b"
+#: Poll timing for in-process servers: the same plan, on a scale of tenths of a second.
+QUICK_POLLS = PollSchedule(first=0.05, factor=1.5, cap=0.15, jitter=0.1)
+QUICK_BACKOFF = Backoff(base=0.01, cap=0.05)
 
 
 @pytest.fixture
@@ -32,9 +46,17 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+@pytest.fixture(autouse=True)
+def _no_outside_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The developer's own GPTUNNEL_* variables must not reach the server under test."""
+    for name in list(os.environ):
+        if name.startswith("GPTUNNEL_"):
+            monkeypatch.delenv(name)
+
+
 @pytest.fixture
 def standin() -> Iterator[StandIn]:
-    with StandIn(api_key=API_KEY, behaviour=Behaviour(generation_seconds=0.6, image_size=(1200, 800))) as s:
+    with StandIn(api_key=API_KEY, behaviour=Behaviour(generation_seconds=0.3, image_size=(1200, 800))) as s:
         yield s
 
 
@@ -43,9 +65,132 @@ def home(tmp_path: Path) -> Path:
     return tmp_path / "home"
 
 
+@contextlib.contextmanager
+def environment(env: Mapping[str, str]) -> Iterator[None]:
+    """`env` as the process environment's GPTUNNEL_* variables, for as long as the block runs."""
+    saved = dict(os.environ)
+    for name in [n for n in os.environ if n.startswith("GPTUNNEL_")]:
+        del os.environ[name]
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+class _Captured(logging.Handler):
+    def __init__(self, sink: io.StringIO) -> None:
+        super().__init__(logging.DEBUG)
+        self.sink = sink
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.sink.write(self.format(record) + "\n")
+
+
 class ServerLauncher:
+    """The server as a client meets it, in this process: over the SDK's in-memory transport
+    (`transport="memory"`) or over streamable HTTP on an in-process uvicorn (`"http"`). Each
+    `connect` is a new server on the same home folder, configured as the environment variables
+    given would configure it; `logs()` is everything the servers logged."""
+
+    def __init__(self, standin: StandIn, home: Path, transport: str = "memory") -> None:
+        self.standin = standin
+        self.home = home
+        self.transport = transport
+        self._log = io.StringIO()
+
+    def env(self, **env: str | None) -> dict[str, str]:
+        values: dict[str, str | None] = {
+            "GPTUNNEL_API_KEY": API_KEY,
+            "GPTUNNEL_BASE_URL": self.standin.url,
+            "GPTUNNEL_MCP_HOME": str(self.home),
+            "GPTUNNEL_WAIT_TIMEOUT": "10",
+            **env,
+        }
+        return {k: v for k, v in values.items() if v is not None}
+
+    def settings(self, **env: str | None) -> Settings:
+        with environment(self.env(**env)):
+            return load_settings()
+
+    @contextlib.asynccontextmanager
+    async def connect(
+        self,
+        mode: str = "auto",
+        *,
+        token: str | None = None,
+        extensions: Sequence[ClientExtension] | None = None,
+        **env: str | None,
+    ) -> AsyncIterator[Client]:
+        settings = self.settings(**env)
+        handler = _Captured(self._log)
+        root = logging.getLogger()
+        root.addHandler(handler)
+        level, root.level = root.level, logging.DEBUG
+        try:
+            if self.transport == "memory":
+                server = build_server(settings, schedule=QUICK_POLLS, backoff=QUICK_BACKOFF)
+                async with Client(server, mode=mode, cache=None, extensions=extensions) as client:  # type: ignore[arg-type]
+                    yield client
+                return
+            async with (
+                serve_http(settings) as url,
+                http_client(url, token) as http,
+                Client(
+                    streamable_http_client(url, http_client=http),  # type: ignore[arg-type]
+                    mode=mode,  # type: ignore[arg-type]
+                    cache=None,
+                    extensions=extensions,
+                ) as client,
+            ):
+                yield client
+        finally:
+            root.removeHandler(handler)
+            root.level = level
+
+    def logs(self) -> str:
+        return self._log.getvalue()
+
+
+@pytest.fixture(params=["memory", "http"])
+def server(request: pytest.FixtureRequest, standin: StandIn, home: Path) -> ServerLauncher:
+    """The server as clients meet it, once per transport: every test using it runs over both."""
+    return ServerLauncher(standin, home, transport=request.param)
+
+
+@pytest.fixture
+def memory_server(standin: StandIn, home: Path) -> ServerLauncher:
+    """For behaviour that does not depend on the transport."""
+    return ServerLauncher(standin, home)
+
+
+@contextlib.asynccontextmanager
+async def serve_http(settings: Settings) -> AsyncIterator[str]:
+    """The server's whole HTTP app (auth, Host/Origin guard, /healthz) on an in-process uvicorn
+    on a free loopback port; yields the MCP URL."""
+    app = build_http_app(settings, schedule=QUICK_POLLS, backoff=QUICK_BACKOFF)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_config=None, log_level="warning", lifespan="on", access_log=False)
+    server = uvicorn.Server(config)
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(server.serve, [sock])
+        with anyio.fail_after(10):
+            while not server.started:
+                await anyio.sleep(0.005)
+        try:
+            yield f"http://127.0.0.1:{port}/mcp"
+        finally:
+            server.should_exit = True
+    sock.close()
+
+
+class ProcessLauncher:
     """Starts `python -m gptunnel_mcp` as a client would, over stdio or streamable HTTP, and keeps
-    what it wrote to stderr. Each `connect` is a new server process on the same home folder."""
+    what it wrote to stderr: for the tests that need a real process (transports, crashes)."""
 
     def __init__(self, standin: StandIn, home: Path, log_dir: Path, transport: str = "stdio") -> None:
         self.standin = standin
@@ -72,20 +217,13 @@ class ServerLauncher:
         )
 
     @contextlib.asynccontextmanager
-    async def connect(
-        self,
-        mode: str = "auto",
-        *,
-        token: str | None = None,
-        extensions: Sequence[ClientExtension] | None = None,
-        **env: str | None,
-    ) -> AsyncIterator[Client]:
+    async def connect(self, mode: str = "auto", *, token: str | None = None, **env: str | None) -> AsyncIterator[Client]:
         log = self.log_dir / f"server-{len(self.logs)}.log"
         self.logs.append(log)
         with log.open("w") as errlog:
             if self.transport == "stdio":
                 transport = stdio_client(self.params(**env), errlog=errlog)
-                async with Client(transport, mode=mode, cache=None, extensions=extensions) as client:  # type: ignore[arg-type]
+                async with Client(transport, mode=mode, cache=None) as client:  # type: ignore[arg-type]
                     yield client
                 return
             async with (
@@ -93,9 +231,8 @@ class ServerLauncher:
                 http_client(url, token) as http,
                 Client(
                     streamable_http_client(url, http_client=http),  # type: ignore[arg-type]
-                    mode=mode,
+                    mode=mode,  # type: ignore[arg-type]
                     cache=None,
-                    extensions=extensions,
                 ) as client,
             ):
                 yield client
@@ -112,11 +249,11 @@ class ServerLauncher:
         return "".join(p.read_text() for p in self.logs if p.exists())
 
 
-@pytest.fixture(params=["stdio", "http"])
-def server(request: pytest.FixtureRequest, standin: StandIn, home: Path) -> Iterator[ServerLauncher]:
-    """The server as clients meet it, once per transport: every test using it runs over both."""
-    with tempfile.TemporaryDirectory() as logs:
-        yield ServerLauncher(standin, home, Path(logs), transport=request.param)
+@pytest.fixture
+def process_server(standin: StandIn, home: Path, tmp_path: Path) -> ProcessLauncher:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    return ProcessLauncher(standin, home, logs)
 
 
 @contextlib.asynccontextmanager
@@ -131,9 +268,10 @@ async def running_server(
             while True:
                 if process.poll() is not None:
                     raise RuntimeError(f"server exited with {process.returncode}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                        break
+                with contextlib.suppress(httpx2.HTTPError):
+                    async with httpx2.AsyncClient() as probe:
+                        if (await probe.get(f"http://127.0.0.1:{port}/healthz", timeout=1)).status_code == 200:
+                            break
                 await anyio.sleep(0.05)
         yield process
     finally:

@@ -30,7 +30,7 @@ Usage in a test::
         ...
         standin.behaviour.transient_failures = 2
 
-From a shell: ``python -m gptunnel_mcp.standin --port 8765 --api-key K --generation-seconds 2``.
+From a shell: ``python tests/standin.py --port 8765 --api-key K --generation-seconds 2``.
 """
 
 from __future__ import annotations
@@ -505,6 +505,14 @@ class StandIn:
             for task in self._tasks.values():
                 task.expired = True
 
+    def finish(self, task_id: str | None = None) -> None:
+        """End a task (or every unfinished one) now, as if its generation time were up."""
+        now = time.time()
+        with self._lock:
+            for task in self._tasks.values():
+                if task_id in (None, task.id) and now - task.created < task.duration:
+                    task.duration = now - task.created
+
     def task_ids(self) -> list[str]:
         """Ids of every task created so far, oldest first."""
         with self._lock:
@@ -784,7 +792,7 @@ class StandIn:
 def main(argv: list[str] | None = None) -> None:
     """Serve the stand-in in the foreground until Ctrl-C."""
     parser = argparse.ArgumentParser(
-        prog="python -m gptunnel_mcp.standin",
+        prog="python tests/standin.py",
         description="A local stand-in for GPTunnel's media API (for tests, benchmarks and sandboxes).",
     )
     parser.add_argument("--host", default="127.0.0.1")

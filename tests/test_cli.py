@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import gptunnel_mcp
-from gptunnel_mcp.standin import StandIn
+from .standin import StandIn
 
 from .conftest import API_KEY
 

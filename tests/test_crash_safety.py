@@ -30,7 +30,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp_types import BlobResourceContents, CallToolResult, TextResourceContents
 from PIL import Image
 
-from gptunnel_mcp.standin import StandIn
+from .standin import StandIn
 
 from .conftest import ServerLauncher, free_port, http_client, running_server, structured, text_of
 

@@ -8,7 +8,7 @@ import json
 import pytest
 from mcp_types import ResourceTemplateReference
 
-from gptunnel_mcp.standin import StandIn
+from .standin import StandIn
 
 from .conftest import ServerLauncher, structured, text_of
 

@@ -20,7 +20,7 @@ import pytest
 from mcp import Client
 from mcp_types import BlobResourceContents, TextResourceContents
 
-from gptunnel_mcp.standin import StandIn, Stats
+from .standin import StandIn, Stats
 
 from .conftest import API_KEY, ServerLauncher, structured, text_of
 

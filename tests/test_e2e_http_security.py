@@ -34,7 +34,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp_types import BlobResourceContents, ResourceTemplateReference, TextResourceContents
 
 import gptunnel_mcp
-from gptunnel_mcp.standin import Behaviour, StandIn, Stats
+from .standin import Behaviour, StandIn, Stats
 
 from .conftest import API_KEY, ServerLauncher, free_port, http_client, running_server, structured, text_of
 

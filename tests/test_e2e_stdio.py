@@ -18,7 +18,7 @@ import pytest
 from mcp_types import ResourceListChangedNotification
 from PIL import Image
 
-from gptunnel_mcp.standin import StandIn
+from .standin import StandIn
 
 from .conftest import ServerLauncher, structured, text_of
 

@@ -15,7 +15,7 @@ from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolResult, RequestParams, Result
 from pydantic import ConfigDict, Field
 
-from gptunnel_mcp.standin import StandIn
+from .standin import StandIn
 
 from .conftest import ServerLauncher, structured
 

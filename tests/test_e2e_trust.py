@@ -11,7 +11,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from gptunnel_mcp.standin import StandIn
+from .standin import StandIn
 
 from .conftest import ServerLauncher, structured, text_of
 

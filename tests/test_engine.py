@@ -11,7 +11,7 @@ import pytest
 
 from gptunnel_mcp import DownloadError, ImageRequest, load_settings, open_engine
 from gptunnel_mcp._models import utcnow
-from gptunnel_mcp.standin import Behaviour, StandIn
+from .standin import Behaviour, StandIn
 
 from .conftest import API_KEY
 

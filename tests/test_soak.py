@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gptunnel_mcp.standin import Behaviour, StandIn
+from .standin import Behaviour, StandIn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import soak  # bench/ is not a package: found through the sys.path entry above

@@ -20,7 +20,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from gptunnel_mcp.standin import ASPECT_RATIOS, Behaviour, StandIn, Stats, render_image
+from .standin import ASPECT_RATIOS, Behaviour, StandIn, Stats, render_image
 
 KEY = "test-key-123"
 MODEL = "gpt-image-1-low"

@@ -108,7 +108,8 @@ def _m004_finish_bracket(db: sqlite3.Connection) -> None:
            FROM tasks"""
     )
     timed = db.execute(
-        """SELECT rowid, duration, json_extract(record, '$.submitted_at'), json_extract(record, '$.completed_at')
+        """SELECT rowid, duration,
+                  json_extract(record, '$.submitted_at'), json_extract(record, '$.completed_at')
            FROM tasks WHERE duration IS NOT NULL
            AND json_extract(record, '$.submitted_at') IS NOT NULL
            AND json_extract(record, '$.completed_at') IS NOT NULL"""
@@ -192,7 +193,8 @@ def _unversioned(db: sqlite3.Connection) -> int:
     if columns not in UNVERSIONED_SHAPES:
         raise StorageError(
             f"the history at {_path(db)} has a tasks table that no gptunnel-mcp wrote "
-            f"(columns {', '.join(sorted(columns))}): move the file away, or point GPTUNNEL_MCP_HOME elsewhere"
+            f"(columns {', '.join(sorted(columns))}): move the file away, "
+            "or point GPTUNNEL_MCP_HOME elsewhere"
         )
     return UNVERSIONED_SHAPES[columns]
 

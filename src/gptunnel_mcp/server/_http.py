@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .._accounts import bearer_token
 from .._engine import Engine
 from .._exceptions import AuthenticationError, GPTunnelMCPError
+from .._schedule import Backoff, PollSchedule
 from .._settings import Settings
 from .._version import __version__
 from ._build import EngineSlot, build_server
@@ -151,11 +152,13 @@ async def healthz(request: Request) -> Response:
     )
 
 
-def build_http_app(settings: Settings) -> Starlette:
+def build_http_app(
+    settings: Settings, *, schedule: PollSchedule | None = None, backoff: Backoff | None = None
+) -> Starlette:
     """The whole HTTP service. The SDK's app runs the server's lifespan, which opens the engine;
     the authentication layer reaches the engine through the server once it is open."""
     slot = EngineSlot()
-    server = build_server(settings, slot)
+    server = build_server(settings, slot, schedule=schedule, backoff=backoff)
     server.custom_route("/healthz", methods=["GET"])(healthz)
     app = server.streamable_http_app(
         streamable_http_path=MCP_PATH, transport_security=transport_security(settings), host=settings.host
