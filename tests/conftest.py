@@ -56,8 +56,10 @@ def _no_outside_settings(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def standin() -> Iterator[StandIn]:
-    with StandIn(api_key=API_KEY, behaviour=Behaviour(generation_seconds=0.3, image_size=(1200, 800))) as s:
-        yield s
+    standin = StandIn(api_key=API_KEY, behaviour=Behaviour(generation_seconds=0.3, image_size=(1200, 800)))
+    standin.start()
+    yield standin
+    standin.stop(wait=False)
 
 
 @pytest.fixture

@@ -171,15 +171,15 @@ def migrate(db: sqlite3.Connection) -> None:
 
 
 def _upgrade(db: sqlite3.Connection) -> None:
-    version = _version(db)
-    if version > LATEST:
+    stored = _version(db)
+    if stored > LATEST:
         raise StorageError(
-            f"the history at {_path(db)} was written by a newer gptunnel-mcp (schema {version}; "
+            f"the history at {_path(db)} was written by a newer gptunnel-mcp (schema {stored}; "
             f"this version reads up to {LATEST}): upgrade gptunnel-mcp, or point GPTUNNEL_MCP_HOME elsewhere"
         )
-    if version == 0:
-        version = _unversioned(db)
-    for migration in SQLITE_MIGRATIONS[version:]:
+    if stored == LATEST:
+        return
+    for migration in SQLITE_MIGRATIONS[stored or _unversioned(db) :]:
         migration(db)
     # PRAGMA takes no parameters; LATEST is this module's own integer.
     db.execute(f"PRAGMA user_version = {LATEST:d}")

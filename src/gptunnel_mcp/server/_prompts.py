@@ -3,12 +3,16 @@ own examples use, ready to pass to generate_and_wait."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from mcp.server import MCPServer
+from mcp.server.context import ServerRequestContext
+from mcp.shared.exceptions import MCPError
+from mcp_types import INVALID_PARAMS, GetPromptRequestParams, GetPromptResult
 from pydantic import Field
 
 from .._engine import Engine
+from ._sdk import add_request_handler
 
 #: (argument, what it covers), in the order the brief lists them.
 BRIEF_PARTS: tuple[tuple[str, str], ...] = (
@@ -69,6 +73,34 @@ def register_prompts(server: MCPServer[Engine]) -> None:
             "film_stock": film_stock,
         }
         return compose_brief(idea, parts)
+
+    async def get_prompt(ctx: ServerRequestContext[Engine, Any], params: GetPromptRequestParams) -> Any:
+        """MCPServer reports a bad prompt name or argument as a plain exception, which reaches
+        2026-07-28 clients as "Internal server error"; checked here, it is an invalid-params
+        error that says what to send."""
+        prompts = {p.name: p for p in await server.list_prompts()}
+        prompt = prompts.get(params.name)
+        if prompt is None:
+            raise MCPError(
+                code=INVALID_PARAMS,
+                message=f"Unknown prompt {params.name[:80]!r}; this server has: {', '.join(sorted(prompts))}",
+            )
+        declared = {a.name: a for a in prompt.arguments or []}
+        given = params.arguments or {}
+        unknown = sorted(set(given) - set(declared))
+        missing = sorted(n for n, a in declared.items() if a.required and not given.get(n))
+        if unknown or missing:
+            problems = [f"missing {', '.join(missing)}"] if missing else []
+            problems += [f"unknown {', '.join(a[:40] for a in unknown)}"] if unknown else []
+            raise MCPError(
+                code=INVALID_PARAMS,
+                message=f"Invalid arguments for prompt {prompt.name}: {'; '.join(problems)}. "
+                f"It takes: {', '.join(declared)}",
+            )
+        result: GetPromptResult = await server.get_prompt(params.name, given)
+        return result
+
+    add_request_handler(server, "prompts/get", GetPromptRequestParams, get_prompt)
 
 
 def compose_brief(idea: str, parts: dict[str, str | None]) -> str:
