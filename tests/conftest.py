@@ -134,15 +134,15 @@ class ServerLauncher:
         try:
             if self.transport == "memory":
                 server = build_server(settings, schedule=QUICK_POLLS, backoff=QUICK_BACKOFF)
-                async with Client(server, mode=mode, cache=None, extensions=extensions) as client:  # type: ignore[arg-type]
+                async with Client(server, mode=mode, cache=None, extensions=extensions) as client:
                     yield client
                 return
             async with (
                 serve_http(settings) as url,
                 http_client(url, token) as http,
                 Client(
-                    streamable_http_client(url, http_client=http),  # type: ignore[arg-type]
-                    mode=mode,  # type: ignore[arg-type]
+                    streamable_http_client(url, http_client=http),
+                    mode=mode,
                     cache=None,
                     extensions=extensions,
                 ) as client,
@@ -181,7 +181,7 @@ async def serve_http(settings: Settings) -> AsyncIterator[str]:
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(server.serve, [sock])
         with anyio.fail_after(10):
-            while not server.started:
+            while not server.started:  # noqa: ASYNC110 - uvicorn offers a flag, not an event
                 await anyio.sleep(0.005)
         try:
             yield f"http://127.0.0.1:{port}/mcp"
@@ -219,21 +219,23 @@ class ProcessLauncher:
         )
 
     @contextlib.asynccontextmanager
-    async def connect(self, mode: str = "auto", *, token: str | None = None, **env: str | None) -> AsyncIterator[Client]:
+    async def connect(
+        self, mode: str = "auto", *, token: str | None = None, **env: str | None
+    ) -> AsyncIterator[Client]:
         log = self.log_dir / f"server-{len(self.logs)}.log"
         self.logs.append(log)
         with log.open("w") as errlog:
             if self.transport == "stdio":
                 transport = stdio_client(self.params(**env), errlog=errlog)
-                async with Client(transport, mode=mode, cache=None) as client:  # type: ignore[arg-type]
+                async with Client(transport, mode=mode, cache=None) as client:
                     yield client
                 return
             async with (
                 self.http_server(errlog, **env) as url,
                 http_client(url, token) as http,
                 Client(
-                    streamable_http_client(url, http_client=http),  # type: ignore[arg-type]
-                    mode=mode,  # type: ignore[arg-type]
+                    streamable_http_client(url, http_client=http),
+                    mode=mode,
                     cache=None,
                 ) as client,
             ):
@@ -272,7 +274,9 @@ async def running_server(
                     raise RuntimeError(f"server exited with {process.returncode}")
                 with contextlib.suppress(httpx2.HTTPError):
                     async with httpx2.AsyncClient() as probe:
-                        if (await probe.get(f"http://127.0.0.1:{port}/healthz", timeout=1)).status_code == 200:
+                        if (
+                            await probe.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
+                        ).status_code == 200:
                             break
                 await anyio.sleep(0.05)
         yield process

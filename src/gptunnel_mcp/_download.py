@@ -46,10 +46,11 @@ class ImageDownloader:
         Raises `TransientUpstreamError` where trying again may help, `DownloadError` where it
         will not (expired link, not an image, too large) and `StorageError` when the disk refuses.
         """
-        from ._httpx import httpx
+        from ._httpx import httpx, ssl_context
 
         if self._http is None:
             self._http = httpx.AsyncClient(
+                verify=ssl_context(),
                 timeout=httpx.Timeout(self._timeout, connect=min(self._timeout, 10.0)),
                 follow_redirects=True,
                 transport=self._transport,

@@ -99,9 +99,10 @@ class GPTunnelClient:
     def _http(self) -> httpx.AsyncClient:
         # Made on first use: importing httpx is a tenth of the server's start-up time.
         if self._client is None:
-            from ._httpx import httpx
+            from ._httpx import httpx, ssl_context
 
             self._client = httpx.AsyncClient(
+                verify=ssl_context(),
                 base_url=self._base_url,
                 headers={"User-Agent": _user_agent()},
                 timeout=httpx.Timeout(self._timeout, connect=min(self._timeout, 10.0)),

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from mcp.server import MCPServer
 from mcp.server.context import ServerRequestContext
 from mcp.shared.exceptions import MCPError
-from mcp_types import INVALID_PARAMS, GetPromptRequestParams, GetPromptResult
+from mcp_types import INVALID_PARAMS, GetPromptRequestParams, GetPromptResult, InputRequiredResult
 from pydantic import Field
 
 from .._engine import Engine
@@ -74,7 +74,9 @@ def register_prompts(server: MCPServer[Engine]) -> None:
         }
         return compose_brief(idea, parts)
 
-    async def get_prompt(ctx: ServerRequestContext[Engine, Any], params: GetPromptRequestParams) -> Any:
+    async def get_prompt(
+        ctx: ServerRequestContext[Engine, Any], params: GetPromptRequestParams
+    ) -> GetPromptResult | InputRequiredResult:
         """MCPServer reports a bad prompt name or argument as a plain exception, which reaches
         2026-07-28 clients as "Internal server error"; checked here, it is an invalid-params
         error that says what to send."""
@@ -97,8 +99,7 @@ def register_prompts(server: MCPServer[Engine]) -> None:
                 message=f"Invalid arguments for prompt {prompt.name}: {'; '.join(problems)}. "
                 f"It takes: {', '.join(declared)}",
             )
-        result: GetPromptResult = await server.get_prompt(params.name, given)
-        return result
+        return await server.get_prompt(params.name, given)
 
     add_request_handler(server, "prompts/get", GetPromptRequestParams, get_prompt)
 

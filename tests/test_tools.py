@@ -1,6 +1,9 @@
-"""The server as clients use it: a real stdio subprocess, the official MCP client, a stand-in GPTunnel.
+"""The image tools as agents use them, with the official client and a stand-in GPTunnel: schemas,
+results, progress, waits that time out or are cancelled, restarts, list-changed notices.
 
-Each test drives both protocol eras where the behaviour differs by era.
+Tasks end on command (`standin.finish`) or after a few hundredths of a second, so no test sleeps
+for a generation. Tests run over both transports only where the transport carries the behaviour
+(progress and list-changed notifications, cancellation, the 2025-11-25 vs 2026-07-28 handshake).
 """
 
 from __future__ import annotations
@@ -10,25 +13,53 @@ import hashlib
 import io
 import itertools
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-from mcp_types import ResourceListChangedNotification
+from mcp import Client
+from mcp_types import (
+    BlobResourceContents,
+    ImageContent,
+    ResourceLink,
+    ResourceListChangedNotification,
+    TextContent,
+    TextResourceContents,
+)
 from PIL import Image
 
-from .standin import StandIn
-
-from .conftest import ServerLauncher, structured, text_of
+from .conftest import API_KEY, ServerLauncher, structured, text_of
+from .standin import Behaviour, StandIn
 
 pytestmark = pytest.mark.anyio
 
 MODES = ["auto", "legacy"]  # 2026-07-28 (discovered) and the 2025-11-25 handshake
+#: Long enough that only `standin.finish` ends a task within a test.
+FOREVER = 600.0
+#: More than two of the quick poll schedule's longest gaps (0.15 s plus 10 % jitter).
+QUIET_WINDOW = 0.4
 
 
-async def test_tools_are_listed_with_schemas_and_truthful_annotations(server: ServerLauncher) -> None:
-    async with server.connect() as client:
+@pytest.fixture
+def standin() -> Iterator[StandIn]:
+    # Images are ready at the first poll and small enough to render in a few milliseconds.
+    standin = StandIn(api_key=API_KEY, behaviour=Behaviour(generation_seconds=0.05, image_size=(320, 200)))
+    standin.start()
+    yield standin
+    # Its thread ends on its own within about 0.2 s: no need to spend that on every test.
+    standin.stop(wait=False)
+
+
+async def history_ids(client: Client) -> list[str]:
+    (contents,) = (await client.read_resource("gptunnel://images")).contents
+    assert isinstance(contents, TextResourceContents)
+    return [t["task_id"] for t in json.loads(contents.text)["tasks"]]
+
+
+async def test_tools_are_listed_with_schemas_and_truthful_annotations(memory_server: ServerLauncher) -> None:
+    async with memory_server.connect() as client:
         tools = {t.name: t for t in (await client.list_tools()).tools}
     assert set(tools) == {"create_image", "get_result", "generate_and_wait", "get_balance"}
     for name in ("create_image", "generate_and_wait"):
@@ -51,10 +82,14 @@ async def test_tools_are_listed_with_schemas_and_truthful_annotations(server: Se
 async def test_generate_and_wait_returns_preview_link_and_the_stored_file(
     server: ServerLauncher, standin: StandIn, mode: str
 ) -> None:
-    progress: list[tuple[float, float | None, str | None]] = []
+    # Long enough for a poll before the end, so progress has something to report meanwhile;
+    # wider than the 512-pixel preview, so the preview is scaled down.
+    standin.behaviour.generation_seconds = 0.1
+    standin.behaviour.image_size = (640, 400)
+    reports: list[tuple[float, float | None, str | None]] = []
 
-    async def on_progress(value: float, total: float | None, message: str | None) -> None:
-        progress.append((value, total, message))
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        reports.append((progress, total, message))
 
     async with server.connect(mode) as client:
         result = await client.call_tool(
@@ -75,46 +110,47 @@ async def test_generate_and_wait_returns_preview_link_and_the_stored_file(
     assert stored.is_absolute() and stored.read_bytes() == served
     assert data["sha256"] == hashlib.sha256(served).hexdigest()
     assert data["size_bytes"] == len(served)
-    assert (data["width"], data["height"]) == (1200, 800)
+    assert (data["width"], data["height"]) == (640, 400)
     assert data["mime_type"] == "image/webp"
     assert data["resource_uri"] == f"gptunnel://images/{task_id}/file"
     assert data["source_url"].startswith(standin.url) and data["source_url_expires_at"]
 
     # The preview: an image block small enough for every client; no base64 in structured content.
-    kinds = [block.type for block in result.content]
-    assert kinds == ["image", "resource_link", "text"]
-    preview = result.content[0]
+    assert [block.type for block in result.content] == ["image", "resource_link", "text"]
+    preview, link, text = result.content
+    assert (
+        isinstance(preview, ImageContent) and isinstance(link, ResourceLink) and isinstance(text, TextContent)
+    )
     raw = base64.b64decode(preview.data)
     assert len(preview.data) < 1_000_000
     with Image.open(io.BytesIO(raw)) as image:
         assert max(image.size) == 512 and image.size[0] > image.size[1]
     assert preview.data not in json.dumps(data)
-    assert result.content[1].uri == data["resource_uri"]
-    assert str(stored) in result.content[2].text
+    assert link.uri == data["resource_uri"]
+    assert str(stored) in text.text
 
     # Progress came while it waited, saying the status and the time.
-    assert progress, "no progress notification arrived"
-    assert all(b[0] >= a[0] for a, b in itertools.pairwise(progress))
-    assert any("elapsed" in (m or "") for _, _, m in progress)
+    assert reports, "no progress notification arrived"
+    assert all(b[0] >= a[0] for a, b in itertools.pairwise(reports))
+    assert any("elapsed" in (m or "") for _, _, m in reports)
     assert standin.stats.create_calls == 1
 
 
 async def test_create_then_get_result_downloads_once_and_serves_from_the_store(
-    server: ServerLauncher, standin: StandIn
+    memory_server: ServerLauncher, standin: StandIn
 ) -> None:
-    async with server.connect() as client:
+    standin.behaviour.generation_seconds = FOREVER
+    async with memory_server.connect() as client:
         started = structured(await client.call_tool("create_image", {"prompt": "a lighthouse at dusk"}))
         assert started["status"] == "pending" and started["file_path"] is None
         task_id = started["task_id"]
         assert len(task_id) == 24
 
-        deadline = anyio.current_time() + 15
-        while True:
-            result = await client.call_tool("get_result", {"task_id": task_id})
-            data = structured(result)
-            if data["status"] != "pending" or anyio.current_time() > deadline:
-                break
-            await anyio.sleep(0.2)
+        still = structured(await client.call_tool("get_result", {"task_id": task_id}))
+        assert still["status"] == "pending" and still["file_path"] is None
+        standin.finish(task_id)
+        result = await client.call_tool("get_result", {"task_id": task_id})
+        data = structured(result)
         assert data["status"] == "done", data
         assert [b.type for b in result.content] == ["image", "resource_link", "text"]
         assert standin.stats.download_calls == 1
@@ -129,17 +165,17 @@ async def test_create_then_get_result_downloads_once_and_serves_from_the_store(
 
 
 async def test_wait_timeout_returns_pending_with_advice_not_an_error(
-    server: ServerLauncher, standin: StandIn
+    memory_server: ServerLauncher, standin: StandIn
 ) -> None:
-    standin.behaviour.generation_seconds = 3
-    async with server.connect(GPTUNNEL_WAIT_TIMEOUT="1.5") as client:
+    standin.behaviour.generation_seconds = FOREVER
+    async with memory_server.connect(GPTUNNEL_WAIT_TIMEOUT="0.2") as client:
         result = await client.call_tool("generate_and_wait", {"prompt": "slow"})
         assert not result.is_error
         data = structured(result)
         assert data["status"] == "pending"
         assert "get_result" in data["message"] and data["task_id"] in data["message"]
         # The task was kept and can be finished later without a new create.
-        await anyio.sleep(3.5)
+        standin.finish(data["task_id"])
         done = structured(await client.call_tool("get_result", {"task_id": data["task_id"]}))
     assert done["status"] == "done"
     assert standin.stats.create_calls == 1
@@ -148,75 +184,59 @@ async def test_wait_timeout_returns_pending_with_advice_not_an_error(
 async def test_cancelled_wait_stops_polling_and_the_task_stays_resumable(
     server: ServerLauncher, standin: StandIn
 ) -> None:
-    standin.behaviour.generation_seconds = 3
+    standin.behaviour.generation_seconds = FOREVER
+    polled = anyio.Event()
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        # The report after a poll says the time; the one at creation does not.
+        if "elapsed" in (message or ""):
+            polled.set()
+
+    async def wait_for_it(client: Client) -> None:
+        await client.call_tool("generate_and_wait", {"prompt": "cancel me"}, progress_callback=on_progress)
+
     async with server.connect() as client:
-        with anyio.move_on_after(1.2):
-            await client.call_tool("generate_and_wait", {"prompt": "cancel me"})
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(wait_for_it, client)
+            with anyio.fail_after(5):
+                await polled.wait()
+            tasks.cancel_scope.cancel()
         (task_id,) = standin.task_ids()
-        await anyio.sleep(0.5)
-        polls = standin.stats.result_calls
-        await anyio.sleep(1.5)
-        assert standin.stats.result_calls == polls, "polling went on after the call was cancelled"
-        history = json.loads((await client.read_resource("gptunnel://images")).contents[0].text)
-        assert [t["task_id"] for t in history["tasks"]] == [task_id]
-        await anyio.sleep(1)
+        assert standin.stats.result_calls > 0
+        # The cancellation takes a moment to reach the server; once it has, no poll comes for
+        # several of the schedule's gaps, while a wait still running would poll in each of them.
+        quiet = False
+        with anyio.move_on_after(3):
+            polls = standin.stats.result_calls
+            while not quiet:
+                await anyio.sleep(QUIET_WINDOW)
+                quiet, polls = standin.stats.result_calls == polls, standin.stats.result_calls
+        assert quiet, "polling went on after the call was cancelled"
+        assert await history_ids(client) == [task_id]
+        assert standin.stats.result_calls == polls
+        standin.finish(task_id)
         done = structured(await client.call_tool("get_result", {"task_id": task_id}))
     assert done["status"] == "done"
     assert standin.stats.create_calls == 1
 
 
-@pytest.mark.parametrize("mode", MODES)
-async def test_resources_history_record_and_file(server: ServerLauncher, standin: StandIn, mode: str) -> None:
-    async with server.connect(mode) as client:
-        first = structured(await client.call_tool("generate_and_wait", {"prompt": "first"}))
-        second = structured(
-            await client.call_tool("generate_and_wait", {"prompt": "second", "model": "flux-dev"})
-        )
-
-        listed = {r.uri: r for r in (await client.list_resources()).resources}
-        assert "gptunnel://images" in listed
-        for data in (first, second):
-            entry = listed[data["resource_uri"]]
-            assert entry.mime_type == "image/webp" and entry.size == data["size_bytes"]
-
-        history = json.loads((await client.read_resource("gptunnel://images")).contents[0].text)
-        assert [t["task_id"] for t in history["tasks"]] == [second["task_id"], first["task_id"]]
-        assert history["tasks"][0]["resource_uri"] == f"gptunnel://images/{second['task_id']}"
-
-        record = await client.read_resource(f"gptunnel://images/{first['task_id']}")
-        assert record.contents[0].mime_type == "application/json"
-        assert json.loads(record.contents[0].text)["sha256"] == first["sha256"]
-
-        blob = (await client.read_resource(first["resource_uri"])).contents[0]
-        assert blob.mime_type == "image/webp"
-        assert base64.b64decode(blob.blob) == standin.image_bytes(first["task_id"])
-
-        templates = {t.uri_template for t in (await client.list_resource_templates()).resource_templates}
-        assert templates == {"gptunnel://images/{task_id}", "gptunnel://images/{task_id}/file"}
-
-        for bad in (
-            "gptunnel://images/0123456789abcdef01234567",
-            "gptunnel://images/nope/file",
-            "gptunnel://x",
-        ):
-            with pytest.raises(Exception, match="not found") as info:
-                await client.read_resource(bad)
-            assert getattr(info.value, "code", None) == -32602
-
-
 async def test_list_changed_reaches_2025_clients(server: ServerLauncher) -> None:
+    heard = anyio.Event()
     seen: list[Any] = []
 
     async def on_message(message: Any) -> None:
         seen.append(message)
+        if isinstance(message, ResourceListChangedNotification):
+            heard.set()
 
     async with server.connect("legacy") as client:
         assert client.server_capabilities.resources is not None
         assert client.server_capabilities.resources.list_changed
-        client.session._message_handler = on_message  # type: ignore[attr-defined]
+        client.session._message_handler = on_message
         await client.call_tool("generate_and_wait", {"prompt": "notify me"})
-        await anyio.sleep(0.3)
-    assert any(isinstance(m, ResourceListChangedNotification) for m in seen), seen
+        with anyio.move_on_after(5):
+            await heard.wait()
+    assert heard.is_set(), seen
 
 
 async def test_list_changed_reaches_2026_subscribers(server: ServerLauncher) -> None:
@@ -230,17 +250,18 @@ async def test_list_changed_reaches_2026_subscribers(server: ServerLauncher) -> 
 
 
 async def test_history_and_files_survive_a_restart_and_a_pending_task_finishes_after_it(
-    server: ServerLauncher, standin: StandIn
+    memory_server: ServerLauncher, standin: StandIn
 ) -> None:
-    async with server.connect() as client:
+    async with memory_server.connect() as client:
         done = structured(await client.call_tool("generate_and_wait", {"prompt": "kept"}))
-        standin.behaviour.generation_seconds = 1.5
+        standin.behaviour.generation_seconds = FOREVER
         pending = structured(await client.call_tool("create_image", {"prompt": "finished later"}))
-    await anyio.sleep(1.6)
-    async with server.connect() as client:
-        history = json.loads((await client.read_resource("gptunnel://images")).contents[0].text)
-        assert {t["task_id"] for t in history["tasks"]} == {done["task_id"], pending["task_id"]}
-        blob = (await client.read_resource(done["resource_uri"])).contents[0]
+    # It ends while no server is running.
+    standin.finish(pending["task_id"])
+    async with memory_server.connect() as client:
+        assert set(await history_ids(client)) == {done["task_id"], pending["task_id"]}
+        (blob,) = (await client.read_resource(done["resource_uri"])).contents
+        assert isinstance(blob, BlobResourceContents)
         assert hashlib.sha256(base64.b64decode(blob.blob)).hexdigest() == done["sha256"]
         finished = structured(await client.call_tool("get_result", {"task_id": pending["task_id"]}))
     assert finished["status"] == "done"
