@@ -1,4 +1,4 @@
-"""Every way GPTunnel can answer, mapped to the right exception (unit tests over httpx.MockTransport)."""
+"""Every way GPTunnel can answer, mapped to the right exception (unit tests over a mock transport)."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import json
 from collections.abc import Callable
 
 import anyio
-import httpx
 import pytest
 
 from gptunnel_mcp import (
     AuthenticationError,
     ContentRefusedError,
+    ImageRequest,
     InsufficientBalanceError,
     InvalidRequestError,
     ModelRestrictedError,
@@ -20,38 +20,32 @@ from gptunnel_mcp import (
     UnknownCreateOutcomeError,
     UpstreamError,
 )
-from gptunnel_mcp._client import GPTunnelClient
-from gptunnel_mcp._models import CreatePayload
+from gptunnel_mcp._httpx import httpx
+from gptunnel_mcp._upstream import GPTunnelClient
 
 KEY = "sk-secret-key-123"
-TASK = {
-    "code": 0,
-    "id": "687fab1e49832bb77d34db47",
-    "model": "m",
-    "prompt": "p",
-    "created_at": 1,
-    "status": "idle",
-}
+TASK_ID = "687fab1e49832bb77d34db47"
+TASK = {"code": 0, "id": TASK_ID, "model": "m", "prompt": "p", "created_at": 1, "status": "idle"}
+
+Handler = Callable[[httpx.Request], httpx.Response]
 
 
-def call(handler: Callable[[httpx.Request], httpx.Response], op: str) -> object:
+def call(handler: Handler, op: str, request: ImageRequest | None = None) -> object:
     async def run() -> object:
         client = GPTunnelClient("http://gptunnel.test", transport=httpx.MockTransport(handler))
         try:
             if op == "create":
-                return await client.create(CreatePayload(model="m", prompt="p"), KEY)
+                return await client.create(request or ImageRequest(model="m", prompt="p"), KEY)
             if op == "balance":
                 return await client.balance(KEY)
-            return await client.result("687fab1e49832bb77d34db47", KEY)
+            return await client.result(TASK_ID, KEY)
         finally:
             await client.aclose()
 
     return anyio.run(run)
 
 
-def answer(
-    status: int = 200, body: object = None, **headers: str
-) -> Callable[[httpx.Request], httpx.Response]:
+def answer(status: int = 200, body: object = None, **headers: str) -> Handler:
     def handler(request: httpx.Request) -> httpx.Response:
         content = body if isinstance(body, bytes) else json.dumps(body).encode()
         return httpx.Response(status, content=content, headers=headers)
@@ -67,10 +61,21 @@ def test_key_is_sent_bare_and_body_matches_the_api() -> None:
         return httpx.Response(200, json=TASK)
 
     task = call(handler, "create")
-    assert seen[0].headers["Authorization"] == KEY
-    assert seen[0].url.path == "/v1/media/create"
+    with_options = ImageRequest(model="m", prompt="p", aspect_ratio="16:9", images=["https://x.test/a.png"])
+    call(handler, "create", with_options)
+    call(handler, "result")
+    assert [r.headers["Authorization"] for r in seen] == [KEY, KEY, KEY]
+    assert [r.url.path for r in seen] == ["/v1/media/create", "/v1/media/create", "/v1/media/result"]
+    # Options left out are left out of the body, not sent as null.
     assert json.loads(seen[0].content) == {"model": "m", "prompt": "p"}
-    assert task.id == TASK["id"]  # type: ignore[attr-defined]
+    assert json.loads(seen[1].content) == {
+        "model": "m",
+        "prompt": "p",
+        "ar": "16:9",
+        "images": ["https://x.test/a.png"],
+    }
+    assert json.loads(seen[2].content) == {"task_id": TASK_ID}
+    assert task.id == TASK_ID  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(
@@ -78,7 +83,6 @@ def test_key_is_sent_bare_and_body_matches_the_api() -> None:
     [
         (2, AuthenticationError, "GPTUNNEL_API_KEY"),
         (3, InvalidRequestError, "invalid"),
-        (4, TaskNotFoundError, "no task"),
         (5, InsufficientBalanceError, "balance"),
         (7, ModelRestrictedError, "may not use this model"),
         (1001, ContentRefusedError, "sensitive content"),
@@ -87,11 +91,17 @@ def test_key_is_sent_bare_and_body_matches_the_api() -> None:
         (42, UpstreamError, "code 42"),
     ],
 )
-def test_permanent_codes_map_to_actionable_errors(code: int, error: type[Exception], words: str) -> None:
+def test_permanent_codes_map_to_actionable_errors(code: int, error: type[UpstreamError], words: str) -> None:
     with pytest.raises(error) as info:
         call(answer(200, {"code": code, "error": "upstream says no"}), "result")
     assert words in str(info.value)
-    assert not getattr(info.value, "retryable", False)
+    assert info.value.code == code and not info.value.retryable
+
+
+def test_code_4_is_a_task_gptunnel_does_not_know() -> None:
+    with pytest.raises(TaskNotFoundError) as info:
+        call(answer(200, {"code": 4, "error": "record not found"}), "result")
+    assert info.value.upstream and "no task" in str(info.value)
 
 
 def test_invalid_input_carries_the_upstream_issues() -> None:
@@ -103,8 +113,9 @@ def test_invalid_input_carries_the_upstream_issues() -> None:
 @pytest.mark.parametrize("code", [1, 6, 500])
 @pytest.mark.parametrize("op", ["create", "result"])
 def test_transient_codes_are_retryable_even_for_create(code: int, op: str) -> None:
-    with pytest.raises(TransientUpstreamError):
+    with pytest.raises(TransientUpstreamError) as info:
         call(answer(200, {"code": code}), op)
+    assert info.value.retryable and info.value.code == code
 
 
 def test_429_is_transient_and_carries_retry_after() -> None:
@@ -117,8 +128,9 @@ def test_429_is_transient_and_carries_retry_after() -> None:
 def test_5xx_is_transient_for_result_but_unknown_outcome_for_create(status: int) -> None:
     with pytest.raises(TransientUpstreamError):
         call(answer(status, b"oops"), "result")
-    with pytest.raises(UnknownCreateOutcomeError, match="not charged twice"):
+    with pytest.raises(UnknownCreateOutcomeError, match="not charged twice") as info:
         call(answer(status, b"oops"), "create")
+    assert not info.value.retryable
 
 
 def test_503_on_create_is_safe_to_retry() -> None:
@@ -133,6 +145,13 @@ def test_non_json_body() -> None:
         call(answer(200, b"<html>gateway</html>"), "create")
 
 
+def test_an_answer_that_is_no_task_is_unknown_outcome_for_create() -> None:
+    with pytest.raises(UnknownCreateOutcomeError, match="did not describe a task"):
+        call(answer(200, {"code": 0, "status": "idle"}), "create")
+    with pytest.raises(TransientUpstreamError, match="did not describe a task"):
+        call(answer(200, {"code": 0, "status": "idle"}), "result")
+
+
 def test_balance_reads_both_amounts() -> None:
     body = {"object": "balance", "balance": 12.5, "creditLimit": 3, "orgId": "o"}
     balance = call(answer(200, body), "balance")
@@ -144,7 +163,7 @@ def test_openai_style_401_is_an_authentication_error() -> None:
         "error": {"message": "Invalid API key", "type": "invalid_request_error", "code": "invalid_api_key"}
     }
     for op in ("result", "balance"):
-        with pytest.raises(AuthenticationError):
+        with pytest.raises(AuthenticationError, match="HTTP 401"):
             call(answer(401, body), op)
 
 
@@ -172,3 +191,7 @@ def test_the_key_never_appears_in_an_error_even_when_upstream_echoes_it() -> Non
         call(answer(200, body), "create")
     assert KEY not in str(info.value)
     assert "[redacted]" in str(info.value)
+    for status in (400, 422):
+        with pytest.raises(UpstreamError) as plain:
+            call(answer(status, {"error": f"bad token {KEY}"}), "result")
+        assert KEY not in str(plain.value) and f"HTTP {status}" in str(plain.value)
