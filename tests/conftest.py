@@ -173,7 +173,9 @@ async def serve_http(settings: Settings) -> AsyncIterator[str]:
     """The server's whole HTTP app (auth, Host/Origin guard, /healthz) on an in-process uvicorn
     on a free loopback port; yields the MCP URL."""
     app = build_http_app(settings, schedule=QUICK_POLLS, backoff=QUICK_BACKOFF)
-    sock = socket.socket()
+    # IPPROTO_TCP named: asyncio sets TCP_NODELAY only on sockets that say they are TCP, and
+    # without it every keep-alive request waits ~40 ms for a delayed ACK.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     config = uvicorn.Config(app, log_config=None, log_level="warning", lifespan="on", access_log=False)

@@ -323,9 +323,9 @@ class Engine:
             except StorageError as exc:
                 # The caller may never have seen this task's id (generate_and_wait): name it.
                 raise StorageError(exc.reason, task_id=task_id) from None
-            except DownloadError:
+            except DownloadError as exc:
                 if not _stale(record):
-                    raise
+                    raise DownloadError(exc.reason, task_id=task_id) from None
                 # Past GPTunnel's 48 hours the link will never work again: say so once, for good.
                 record.status = "failed"
                 record.error = "the image's link expired (48 hours) before it could be downloaded"

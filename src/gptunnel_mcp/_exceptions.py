@@ -123,7 +123,13 @@ class UnknownCreateOutcomeError(UpstreamError):
 
 
 class DownloadError(GPTunnelMCPError):
-    """The finished image could not be downloaded or is not an image."""
+    """The finished image could not be downloaded or is not an image. `task_id`, once known, is
+    the task whose image it is: the task stays in the history, and fetching it again retries."""
+
+    def __init__(self, reason: str, *, task_id: str | None = None) -> None:
+        self.reason = reason
+        self.task_id = task_id
+        super().__init__(reason)
 
 
 class StorageError(GPTunnelMCPError):

@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 from .._engine import Engine
 from .._exceptions import (
     AuthenticationError,
+    DownloadError,
     GPTunnelMCPError,
     ImageNotReadyError,
     InputError,
@@ -176,6 +177,8 @@ def error_text(exc: GPTunnelMCPError) -> str:
         text += f". List known tasks with the resource {HISTORY_URI}."
     elif isinstance(exc, ImageNotReadyError):
         text += f": call get_result with task_id {exc.task_id} first."
+    elif isinstance(exc, DownloadError) and exc.task_id is not None:
+        text += f" The task is kept: call get_result with task_id {exc.task_id} to try the download again."
     elif isinstance(exc, StorageError) and exc.task_id is not None:
         text += (
             f". GPTunnel's task is kept in the history: once the data folder is fixed, call get_result "
