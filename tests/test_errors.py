@@ -304,6 +304,8 @@ async def test_a_link_serving_no_image_stores_nothing_and_the_task_stays_resumab
         assert result.is_error, text
         assert_says(text, "did not return an image", "try again later")
         (task_id,) = standin.task_ids()
+        # generate_and_wait never showed the agent the task id: the error must.
+        assert f"call get_result with task_id {task_id}" in text
         assert standin.stats.download_calls == 1  # not an image is final: not retried
         assert files_of(home) == [], "a file or a .part was left in the images folder"
         # The task is kept, done upstream, not done here.
