@@ -24,15 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import httpx2
 from mcp import Client, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
 
 import _server  # bench/ is not a package: found next to this script
+from _server import Behaviour, StandIn
 from gptunnel_mcp._images import make_preview
-from gptunnel_mcp.standin import Behaviour, StandIn
 
 KEY = "bench-key"
 JITTER = 0.15
@@ -46,8 +45,8 @@ WAVE = 10
 @contextlib.asynccontextmanager
 async def http_server(standin: StandIn, home: Path, **env: str) -> AsyncIterator[tuple[str, int]]:
     """One server process, quiet; yields its MCP URL and pid."""
-    env = {"GPTUNNEL_WAIT_TIMEOUT": "120", **env}
-    async with _server.http_server(standin, home, KEY, log_level="WARNING", **env) as (url, process):
+    settings = {"GPTUNNEL_WAIT_TIMEOUT": "120", **env}
+    async with _server.http_server(standin, home, KEY, log_level="WARNING", env=settings) as (url, process):
         yield url, process.pid
 
 
@@ -56,7 +55,7 @@ async def mcp_client(url: str) -> AsyncIterator[Client]:
     limits = httpx2.Limits(max_connections=200, max_keepalive_connections=200)
     async with (
         httpx2.AsyncClient(timeout=httpx2.Timeout(30, read=300), limits=limits) as http,
-        Client(streamable_http_client(url, http_client=http), cache=None) as client,  # type: ignore[arg-type]
+        Client(streamable_http_client(url, http_client=http), cache=None) as client,
     ):
         yield client
 
@@ -111,7 +110,7 @@ async def ours(client: Client, standin: StandIn, model: str, prompts: list[str])
 
 async def fixed_poller(standin: StandIn, model: str, prompts: list[str], interval: float = 2.0) -> Sample:
     """The baseline: create, ask every `interval` seconds, download when done."""
-    async with httpx.AsyncClient(base_url=standin.url, headers={"Authorization": KEY}, timeout=30) as http:
+    async with httpx2.AsyncClient(base_url=standin.url, headers={"Authorization": KEY}, timeout=30) as http:
 
         async def job(prompt: str) -> tuple[str, float]:
             task = (await http.post("/v1/media/create", json={"model": model, "prompt": prompt})).json()
@@ -233,7 +232,7 @@ BARE_SERVER = textwrap.dedent(
 async def first_tools_list(params: StdioServerParameters) -> float:
     started = time.perf_counter()
     with open(os.devnull, "w") as quiet:
-        async with Client(stdio_client(params, errlog=quiet), cache=None) as client:  # type: ignore[arg-type]
+        async with Client(stdio_client(params, errlog=quiet), cache=None) as client:
             await client.list_tools()
             return time.perf_counter() - started
 

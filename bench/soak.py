@@ -47,8 +47,7 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp_types import CallToolResult
 
-from _server import http_server  # bench/ is not a package: found next to this script
-from gptunnel_mcp.standin import Behaviour, StandIn
+from _server import Behaviour, StandIn, http_server  # bench/ is not a package: found next to this script
 
 API_KEY = "sk-gptunnel-SOAK-4b1d"
 #: Kinds of random upstream faults; 429 twice, so it is the commonest, as with a real rate limit.
@@ -63,7 +62,7 @@ FAULT_KINDS: tuple[str, ...] = (
     "disconnect",
 )
 
-# Error texts by where they come from (see _client._unknown_create and _client._code_error).
+# Error texts by where they come from (see _upstream._unknown_create and _upstream._code_error).
 _UNKNOWN_OUTCOME = "answer was lost"
 _TRANSIENT = ("gptunnel is unavailable", "heavy load", "internal error", "did not answer", "cannot reach")
 # Server log lines of a retry: one request retried at once (`Engine._retry`), or a poll retried
@@ -247,7 +246,7 @@ async def _server(standin: StandIn, home: Path, log: Path, wait_timeout: float) 
     """The server on a free port, logging at INFO into `log`; yields its MCP URL once healthy."""
     with log.open("wb") as out:
         env = {"GPTUNNEL_WAIT_TIMEOUT": str(wait_timeout)}
-        async with http_server(standin, home, API_KEY, log=out, **env) as (url, process):
+        async with http_server(standin, home, API_KEY, log=out, env=env) as (url, process):
             yield url
             if process.poll() is not None:
                 raise RuntimeError(f"the server died during the run (exit {process.returncode}): see {log}")

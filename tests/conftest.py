@@ -12,7 +12,6 @@ import io
 import logging
 import os
 import socket
-import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -32,6 +31,7 @@ from gptunnel_mcp._schedule import Backoff, PollSchedule
 from gptunnel_mcp.server import build_server
 from gptunnel_mcp.server._http import build_http_app
 
+from .processes import free_port, running_server
 from .standin import Behaviour, StandIn
 
 #: The stand-in's key. Distinctive, so a leak anywhere is found by a substring search.
@@ -260,42 +260,6 @@ def process_server(standin: StandIn, home: Path, tmp_path: Path) -> ProcessLaunc
     logs = tmp_path / "logs"
     logs.mkdir()
     return ProcessLauncher(standin, home, logs)
-
-
-@contextlib.asynccontextmanager
-async def running_server(
-    command: list[str], env: dict[str, str], log: IO[Any], port: int
-) -> AsyncIterator[subprocess.Popen[bytes]]:
-    """Runs `command` (a server process); yields it once GET /healthz on `port` answers 200, and
-    stops it (terminate, then kill) on the way out."""
-    process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-    try:
-        with anyio.fail_after(20):
-            while True:
-                if process.poll() is not None:
-                    raise RuntimeError(f"server exited with {process.returncode}")
-                with contextlib.suppress(httpx2.HTTPError):
-                    async with httpx2.AsyncClient() as probe:
-                        if (
-                            await probe.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
-                        ).status_code == 200:
-                            break
-                await anyio.sleep(0.05)
-        yield process
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextlib.asynccontextmanager

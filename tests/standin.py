@@ -420,7 +420,7 @@ class StandIn:
         self._tasks: dict[str, _Task] = {}
         self._images: dict[str, bytes] = {}
         # Jitter of fake generation times and random faults, not security.
-        self._random = random.Random(seed)  # noqa: S311
+        self._random = random.Random(seed)
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._url: str | None = None
@@ -474,7 +474,7 @@ class StandIn:
             time.sleep(0.005)
         port = int(server.servers[0].sockets[0].getsockname()[1])
         # A wildcard bind is not an address a client can dial: hand out the loopback instead.
-        wildcard = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}  # noqa: S104 - a lookup
+        wildcard = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
         host = wildcard.get(self.host, self.host)
         if ":" in host:
             host = f"[{host}]"

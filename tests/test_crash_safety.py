@@ -1,9 +1,11 @@
 """Nothing is lost when the process dies: SIGKILL mid-wait and mid-download, and a full disk.
 
-These tests start the server themselves (streamable HTTP, `subprocess.Popen`) because they need
-its process to kill it with SIGKILL, or to run it under a file-size limit, which is how a full
-disk is simulated here: the tests run as root, so permission tricks would not refuse a write.
-Each restart is a new process on the same GPTUNNEL_MCP_HOME, as after a crash.
+The server that dies, or runs under a file-size limit, is a real process (streamable HTTP,
+`subprocess.Popen`): SIGKILL needs one, and a file-size limit is how a full disk is simulated
+here (the tests run as root, so permission tricks would not refuse a write). The server that
+comes after it on the same GPTUNNEL_MCP_HOME, as after a crash, runs in this process: its
+start-up (`open_engine`, which cleans up what a dead process left) is the same code, without
+another Python start-up.
 """
 
 from __future__ import annotations
@@ -30,15 +32,17 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp_types import BlobResourceContents, CallToolResult, TextResourceContents
 from PIL import Image
 
+from .conftest import ProcessLauncher, ServerLauncher, http_client, structured, text_of
+from .processes import free_port, running_server
 from .standin import StandIn
-
-from .conftest import ServerLauncher, free_port, http_client, running_server, structured, text_of
 
 pytestmark = pytest.mark.anyio
 
 #: The file-size limit of the "disk full" server, in 1024-byte blocks (bash's `ulimit -f` unit):
 #: room for the history database, its WAL, the log and a normal image, not for a 3 MB one.
 FILE_LIMIT_BLOCKS = 1024
+#: Long enough that a task cannot end on its own while a test looks: it ends by `standin.finish`.
+LONG = 60.0
 
 
 class PreconditionFailed(Exception):
@@ -71,21 +75,23 @@ class ServerProcess:
 
 @dataclass
 class Servers:
-    """Starts `python -m gptunnel_mcp --transport http` processes on one home folder."""
+    """Server processes on one home folder, and in-process servers that start after them."""
 
-    launcher: ServerLauncher
+    processes: ProcessLauncher
+    in_process: ServerLauncher
     started: list[ServerProcess] = field(default_factory=list)
 
     @property
     def images(self) -> Path:
-        return self.launcher.home / "images"
+        return self.processes.home / "images"
 
     @contextlib.asynccontextmanager
     async def run(
         self, *, file_limit_blocks: int | None = None, **env: str | None
     ) -> AsyncIterator[ServerProcess]:
+        """`python -m gptunnel_mcp --transport http`, optionally under a file-size limit."""
         port = free_port()
-        log = self.launcher.log_dir / f"server-{len(self.started)}.log"
+        log = self.processes.log_dir / f"server-{len(self.started)}.log"
         command = [
             sys.executable, "-m", "gptunnel_mcp", "--transport", "http", "--port", str(port),
             "--log-level", "INFO",
@@ -96,27 +102,31 @@ class Servers:
             script = f"trap '' XFSZ; ulimit -f {file_limit_blocks}; exec \"$@\""
             command = ["bash", "-c", script, "bash", *command]
         with log.open("wb") as out:
-            async with running_server(command, self.launcher.env(**env), out, port) as process:
+            async with running_server(command, self.processes.env(**env), out, port) as process:
                 server = ServerProcess(process, f"http://127.0.0.1:{port}/mcp", log)
                 self.started.append(server)
                 yield server
 
+    def restart(self) -> contextlib.AbstractAsyncContextManager[Client]:
+        """A new server on the same home, connected: what a client meets after a crash."""
+        return self.in_process.connect()
+
     def logs(self) -> str:
-        return "\n".join(f"--- {s.log.name}\n{s.log_text()}" for s in self.started)
+        logs = [f"--- {s.log.name}\n{s.log_text()}" for s in self.started]
+        return "\n".join([*logs, f"--- in process\n{self.in_process.logs()}"])
 
 
 @pytest.fixture
-def servers(standin: StandIn, home: Path, tmp_path: Path) -> Servers:
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    return Servers(ServerLauncher(standin, home, logs, transport="http"))
+def servers(process_server: ProcessLauncher, memory_server: ServerLauncher) -> Servers:
+    assert process_server.home == memory_server.home
+    return Servers(process_server, memory_server)
 
 
 @contextlib.asynccontextmanager
 async def connect(server: ServerProcess) -> AsyncIterator[Client]:
     async with (
         http_client(server.url, None) as http,
-        Client(streamable_http_client(server.url, http_client=http), cache=None) as client,  # type: ignore[arg-type]
+        Client(streamable_http_client(server.url, http_client=http), cache=None) as client,
     ):
         yield client
 
@@ -154,7 +164,6 @@ async def kill_mid_call(
                 if ready():
                     server.kill()
                     killed = True
-                    await anyio.sleep(0.2)
                 group.cancel_scope.cancel()
     assert killed, f"the moment to kill the server never came ({outcome})\n{server.log_text()}"
     return outcome
@@ -171,7 +180,7 @@ async def wait_until(condition: Callable[[], bool], within: float, what: str) ->
         await anyio.sleep(0.01)
 
 
-async def get_result_until_settled(client: Client, task_id: str, within: float = 20) -> CallToolResult:
+async def get_result_until_settled(client: Client, task_id: str, within: float = 10) -> CallToolResult:
     """get_result until the task is no longer pending (bounded)."""
     deadline = anyio.current_time() + within
     while True:
@@ -180,7 +189,7 @@ async def get_result_until_settled(client: Client, task_id: str, within: float =
             return result
         if anyio.current_time() > deadline:
             raise AssertionError(f"task {task_id} still pending after {within} s: {structured(result)}")
-        await anyio.sleep(0.25)
+        await anyio.sleep(0.05)
 
 
 async def history(client: Client) -> list[dict[str, Any]]:
@@ -236,7 +245,7 @@ def watch_folder(images: Path, expected_size: Callable[[str], int | None]) -> It
 async def test_sigkill_while_polling_keeps_the_task_and_a_new_server_finishes_it(
     servers: Servers, standin: StandIn
 ) -> None:
-    standin.behaviour.generation_seconds = 3
+    standin.behaviour.generation_seconds = LONG
     async with servers.run() as first:
         # Killed once the server has polled at least once: it is inside generate_and_wait's wait.
         outcome = await kill_mid_call(
@@ -249,9 +258,10 @@ async def test_sigkill_while_polling_keeps_the_task_and_a_new_server_finishes_it
     (task_id,) = standin.task_ids()
     assert standin.stats.download_calls == 0
 
-    async with servers.run() as second, connect(second) as client:
+    async with servers.restart() as client:
         tasks = await history(client)
         assert [(t["task_id"], t["status"]) for t in tasks] == [(task_id, "pending")], servers.logs()
+        standin.finish()
         done = await get_result_until_settled(client, task_id)
         assert not done.is_error, text_of(done)
         data = structured(done)
@@ -272,12 +282,12 @@ async def test_sigkill_while_downloading_leaves_no_partial_image_and_a_new_serve
 ) -> None:
     payload = noise_png(700)  # ~1.5 MB
     behaviour = standin.behaviour
-    behaviour.generation_seconds = 0.5
+    behaviour.generation_seconds = 0
     behaviour.image_format = "PNG"
     behaviour.download_bytes_override = payload
     # Half the body arrives, then the link stalls: the server holds a half-written temporary.
     behaviour.download_pause_at = len(payload) // 2
-    behaviour.download_delay = 60
+    behaviour.download_delay = LONG
 
     def partial_on_disk() -> bool:
         return standin.stats.download_calls >= 1 and any(
@@ -305,23 +315,22 @@ async def test_sigkill_while_downloading_leaves_no_partial_image_and_a_new_serve
 
         behaviour.download_delay = 0
         behaviour.download_pause_at = None
-        async with servers.run() as second:
+        async with servers.restart() as client:
             # Cleaned at start, before any call.
             assert temporaries(servers.images) == [], servers.logs()
             assert list(servers.images.iterdir()) == []
-            async with connect(second) as client:
-                listed = {str(r.uri) for r in (await client.list_resources()).resources}
-                assert f"gptunnel://images/{task_id}/file" not in listed
-                with pytest.raises(MCPError, match="no stored image"):
-                    await client.read_resource(f"gptunnel://images/{task_id}/file")
-                (entry,) = await history(client)
-                assert (entry["task_id"], entry["status"]) == (task_id, "pending")
+            listed = {str(r.uri) for r in (await client.list_resources()).resources}
+            assert f"gptunnel://images/{task_id}/file" not in listed
+            with pytest.raises(MCPError, match="no stored image"):
+                await client.read_resource(f"gptunnel://images/{task_id}/file")
+            (entry,) = await history(client)
+            assert (entry["task_id"], entry["status"]) == (task_id, "pending")
 
-                done = await get_result_until_settled(client, task_id)
-                assert not done.is_error, text_of(done)
-                data = structured(done)
-                listed = {str(r.uri) for r in (await client.list_resources()).resources}
-                blob = (await client.read_resource(f"gptunnel://images/{task_id}/file")).contents[0]
+            done = await get_result_until_settled(client, task_id)
+            assert not done.is_error, text_of(done)
+            data = structured(done)
+            listed = {str(r.uri) for r in (await client.list_resources()).resources}
+            blob = (await client.read_resource(f"gptunnel://images/{task_id}/file")).contents[0]
     assert problems == []
     assert data["status"] == "done"
     assert standin.stats.download_calls == 2
@@ -341,6 +350,7 @@ async def test_a_full_disk_while_downloading_is_a_clear_error_and_the_task_is_fi
 ) -> None:
     big = noise_png(1000)  # ~3 MB, three times the file-size limit
     assert len(big) > 2 * FILE_LIMIT_BLOCKS * 1024
+    standin.behaviour.generation_seconds = 0
 
     with watch_folder(servers.images, lambda name: None) as problems:
         async with servers.run(file_limit_blocks=FILE_LIMIT_BLOCKS) as limited, connect(limited) as client:
@@ -355,11 +365,13 @@ async def test_a_full_disk_while_downloading_is_a_clear_error_and_the_task_is_fi
             standin.behaviour.download_bytes_override = big
             failed = await client.call_tool("generate_and_wait", {"prompt": "a field of static"})
             text = text_of(failed)
+            _, task_id = standin.task_ids()
             assert failed.is_error, text
             assert "cannot write" in text.lower(), text
             assert "disk space" in text.lower(), text
-            assert "the task is kept" in text.lower(), text
-            _, task_id = standin.task_ids()
+            assert "task is kept in the history" in text.lower(), text
+            # generate_and_wait's caller never saw the task's id: the error gives it to resume with.
+            assert f"get_result with task_id {task_id}" in text, text
 
             # Nothing half-written, and the task is in the history, resumable.
             assert temporaries(servers.images) == []
@@ -375,7 +387,7 @@ async def test_a_full_disk_while_downloading_is_a_clear_error_and_the_task_is_fi
             assert temporaries(servers.images) == []
 
         downloads = standin.stats.download_calls
-        async with servers.run() as unlimited, connect(unlimited) as client:
+        async with servers.restart() as client:
             done = await get_result_until_settled(client, task_id)
             assert not done.is_error, text_of(done)
             data = structured(done)
@@ -389,51 +401,43 @@ async def test_a_full_disk_while_downloading_is_a_clear_error_and_the_task_is_fi
     assert temporaries(servers.images) == []
 
 
-async def test_a_full_disk_error_from_generate_and_wait_names_the_task_to_resume(
-    servers: Servers, standin: StandIn
-) -> None:
-    standin.behaviour.image_format = "PNG"
-    standin.behaviour.download_bytes_override = noise_png(1000)
-    async with servers.run(file_limit_blocks=FILE_LIMIT_BLOCKS) as limited, connect(limited) as client:
-        failed = await client.call_tool("generate_and_wait", {"prompt": "a field of static"})
-    (task_id,) = standin.task_ids()
-    if not (failed.is_error and "cannot write" in text_of(failed).lower()):
-        raise PreconditionFailed(f"the disk-full error did not happen: {text_of(failed)}")
-    assert task_id in text_of(failed), text_of(failed)
-
-
-# --- shared home: one process's start-up cleanup and another's download --------------------------
+# --- shared home: one server's start-up cleanup and another's download ---------------------------
 
 
 async def test_a_second_server_starting_on_the_same_home_does_not_break_a_download_in_progress(
-    servers: Servers, standin: StandIn
+    memory_server: ServerLauncher, standin: StandIn, home: Path
 ) -> None:
+    """Both servers run in this process: the download's lock is on its open file, not on the
+    process, so the second server's clean-up sees it exactly as another process's would."""
     payload = noise_png(600)
     behaviour = standin.behaviour
-    behaviour.generation_seconds = 0.3
+    behaviour.generation_seconds = 0
     behaviour.download_bytes_override = payload
     behaviour.image_format = "PNG"
-    # The first server holds half the file for 10 s: ample time for the second one to start.
+    # The first server holds half the file this long: ample for an in-process start (~0.1 s).
     behaviour.download_pause_at = len(payload) // 2
-    behaviour.download_delay = 10
+    behaviour.download_delay = 2
+    images = home / "images"
 
     done = anyio.Event()
     outcome: dict[str, CallToolResult] = {}
-    with anyio.fail_after(60):
-        async with servers.run() as first, connect(first) as client, anyio.create_task_group() as group:
+    with anyio.fail_after(20):
+        async with memory_server.connect() as client, anyio.create_task_group() as group:
 
             async def call() -> None:
                 outcome["result"] = await client.call_tool("generate_and_wait", {"prompt": "shared home"})
                 done.set()
 
             group.start_soon(call)
-            await wait_until(lambda: bool(temporaries(servers.images)), 15, "a download in progress")
-            async with servers.run():  # starts (cleaning up at start) and serves nobody
+            await wait_until(lambda: bool(temporaries(images)), 10, "a download in progress")
+            async with memory_server.connect():  # starts (cleaning up at start) and serves nobody
                 pass
             if done.is_set():
                 raise PreconditionFailed("the download finished before the second server had started")
+            assert temporaries(images), "the second server removed a download in progress"
             await done.wait()
     result = outcome["result"]
     assert not result.is_error, text_of(result)
     assert structured(result)["status"] == "done"
     assert Path(structured(result)["file_path"]).read_bytes() == payload
+    assert standin.stats.download_calls == 1

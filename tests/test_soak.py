@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
+import httpx2
 import pytest
 
 from .standin import Behaviour, StandIn
@@ -28,26 +28,26 @@ def standin() -> Iterator[StandIn]:
 
 
 @pytest.fixture
-def api(standin: StandIn) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=standin.url, headers={"Authorization": KEY}, timeout=5.0) as http:
+def api(standin: StandIn) -> Iterator[httpx2.Client]:
+    with httpx2.Client(base_url=standin.url, headers={"Authorization": KEY}, timeout=5.0) as http:
         yield http
 
 
-def create(api: httpx.Client, prompt: str = "a fox") -> httpx.Response:
+def create(api: httpx2.Client, prompt: str = "a fox") -> httpx2.Response:
     return api.post("/v1/media/create", json={"model": MODEL, "prompt": prompt})
 
 
 # -- the knobs -----------------------------------------------------------------------------------
 
 
-def test_no_random_faults_by_default(standin: StandIn, api: httpx.Client) -> None:
+def test_no_random_faults_by_default(standin: StandIn, api: httpx2.Client) -> None:
     for _ in range(30):
         assert create(api).json()["code"] == 0
     assert standin.stats.faults == {}
 
 
 def test_fault_rate_one_fails_every_create_and_result_with_the_chosen_kinds(
-    standin: StandIn, api: httpx.Client
+    standin: StandIn, api: httpx2.Client
 ) -> None:
     task_id = create(api).json()["id"]
     standin.behaviour.fault_rate = 1.0
@@ -64,7 +64,7 @@ def test_fault_rate_one_fails_every_create_and_result_with_the_chosen_kinds(
 
 
 def test_fault_rate_is_roughly_the_share_of_failed_requests_and_mixes_kinds(
-    standin: StandIn, api: httpx.Client
+    standin: StandIn, api: httpx2.Client
 ) -> None:
     standin.behaviour.fault_rate = 0.3
     standin.behaviour.fault_kinds = ("http503", "code1", "code500")
@@ -80,7 +80,7 @@ def test_the_same_seed_gives_the_same_faults() -> None:
         behaviour = Behaviour(fault_rate=0.5, fault_kinds=("http503", "http429"))
         with (
             StandIn(api_key=None, behaviour=behaviour, seed=seed) as standin,
-            httpx.Client(base_url=standin.url, timeout=5.0) as http,
+            httpx2.Client(base_url=standin.url, timeout=5.0) as http,
         ):
             return [http.get("/v1/balance").status_code for _ in range(40)]
 
@@ -91,7 +91,7 @@ def test_the_same_seed_gives_the_same_faults() -> None:
 
 
 def test_transient_failures_come_before_random_faults_and_are_counted(
-    standin: StandIn, api: httpx.Client
+    standin: StandIn, api: httpx2.Client
 ) -> None:
     standin.behaviour.transient_failures = 1
     standin.behaviour.transient_kind = "html"
@@ -102,18 +102,18 @@ def test_transient_failures_come_before_random_faults_and_are_counted(
     assert standin.stats.faults == {"create:html": 1, "create:code500": 1}
 
 
-def test_download_faults(standin: StandIn, api: httpx.Client) -> None:
+def test_download_faults(standin: StandIn, api: httpx2.Client) -> None:
     task_id = create(api).json()["id"]
     url = api.post("/v1/media/result", json={"task_id": task_id}).json()["url"]
     served = standin.image_bytes(task_id)
     standin.behaviour.download_fault_rate = 1.0
     standin.behaviour.download_fault_kinds = ("http503",)
-    with httpx.Client(timeout=5.0) as storage:
+    with httpx2.Client(timeout=5.0) as storage:
         assert storage.get(url).status_code == 503
         standin.behaviour.download_fault_kinds = ("truncate",)
         with storage.stream("GET", url) as response:
             assert int(response.headers["content-length"]) == len(served)
-            with pytest.raises(httpx.RemoteProtocolError):
+            with pytest.raises(httpx2.RemoteProtocolError):
                 response.read()
         standin.behaviour.download_fault_rate = 0.0
         assert storage.get(url).content == served
@@ -122,14 +122,14 @@ def test_download_faults(standin: StandIn, api: httpx.Client) -> None:
 
 
 def test_download_pause_at_sends_part_of_the_body_before_the_delay(
-    standin: StandIn, api: httpx.Client
+    standin: StandIn, api: httpx2.Client
 ) -> None:
     task_id = create(api).json()["id"]
     url = api.post("/v1/media/result", json={"task_id": task_id}).json()["url"]
     served = standin.image_bytes(task_id)
     standin.behaviour.download_delay = 0.6
     standin.behaviour.download_pause_at = 1000
-    with httpx.Client(timeout=5.0) as storage, storage.stream("GET", url) as response:
+    with httpx2.Client(timeout=5.0) as storage, storage.stream("GET", url) as response:
         start = time.monotonic()
         chunks = response.iter_raw()
         first = next(chunks)
@@ -139,7 +139,7 @@ def test_download_pause_at_sends_part_of_the_body_before_the_delay(
     assert first + rest == served and len(first) <= 1000
 
 
-def test_task_prompts(standin: StandIn, api: httpx.Client) -> None:
+def test_task_prompts(standin: StandIn, api: httpx2.Client) -> None:
     a = create(api, "one").json()["id"]
     b = create(api, "two").json()["id"]
     assert standin.task_prompts() == {a: "one", b: "two"}
@@ -149,7 +149,7 @@ def test_task_prompts(standin: StandIn, api: httpx.Client) -> None:
 
 
 def test_the_soak_check_catches_double_creates_wrong_files_and_paid_errors(
-    standin: StandIn, api: httpx.Client, tmp_path: Path
+    standin: StandIn, api: httpx2.Client, tmp_path: Path
 ) -> None:
     """A soak that cannot fail proves nothing: its per-job check, fed each kind of bad ending."""
     twice = [create(api, "twice").json()["id"] for _ in range(2)]
@@ -190,6 +190,7 @@ def test_the_soak_check_catches_double_creates_wrong_files_and_paid_errors(
     assert soak.classify_error("GPTunnel is under heavy load (code 6)") == "transient"
 
 
+@pytest.mark.slow
 @pytest.mark.anyio
 async def test_soak_every_job_ends_done_or_with_a_clear_error_and_nothing_is_created_twice(
     tmp_path: Path,
