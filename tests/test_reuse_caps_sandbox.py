@@ -76,6 +76,16 @@ async def test_a_retried_call_returns_the_same_task_instead_of_paying_again(
     assert standin.stats.create_calls == 3
 
 
+async def test_a_cap_of_zero_refuses_every_image_with_a_clear_error(
+    memory_server: ServerLauncher, standin: StandIn
+) -> None:
+    async with memory_server.connect(GPTUNNEL_MAX_IMAGES_PER_DAY="0") as client:
+        refused = await client.call_tool("generate_and_wait", {"prompt": "anything"})
+    assert refused.is_error
+    assert "GPTUNNEL_MAX_IMAGES_PER_DAY=0 no image can be made" in text_of(refused)
+    assert standin.stats.create_calls == 0
+
+
 async def test_an_identical_create_while_pending_returns_the_pending_task(
     memory_server: ServerLauncher, standin: StandIn
 ) -> None:

@@ -14,9 +14,10 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2 as httpx
 import pytest
 from PIL import Image
 
@@ -494,7 +495,7 @@ def test_command_line_serves_until_interrupted(
     storage: httpx.Client,
 ) -> None:
     process = subprocess.Popen(
-        [sys.executable, "-m", "gptunnel_mcp.standin", "--port", "0", "--api-key", "K"],
+        [sys.executable, str(Path(__file__).with_name("standin.py")), "--port", "0", "--api-key", "K"],
         stderr=subprocess.PIPE,
         text=True,
     )

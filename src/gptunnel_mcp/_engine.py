@@ -135,7 +135,7 @@ class Engine:
             # Counted from the history, so a restart does not reset the count.
             recent = await self.store.created_since(owner, now - span)
             if len(recent) >= cap:
-                frees = recent[len(recent) - cap] + span
+                frees = recent[len(recent) - cap] + span if cap else None
                 raise QuotaExceededError(cap=cap, unit=unit, setting=name, made=len(recent), frees_at=frees)
 
     async def _create(

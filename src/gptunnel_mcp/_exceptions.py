@@ -44,11 +44,17 @@ class InputError(GPTunnelMCPError):
 class QuotaExceededError(GPTunnelMCPError):
     """A configured cap on images per hour or day is reached. Raised before any upstream call."""
 
-    def __init__(self, *, cap: int, unit: str, setting: str, made: int, frees_at: datetime) -> None:
+    def __init__(self, *, cap: int, unit: str, setting: str, made: int, frees_at: datetime | None) -> None:
+        """`frees_at` is None when the cap is 0: no image may be made at all."""
         self.cap, self.unit, self.setting, self.made, self.frees_at = cap, unit, setting, made, frees_at
+        when = (
+            f"The next can be made at {frees_at:%Y-%m-%d %H:%M:%S} UTC."
+            if frees_at is not None
+            else f"With {setting}=0 no image can be made; raise or unset it."
+        )
         super().__init__(
             f"the cap of {cap} images per {unit} ({setting}) is reached: {made} made in the last {unit}. "
-            f"The next can be made at {frees_at:%Y-%m-%d %H:%M:%S} UTC. Nothing was sent to GPTunnel."
+            f"{when} Nothing was sent to GPTunnel."
         )
 
 

@@ -8,9 +8,25 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
-from pathlib import Path
+from typing import NoReturn
 
 from ._version import __version__
+
+#: Seconds `generate` and `result` wait when no flag or GPTUNNEL_WAIT_TIMEOUT says otherwise. A
+#: person at a terminal can wait longer than an agent, whose tool call has to return (50 s).
+TERMINAL_WAIT_TIMEOUT = 600.0
+
+#: The settings a flag sets, by the flag's name: a refused value is reported under the name the
+#: user typed, not the environment variable's.
+_FLAGS = {
+    "base_url": "--base-url",
+    "home": "--home",
+    "default_model": "--default-model",
+    "wait_timeout": "--wait-timeout",
+    "transport": "--transport",
+    "host": "--host",
+    "port": "--port",
+}
 
 
 def _common() -> argparse.ArgumentParser:
@@ -30,6 +46,27 @@ def _common() -> argparse.ArgumentParser:
     return common
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
+_COMMAND_WAIT_HELP = (
+    "longest wait, seconds (default: --wait-timeout before the command, else GPTUNNEL_WAIT_TIMEOUT, "
+    f"else {TERMINAL_WAIT_TIMEOUT:.0f}: a person at a terminal can wait longer than an agent)"
+)
+
+
+def _wait_flag(command: argparse.ArgumentParser) -> None:
+    # Its own dest: the command's parser would otherwise overwrite the value given before it.
+    command.add_argument("--wait-timeout", dest="command_wait_timeout", default=None, help=_COMMAND_WAIT_HELP)
+
+
 def _parser() -> argparse.ArgumentParser:
     common = _common()
     parser = argparse.ArgumentParser(
@@ -46,9 +83,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", help="HTTP port [GPTUNNEL_MCP_PORT] (8000)")
     parser.add_argument("--default-model", help="model used when a call names none [GPTUNNEL_DEFAULT_MODEL]")
     parser.add_argument(
-        "--wait-timeout", help="longest generate_and_wait waits, seconds [GPTUNNEL_WAIT_TIMEOUT]"
+        "--wait-timeout",
+        help="longest one wait for an image lasts, seconds [GPTUNNEL_WAIT_TIMEOUT] (50 for an agent's "
+        f"tool call; the terminal commands wait {TERMINAL_WAIT_TIMEOUT:.0f} unless told)",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    out_help = (
+        "also write the image here: a folder (keeps the stored file's name) or a file named .png, "
+        ".jpg, .jpeg or .webp (converted to that format if need be)"
+    )
 
     generate = commands.add_parser(
         "generate",
@@ -62,11 +105,11 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--model", help="GPTunnel model id (default: GPTUNNEL_DEFAULT_MODEL)")
     generate.add_argument("--aspect-ratio", help="1:1, 16:9, 9:16, 4:3, 3:4, 21:9 or 9:21")
     generate.add_argument("--image", action="append", default=[], metavar="URL", help="reference image URL")
-    generate.add_argument("--out", type=Path, help="also copy the image to this path")
+    generate.add_argument("--out", metavar="PATH", help=out_help)
     generate.add_argument(
         "--new", action="store_true", help="make a fresh image even if an identical one was just made"
     )
-    generate.add_argument("--wait-timeout", default="600", help="longest wait, seconds (600)")
+    _wait_flag(generate)
 
     result = commands.add_parser(
         "result",
@@ -76,13 +119,13 @@ def _parser() -> argparse.ArgumentParser:
         "Exit codes as for generate.",
     )
     result.add_argument("task_id", help="the task id, as printed by generate or listed by history")
-    result.add_argument("--out", type=Path, help="also copy the image to this path")
-    result.add_argument("--wait-timeout", default="600", help="longest wait, seconds (600)")
+    result.add_argument("--out", metavar="PATH", help=out_help)
+    _wait_flag(result)
 
     history = commands.add_parser(
         "history", parents=[common], help="list recent tasks", description="List recent tasks, newest first."
     )
-    history.add_argument("--limit", type=int, default=20, help="how many (20)")
+    history.add_argument("--limit", type=_positive_int, default=20, help="how many (20)")
     history.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     commands.add_parser(
@@ -107,31 +150,38 @@ def _configure_logging(level: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    try:
+        _main(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C before a command or the server has taken over (imports take a second or two):
+        # the person changed their mind, which deserves no traceback.
+        raise SystemExit(130) from None
+
+
+def _main(argv: Sequence[str] | None) -> None:
     args = _parser().parse_args(argv)
     log_level = getattr(args, "log_level", "INFO")
-    overrides = {
-        "base_url": getattr(args, "base_url", None),
-        "home": getattr(args, "home", None),
-        "sandbox": getattr(args, "sandbox", None),
-        "default_model": getattr(args, "default_model", None),
-        "wait_timeout": getattr(args, "wait_timeout", None),
-        "transport": getattr(args, "transport", None),
-        "host": getattr(args, "host", None),
-        "port": getattr(args, "port", None),
-    }
+    flagged = {field: getattr(args, field, None) for field in _FLAGS}
+    if getattr(args, "command_wait_timeout", None) is not None:
+        flagged["wait_timeout"] = args.command_wait_timeout
     from ._exceptions import ConfigError
     from ._settings import load_settings
 
     try:
-        settings = load_settings(**overrides)
+        settings = load_settings(sandbox=getattr(args, "sandbox", None), **flagged)
     except ConfigError as exc:
-        _fail(str(exc))
+        _fail(_in_flag_words(str(exc), {field for field, value in flagged.items() if value is not None}))
+    if args.command in ("generate", "result") and "wait_timeout" not in settings.model_fields_set:
+        settings.wait_timeout = TERMINAL_WAIT_TIMEOUT
     if args.command is None:
         _configure_logging(log_level)
         from .server import serve
 
-        serve(settings, log_level)
-        return
+        try:
+            code = serve(settings, log_level)
+        except ConfigError as exc:
+            _fail(str(exc))
+        raise SystemExit(code)
     # Terminal commands talk to people: only warnings go to the log, the rest is their output.
     _configure_logging("WARNING" if log_level == "INFO" else log_level)
     from ._terminal import run
@@ -139,6 +189,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     raise SystemExit(run(settings, args))
 
 
-def _fail(message: str, code: int = 2) -> None:
+def _in_flag_words(message: str, from_flags: set[str]) -> str:
+    """`load_settings` names the environment variable of a refused value; when the value came
+    from a flag, name the flag instead."""
+    from ._settings import _ENV_NAMES
+
+    for field in from_flags:
+        prefix = f"invalid {_ENV_NAMES[field]}:"
+        if message.startswith(prefix):
+            return f"invalid {_FLAGS[field]}:{message.removeprefix(prefix)}"
+    return message
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
     print(f"gptunnel-mcp: {message}", file=sys.stderr)
     raise SystemExit(code)

@@ -5,18 +5,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import platform
+import re
+import secrets
 import shutil
 import sys
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from importlib.metadata import version as package_version
 from pathlib import Path
+from types import TracebackType
 
 import anyio
 
 from ._engine import Engine
 from ._exceptions import ConfigError, GPTunnelMCPError, InputError, StorageError, TaskNotFoundError
-from ._records import TaskRecord
+from ._records import StoredFile, TaskRecord
 from ._request import parse_image_request
 from ._settings import Settings
 from ._version import __version__
@@ -28,9 +35,14 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PENDING = 0, 1, 2, 3
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
     """Run the command `args` names; the exit code. Errors are printed, never raised."""
+    try:
+        # Before anything is sent: an image made and paid for deserves a place to go.
+        out = _check_out(args.out) if getattr(args, "out", None) is not None else None
+    except InputError as exc:
+        return _fail(explain(exc), EXIT_USAGE)
     command: Callable[[Engine], Awaitable[int]] = {
-        "generate": lambda engine: _generate(engine, args),
-        "result": lambda engine: _result(engine, args),
+        "generate": lambda engine: _generate(engine, args, out),
+        "result": lambda engine: _result(engine, args, out),
         "history": lambda engine: _history(engine, args.limit, as_json=args.json),
         "doctor": _doctor,
     }[args.command]
@@ -55,7 +67,13 @@ def _fail(message: str, code: int) -> int:
 
 
 #: How a person at the terminal names each request field.
-_FLAGS = {"aspect_ratio": "--aspect-ratio", "images": "--image", "model": "--model", "prompt": "the prompt"}
+_FLAGS = {
+    "aspect_ratio": "--aspect-ratio",
+    "images": "--image",
+    "model": "--model",
+    "prompt": "the prompt",
+    "out": "--out",
+}
 
 
 def explain(exc: GPTunnelMCPError) -> str:
@@ -73,47 +91,97 @@ def explain(exc: GPTunnelMCPError) -> str:
     return text
 
 
+#: At most one line this often when the state stays the same (stderr is a log or a pipe).
+_QUIET_SECONDS = 5.0
+_NUMBERS = re.compile(r"\d+")
+#: How the progress line ends, by the task's status when the wait is over.
+_FINAL = {"done": "done", "failed": "failed", "pending": "still pending"}
+
+
 class _ProgressLine:
-    """One status line on stderr, redrawn in place on a terminal, appended otherwise."""
+    """The job's progress on stderr. On a terminal, one line redrawn in place that ends showing
+    the final state; elsewhere (a log, a pipe), a line when the state changes or every few
+    seconds, never the same line twice. Use as a context manager, and `finish` once the task
+    is over."""
 
     def __init__(self) -> None:
         self._tty = sys.stderr.isatty()
+        self._started = time.monotonic()
+        self._last = ""  # the latest message received
+        self._shown = ""  # the latest message drawn or printed
+        self._shown_at = -math.inf
+        self._drawn = False  # a terminal line is drawn and not yet ended
+
+    def __enter__(self) -> _ProgressLine:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        # An error message must not start in the middle of the progress line.
+        self._end_line()
 
     async def progress(self, progress: float, total: float | None, message: str) -> None:
+        self._last = message
+        if self._tty or self._due(message):
+            self._show(message)
+
+    async def image_stored(self, record: TaskRecord) -> None:
+        return None
+
+    def finish(self, record: TaskRecord) -> None:
+        word = _FINAL[record.status]
+        final = self._last if self._last.startswith(word) else f"{word}, {self._elapsed():.0f} s elapsed"
+        if final != self._shown:
+            self._show(final)
+        self._end_line()
+
+    def _due(self, message: str) -> bool:
+        # Messages count seconds, so two lines about the same state differ only in their numbers.
+        if message == self._shown:
+            return False
+        same_state = _NUMBERS.sub("#", message) == _NUMBERS.sub("#", self._shown)
+        return not same_state or time.monotonic() - self._shown_at >= _QUIET_SECONDS
+
+    def _show(self, message: str) -> None:
+        self._shown, self._shown_at = message, time.monotonic()
         if self._tty:
-            print(f"\r\033[K{message}", end="", file=sys.stderr, flush=True)
+            # A line wider than the terminal wraps, and the carriage return redraws only its last row.
+            width = shutil.get_terminal_size().columns - 1
+            print(f"\r\033[K{message[:width]}", end="", file=sys.stderr, flush=True)
+            self._drawn = True
         else:
             print(message, file=sys.stderr, flush=True)
 
-    async def image_stored(self, record: TaskRecord) -> None:
-        if self._tty:
-            print(file=sys.stderr)
+    def _end_line(self) -> None:
+        if self._drawn:
+            print(file=sys.stderr, flush=True)
+            self._drawn = False
 
-    def done(self) -> None:
-        if self._tty:
-            print("\r\033[K", end="", file=sys.stderr, flush=True)
+    def _elapsed(self) -> float:
+        return time.monotonic() - self._started
 
 
-async def _generate(engine: Engine, args: argparse.Namespace) -> int:
+async def _generate(engine: Engine, args: argparse.Namespace, out: _Out | None) -> int:
     request = parse_image_request(
         engine.settings.default_model, args.prompt, args.model, args.aspect_ratio, args.image
     )
-    line = _ProgressLine()
-    started = await engine.generate(request, engine.accounts.default, line, new_image=args.new)
-    line.done()
+    with _ProgressLine() as line:
+        started = await engine.generate(request, engine.accounts.default, line, new_image=args.new)
+        line.finish(started.record)
     if started.reused:
         print(f"reusing identical task {started.record.task_id} (--new for a fresh image)", file=sys.stderr)
-    return _finish(engine, started.record, args.out)
+    return _finish(engine, started.record, out)
 
 
-async def _result(engine: Engine, args: argparse.Namespace) -> int:
-    line = _ProgressLine()
-    record = await engine.wait(args.task_id, engine.accounts.default, line)
-    line.done()
-    return _finish(engine, record, args.out)
+async def _result(engine: Engine, args: argparse.Namespace, out: _Out | None) -> int:
+    with _ProgressLine() as line:
+        record = await engine.wait(args.task_id, engine.accounts.default, line)
+        line.finish(record)
+    return _finish(engine, record, out)
 
 
-def _finish(engine: Engine, record: TaskRecord, out: Path | None) -> int:
+def _finish(engine: Engine, record: TaskRecord, out: _Out | None) -> int:
     """Print where the image is, or why there is none, and choose the exit code."""
     if record.status == "failed":
         print(f"gptunnel-mcp: task {record.task_id} failed: {record.error}", file=sys.stderr)
@@ -127,15 +195,90 @@ def _finish(engine: Engine, record: TaskRecord, out: Path | None) -> int:
         return EXIT_PENDING
     path = engine.folder.path(record.file).resolve()
     if out is not None:
-        shutil.copyfile(path, out)
-        path = out.resolve()
+        path = _write_out(path, record.file, out).resolve()
     print(path)
     return EXIT_OK
 
 
+# --- --out ------------------------------------------------------------------------------------
+
+#: The formats --out can write, by file name suffix.
+_OUT_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
+_PILLOW_FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP"}
+#: Image modes each format stores as they are; others are converted to RGB(A) first.
+_PILLOW_MODES = {"PNG": ("1", "L", "LA", "P", "RGB", "RGBA"), "JPEG": ("L", "RGB"), "WEBP": ("RGB", "RGBA")}
+
+
+@dataclass(frozen=True)
+class _Out:
+    """Where --out puts the image: into `folder` under the stored file's name, or as `file` in
+    the format its suffix names (`mime_type`)."""
+
+    folder: Path
+    file: Path | None = None
+    mime_type: str | None = None
+
+
+def _check_out(text: str) -> _Out:
+    path = Path(text).expanduser()
+    separators = tuple(s for s in (os.sep, os.altsep) if s)
+    if text.endswith(separators) or path.is_dir():
+        if not path.is_dir():
+            raise InputError(
+                f"there is no folder {path}; create it first. Nothing was sent to GPTunnel.", argument="out"
+            )
+        return _Out(path)
+    folder = path.parent
+    if not folder.is_dir():
+        raise InputError(
+            f"there is no folder {folder} to write {path.name} into; create it first. "
+            "Nothing was sent to GPTunnel.",
+            argument="out",
+        )
+    mime_type = _OUT_TYPES.get(path.suffix.lower())
+    if mime_type is None:
+        raise InputError(
+            f"{path.name}: the name must end in .png, .jpg, .jpeg or .webp (the format to write), "
+            "or name a folder. Nothing was sent to GPTunnel.",
+            argument="out",
+        )
+    return _Out(folder, path, mime_type)
+
+
+def _write_out(source: Path, stored: StoredFile, out: _Out) -> Path:
+    """Write the stored image where --out says, as the format the name says; the path written.
+    The file appears whole or not at all, as in the images folder."""
+    target = out.file or out.folder / stored.file_name
+    temporary = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
+    try:
+        if out.mime_type in (None, stored.mime_type):
+            shutil.copyfile(source, temporary)
+        else:
+            assert out.mime_type is not None
+            _convert(source, temporary, _PILLOW_FORMATS[out.mime_type])
+        os.replace(temporary, target)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        reason = exc.strerror or str(exc)
+        raise StorageError(f"cannot write {target} ({reason}); the image is stored at {source}") from None
+    return target
+
+
+def _convert(source: Path, target: Path, fmt: str) -> None:
+    from PIL import Image
+
+    with Image.open(source) as image:
+        converted = image
+        if image.mode not in _PILLOW_MODES[fmt]:
+            alpha = "A" in image.mode or "transparency" in image.info
+            converted = image.convert("RGBA" if alpha and "RGBA" in _PILLOW_MODES[fmt] else "RGB")
+        options = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
+        converted.save(target, format=fmt, **options)
+
+
 async def _history(engine: Engine, limit: int, *, as_json: bool) -> int:
     owner = engine.accounts.default.owner
-    total, records = await engine.count(owner), await engine.history(owner, limit=max(1, limit))
+    total, records = await engine.count(owner), await engine.history(owner, limit=limit)
     if as_json:
         rows = [
             {**r.model_dump(mode="json"), "file_path": str(engine.folder.path(r.file)) if r.file else None}
@@ -173,6 +316,15 @@ async def _doctor(engine: Engine) -> int:
         report(True, f"data folder {settings.home} is writable; history has {total} task(s)")
     except (OSError, GPTunnelMCPError) as exc:
         report(False, f"data folder {settings.home}: {exc}; set GPTUNNEL_MCP_HOME to a writable folder")
+    if settings.sandbox:
+        report(True, "sandbox mode: no GPTunnel key is needed, and GPTunnel is not contacted")
+        try:
+            balance = await engine.balance(engine.accounts.default)
+        except GPTunnelMCPError as exc:
+            report(False, f"the sandbox's stand-in GPTunnel does not answer: {exc}")
+        else:
+            report(True, f"the sandbox's stand-in GPTunnel answers (play balance {balance.balance:.2f} RUB)")
+        return EXIT_OK if all(results) else EXIT_FAILED
     if engine.accounts.default.api_key is None:
         report(False, "GPTUNNEL_API_KEY is not set: set it to the key from your GPTunnel account")
         return EXIT_OK if all(results) else EXIT_FAILED
