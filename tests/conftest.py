@@ -55,10 +55,15 @@ def _no_outside_settings(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def standin() -> Iterator[StandIn]:
-    standin = StandIn(api_key=API_KEY, behaviour=Behaviour(generation_seconds=0.3, image_size=(1200, 800)))
+def standin(request: pytest.FixtureRequest) -> Iterator[StandIn]:
+    """The stand-in GPTunnel, with the key `API_KEY`. A module or test marked
+    `@pytest.mark.standin(**behaviour)` changes its `Behaviour` defaults (quick, small images)."""
+    marker = request.node.get_closest_marker("standin")
+    behaviour = {"generation_seconds": 0.3, "image_size": (1200, 800), **(marker.kwargs if marker else {})}
+    standin = StandIn(api_key=API_KEY, behaviour=Behaviour(**behaviour))
     standin.start()
     yield standin
+    # Its thread ends on its own within about 0.2 s: no need to spend that on every test.
     standin.stop(wait=False)
 
 
@@ -267,6 +272,24 @@ async def http_client(url: str, token: str | None) -> AsyncIterator[httpx2.Async
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     async with httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30, read=120)) as client:
         yield client
+
+
+#: Headers of a raw streamable-HTTP request, for tests below the official client.
+MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+
+
+def initialize_request(client: str, capabilities: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A raw 2025-11-25 `initialize`, for tests that speak the wire format themselves."""
+    return {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": "2025-11-25",
+            "capabilities": capabilities or {},
+            "clientInfo": {"name": client, "version": "1"},
+        },
+    }
 
 
 def structured(result: Any) -> dict[str, Any]:

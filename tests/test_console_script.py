@@ -17,6 +17,8 @@ import pytest
 
 import gptunnel_mcp
 
+from .conftest import initialize_request
+
 SCRIPT = Path(sys.executable).with_name("gptunnel-mcp")
 #: Modules `--version` and `--help` must not load: the MCP SDK and the other heavy imports.
 HEAVY = ("mcp", "uvicorn", "starlette", "PIL")
@@ -78,17 +80,7 @@ def test_ctrl_c_stops_the_stdio_server_while_stdin_stays_open(tmp_path: Path) ->
     )
     assert server.stdin is not None and server.stdout is not None
     try:
-        initialize = {
-            "jsonrpc": "2.0",
-            "id": 1,
-            "method": "initialize",
-            "params": {
-                "protocolVersion": "2025-11-25",
-                "capabilities": {},
-                "clientInfo": {"name": "test", "version": "1"},
-            },
-        }
-        server.stdin.write(json.dumps(initialize).encode() + b"\n")
+        server.stdin.write(json.dumps(initialize_request("ctrl-c-test")).encode() + b"\n")
         server.stdin.flush()
         # Its answer shows the server is serving, its stdin read by the SDK.
         assert select.select([server.stdout], [], [], 30)[0], "the server did not answer initialize"

@@ -39,7 +39,17 @@ from gptunnel_mcp import load_settings
 from gptunnel_mcp._exceptions import ConfigError
 from gptunnel_mcp._main import main
 
-from .conftest import API_KEY, ServerLauncher, environment, http_client, serve_http, structured, text_of
+from .conftest import (
+    API_KEY,
+    MCP_HEADERS,
+    ServerLauncher,
+    environment,
+    http_client,
+    initialize_request,
+    serve_http,
+    structured,
+    text_of,
+)
 from .standin import Behaviour, StandIn, Stats
 
 pytestmark = pytest.mark.anyio
@@ -59,17 +69,7 @@ MULTI_USER: dict[str, str | None] = {
     "GPTUNNEL_MCP_TRANSPORT": "http",
 }
 
-INITIALIZE = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {
-        "protocolVersion": "2025-11-25",
-        "capabilities": {},
-        "clientInfo": {"name": "security-test", "version": "1"},
-    },
-}
-MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+INITIALIZE = initialize_request("security-test")
 
 
 # --- fixtures and helpers ----------------------------------------------------------------------------

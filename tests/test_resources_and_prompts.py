@@ -8,29 +8,19 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from mcp import Client
 from mcp_types import BlobResourceContents, ResourceTemplateReference, TextResourceContents
 
-from .conftest import API_KEY, ServerLauncher, structured, text_of
-from .standin import Behaviour, StandIn
+from .conftest import ServerLauncher, structured, text_of
+from .standin import StandIn
 
-pytestmark = pytest.mark.anyio
+# Images are ready at the first poll and small enough to render in a few milliseconds.
+pytestmark = [pytest.mark.anyio, pytest.mark.standin(generation_seconds=0.05, image_size=(320, 200))]
 
 MODES = ["auto", "legacy"]  # 2026-07-28 (discovered) and the 2025-11-25 handshake
-
-
-@pytest.fixture
-def standin() -> Iterator[StandIn]:
-    # Images are ready at the first poll and small enough to render in a few milliseconds.
-    standin = StandIn(api_key=API_KEY, behaviour=Behaviour(generation_seconds=0.05, image_size=(320, 200)))
-    standin.start()
-    yield standin
-    # Its thread ends on its own within about 0.2 s: no need to spend that on every test.
-    standin.stop(wait=False)
 
 
 async def read_json(client: Client, uri: str) -> Any:

@@ -17,7 +17,7 @@ from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolResult, RequestParams, Result
 from pydantic import ConfigDict, Field
 
-from .conftest import ServerLauncher, serve_http, structured, text_of
+from .conftest import MCP_HEADERS, ServerLauncher, initialize_request, serve_http, structured, text_of
 from .standin import StandIn
 
 pytestmark = pytest.mark.anyio
@@ -247,17 +247,8 @@ async def test_a_2025_client_that_declares_tasks_at_the_handshake_still_gets_the
 ) -> None:
     """Some clients (the MCP Inspector among them) declare the extension in their 2025-11-25
     initialize; that era cannot carry a task result, so the call must stay synchronous."""
-    headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
-    initialize = {
-        "jsonrpc": "2.0",
-        "id": 1,
-        "method": "initialize",
-        "params": {
-            "protocolVersion": "2025-11-25",
-            "capabilities": {"extensions": {EXTENSION: {}}},
-            "clientInfo": {"name": "tasks-at-handshake", "version": "1"},
-        },
-    }
+    headers = MCP_HEADERS
+    initialize = initialize_request("tasks-at-handshake", {"extensions": {EXTENSION: {}}})
     call = {
         "jsonrpc": "2.0",
         "id": 2,

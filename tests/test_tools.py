@@ -13,7 +13,6 @@ import hashlib
 import io
 import itertools
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,26 +29,17 @@ from mcp_types import (
 )
 from PIL import Image
 
-from .conftest import API_KEY, ServerLauncher, structured, text_of
-from .standin import Behaviour, StandIn
+from .conftest import ServerLauncher, structured, text_of
+from .standin import StandIn
 
-pytestmark = pytest.mark.anyio
+# Images are ready at the first poll and small enough to render in a few milliseconds.
+pytestmark = [pytest.mark.anyio, pytest.mark.standin(generation_seconds=0.05, image_size=(320, 200))]
 
 MODES = ["auto", "legacy"]  # 2026-07-28 (discovered) and the 2025-11-25 handshake
 #: Long enough that only `standin.finish` ends a task within a test.
 FOREVER = 600.0
 #: More than two of the quick poll schedule's longest gaps (0.15 s plus 10 % jitter).
 QUIET_WINDOW = 0.4
-
-
-@pytest.fixture
-def standin() -> Iterator[StandIn]:
-    # Images are ready at the first poll and small enough to render in a few milliseconds.
-    standin = StandIn(api_key=API_KEY, behaviour=Behaviour(generation_seconds=0.05, image_size=(320, 200)))
-    standin.start()
-    yield standin
-    # Its thread ends on its own within about 0.2 s: no need to spend that on every test.
-    standin.stop(wait=False)
 
 
 async def history_ids(client: Client) -> list[str]:

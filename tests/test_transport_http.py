@@ -18,23 +18,21 @@ from mcp.client.streamable_http import streamable_http_client
 
 import gptunnel_mcp
 
-from .conftest import API_KEY, ProcessLauncher, http_client, structured, text_of
+from .conftest import (
+    API_KEY,
+    MCP_HEADERS,
+    ProcessLauncher,
+    http_client,
+    initialize_request,
+    structured,
+    text_of,
+)
 from .standin import Behaviour, StandIn
 
 pytestmark = pytest.mark.anyio
 
 AUTH_TOKEN = "smoke-token-3e8d0b6a"
-INITIALIZE = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {
-        "protocolVersion": "2025-11-25",
-        "capabilities": {},
-        "clientInfo": {"name": "smoke-test", "version": "1"},
-    },
-}
-MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+INITIALIZE = initialize_request("smoke-test")
 AUTHORIZED = {**MCP_HEADERS, "Authorization": f"Bearer {AUTH_TOKEN}"}
 
 
