@@ -318,23 +318,19 @@ async def _doctor(engine: Engine) -> int:
         report(False, f"data folder {settings.home}: {exc}; set GPTUNNEL_MCP_HOME to a writable folder")
     if settings.sandbox:
         report(True, "sandbox mode: no GPTunnel key is needed, and GPTunnel is not contacted")
-        try:
-            balance = await engine.balance(engine.accounts.default)
-        except GPTunnelMCPError as exc:
-            report(False, f"the sandbox's stand-in GPTunnel does not answer: {exc}")
-        else:
-            report(True, f"the sandbox's stand-in GPTunnel answers (play balance {balance.balance:.2f} RUB)")
-        return EXIT_OK if all(results) else EXIT_FAILED
-    if engine.accounts.default.api_key is None:
+        upstream, answered = "the sandbox's stand-in GPTunnel", "answers (its balance is play money)"
+    elif engine.accounts.default.api_key is None:
         report(False, "GPTUNNEL_API_KEY is not set: set it to the key from your GPTunnel account")
-        return EXIT_OK if all(results) else EXIT_FAILED
-    report(True, "GPTUNNEL_API_KEY is set")
+        return EXIT_FAILED
+    else:
+        report(True, "GPTUNNEL_API_KEY is set")
+        upstream, answered = f"GPTunnel at {settings.api_base}", "is reachable and accepts the key"
     try:
         balance = await engine.balance(engine.accounts.default)
     except GPTunnelMCPError as exc:
-        report(False, f"GPTunnel at {settings.api_base}: {exc}")
+        report(False, f"{upstream}: {exc}")
     else:
-        report(True, f"GPTunnel at {settings.api_base} is reachable and accepts the key")
+        report(True, f"{upstream} {answered}")
         report(
             balance.balance > 0,
             f"balance {balance.balance:.2f} RUB (credit limit {balance.credit_limit:.2f} RUB)"
