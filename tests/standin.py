@@ -168,6 +168,12 @@ class Behaviour:
     #: The kinds download faults are drawn from: values of DOWNLOAD_FAULT_KINDS.
     download_fault_kinds: tuple[str, ...] = DOWNLOAD_FAULT_KINDS
     balance: float = 100.0
+    #: Seconds added to the `created_at` GPTunnel reports (its clock, or a hostile answer).
+    created_at_offset: float = 0.0
+    #: Seconds a create takes to answer (after the task exists), to widen races on purpose.
+    create_delay: float = 0.0
+    #: The id a create answers with instead of a real one (a hostile or broken upstream).
+    create_id_override: str | None = None
     credit_limit: float = 0.0
 
 
@@ -515,6 +521,11 @@ class StandIn:
                 if task_id in (None, task.id) and now - task.created < task.duration:
                     task.duration = now - task.created
 
+    def forget(self, task_id: str) -> None:
+        """From now on GPTunnel has no such task (code 4), as after its records are purged."""
+        with self._lock:
+            del self._tasks[task_id]
+
     def task_ids(self) -> list[str]:
         """Ids of every task created so far, oldest first."""
         with self._lock:
@@ -560,7 +571,7 @@ class StandIn:
             "id": task.id,
             "model": task.model,
             "prompt": task.prompt,
-            "created_at": int(task.created),
+            "created_at": int(task.created + self.behaviour.created_at_offset),
             "status": status,
             "url": None,
         }
@@ -706,6 +717,15 @@ class StandIn:
                 image_size=(int(behaviour.image_size[0]), int(behaviour.image_size[1])),
             )
             self._tasks[task_id] = task
+        if behaviour.create_delay > 0:
+            await anyio.sleep(behaviour.create_delay)
+        if behaviour.create_id_override is not None:
+            return JSONResponse(
+                {
+                    **self._task_body(task, "idle", False, self._base_url(request)),
+                    "id": behaviour.create_id_override,
+                }
+            )
         return JSONResponse(self._task_body(task, "idle", False, self._base_url(request)))
 
     async def _result(self, request: Request) -> Response:

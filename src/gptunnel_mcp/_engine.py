@@ -24,20 +24,23 @@ from ._catalog import check_options
 from ._download import ImageDownloader
 from ._exceptions import (
     DownloadError,
+    GPTunnelMCPError,
     ImageNotReadyError,
     MissingKeyError,
     QuotaExceededError,
     StorageError,
     TaskNotFoundError,
     TransientUpstreamError,
+    UnknownCreateOutcomeError,
+    UpstreamError,
 )
 from ._files import ImageFolder
 from ._images import Preview, make_preview
-from ._records import StoredFile, TaskRecord, check_task_id, utcnow
+from ._records import StoredFile, TaskRecord, check_task_id, is_task_id, utcnow
 from ._request import ImageRequest
 from ._schedule import Backoff, PollPlan, PollSchedule, Timing
 from ._settings import Settings
-from ._store import TaskStore
+from ._store import Admission, Cap, Settlement, TaskStore
 from ._upstream import Balance, GPTunnelClient, UpstreamTask
 
 logger = logging.getLogger("gptunnel_mcp")
@@ -45,6 +48,8 @@ _T = TypeVar("_T")
 
 #: Retries of one request inside a single tool call that is not a wait (create, one get_result).
 _QUICK_ATTEMPTS = 3
+#: How often to look whether another process's identical create has been answered.
+_IN_FLIGHT_POLL = 0.1
 #: Recent tasks of a model whose durations shape the poll plan.
 _TIMING_SAMPLES = 10
 
@@ -102,48 +107,87 @@ class Engine:
     async def create(self, request: ImageRequest, account: Account, *, new_image: bool = False) -> Outcome:
         """Start a task upstream and record it before returning, unless an identical request is
         still running or finished moments ago: agents retry calls their client cut off, and
-        paying twice for one image is the costliest mistake this server could make."""
+        paying twice for one image is the costliest mistake this server could make.
+
+        Reuse and the caps are decided by the store in one transaction that also takes a slot
+        for the new request, so they hold for parallel calls and for every process on the store.
+        """
         check_options(request)
         key = _key(account)
         request_key = request.key()
+        # Identical requests of this process queue here rather than asking the store in a loop.
         lock = self._create_locks.setdefault((account.owner, request_key), anyio.Lock())
         async with lock:
-            if not new_image:
-                earlier = await self._reusable(account.owner, request_key)
-                if earlier is not None:
-                    logger.info("reusing task %s for an identical request", earlier.task_id)
-                    return Outcome(earlier, reused=True)
-            await self._check_caps(account.owner)
-            return Outcome(await self._create(request, request_key, account, key), reused=False)
+            admission = await self._admit(account.owner, request_key, new_image=new_image)
+            if admission.reuse is not None:
+                logger.info("reusing task %s for an identical request", admission.reuse.task_id)
+                return Outcome(admission.reuse, reused=True)
+            assert admission.ticket is not None
+            return Outcome(await self._create(request, request_key, account, key, admission.ticket), False)
 
-    async def _reusable(self, owner: str, request_key: str) -> TaskRecord | None:
+    async def _admit(self, owner: str, request_key: str, *, new_image: bool) -> Admission:
         window = self.settings.reuse_window
-        if window <= 0:
-            return None
-        record = await self.store.find_reusable(owner, request_key, utcnow() - timedelta(seconds=window))
-        # A task whose image is gone for good (expired before download) is no answer to anyone.
-        return None if record is not None and record.status == "pending" and _stale(record) else record
-
-    async def _check_caps(self, owner: str) -> None:
-        now = utcnow()
-        for cap, span, unit, name in (
-            (self.settings.max_images_per_hour, timedelta(hours=1), "hour", "GPTUNNEL_MAX_IMAGES_PER_HOUR"),
-            (self.settings.max_images_per_day, timedelta(days=1), "day", "GPTUNNEL_MAX_IMAGES_PER_DAY"),
-        ):
-            if cap is None:
-                continue
-            # Counted from the history, so a restart does not reset the count.
-            recent = await self.store.created_since(owner, now - span)
-            if len(recent) >= cap:
-                frees = recent[len(recent) - cap] + span if cap else None
-                raise QuotaExceededError(cap=cap, unit=unit, setting=name, made=len(recent), frees_at=frees)
+        caps = [
+            Cap(limit, span, unit, setting)
+            for limit, span, unit, setting in (
+                (
+                    self.settings.max_images_per_hour,
+                    timedelta(hours=1),
+                    "hour",
+                    "GPTUNNEL_MAX_IMAGES_PER_HOUR",
+                ),
+                (self.settings.max_images_per_day, timedelta(days=1), "day", "GPTUNNEL_MAX_IMAGES_PER_DAY"),
+            )
+            if limit is not None
+        ]
+        # A create still unsettled after this long belonged to a process that died on the way:
+        # it may have cost money (it counts for the caps) but nobody will finish it.
+        in_flight_for = self.settings.request_timeout * _QUICK_ATTEMPTS + self.backoff.cap * _QUICK_ATTEMPTS
+        while True:
+            now = utcnow()
+            admission = await self.store.admit(
+                owner,
+                request_key,
+                now=now,
+                reuse_since=None if new_image or window <= 0 else now - timedelta(seconds=window),
+                in_flight_since=now - timedelta(seconds=in_flight_for),
+                caps=caps,
+            )
+            if admission.cap is not None:
+                cap = admission.cap
+                raise QuotaExceededError(
+                    cap=cap.limit,
+                    unit=cap.unit,
+                    setting=cap.setting,
+                    made=admission.made,
+                    frees_at=admission.frees_at,
+                )
+            if not admission.in_flight:
+                return admission
+            # Another process is creating this very request: its answer is ours to reuse.
+            await anyio.sleep(_IN_FLIGHT_POLL)
 
     async def _create(
-        self, request: ImageRequest, request_key: str, account: Account, key: str
+        self, request: ImageRequest, request_key: str, account: Account, key: str, ticket: str
     ) -> TaskRecord:
         submitted = utcnow()
-        # Only failures that prove the request was not taken on are retried (see `_client`).
-        upstream = await self._retry(lambda: self.client.create(request, key), attempts=_QUICK_ATTEMPTS)
+        try:
+            # Only failures that prove the request was not taken on are retried (see `_upstream`).
+            upstream = await self._retry(lambda: self.client.create(request, key), attempts=_QUICK_ATTEMPTS)
+        except GPTunnelMCPError as exc:
+            outcome: Settlement = "unknown" if isinstance(exc, UnknownCreateOutcomeError) else "refused"
+            await self._settle(ticket, outcome)
+            raise
+        except BaseException:
+            # Cancelled with the request on its way: it may have been taken on, and paid for.
+            await self._settle(ticket, "unknown")
+            raise
+        if not is_task_id(upstream.id):
+            await self._settle(ticket, "unknown")
+            raise UpstreamError(
+                f"GPTunnel accepted the request but answered with {upstream.id[:40]!r}, which is not a task "
+                "id, so the image cannot be followed. It may still be made: check your GPTunnel account."
+            )
         now = utcnow()
         record = TaskRecord(
             task_id=upstream.id.lower(),
@@ -152,20 +196,30 @@ class Engine:
             prompt=request.prompt,
             aspect_ratio=request.aspect_ratio,
             images=request.images,
-            created_at=_from_unix(upstream.created_at) or now,
+            # This server's clock: GPTunnel's created_at is its word, and caps and reuse must not
+            # depend on it.
+            created_at=submitted,
             updated_at=now,
             request_key=request_key,
             submitted_at=submitted,
         )
         _apply(record, upstream)
         try:
-            await self.store.put(record)
+            await self.store.settle(ticket, "created", record)
         except StorageError as exc:
             raise StorageError(
                 f"GPTunnel started it, but it could not be recorded ({exc.reason})", task_id=record.task_id
             ) from None
         logger.info("created task %s (model %s)", record.task_id, record.model)
         return record
+
+    async def _settle(self, ticket: str, outcome: Settlement) -> None:
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.store.settle(ticket, outcome)
+            except StorageError as exc:
+                # The slot stays taken: a cap errs on the side of money not spent.
+                logger.warning("could not settle create %s as %s: %s", ticket, outcome, exc)
 
     # --- following a task ------------------------------------------------------------------
 
@@ -292,7 +346,17 @@ class Engine:
         poll that changed nothing is too, unless `keep_quiet_polls` is off (a wait that holds the
         record in memory needs no write per poll)."""
         key = _key(account)
-        upstream = await self._retry(lambda: self.client.result(task_id, key), attempts=attempts)
+        try:
+            upstream = await self._retry(lambda: self.client.result(task_id, key), attempts=attempts)
+        except TaskNotFoundError:
+            if record is None:
+                raise
+            # GPTunnel has forgotten it (code 4): no poll will ever finish it, and an identical
+            # request must make a new image rather than be answered with this one.
+            record.status, record.updated_at = "failed", utcnow()
+            record.error = "GPTunnel no longer knows this task (code 4); make the image again"
+            await self.store.put(record)
+            return record
         if record is None:
             # A task started elsewhere (another client, GPTunnel's site): adopt it into the history.
             now = utcnow()
@@ -301,7 +365,8 @@ class Engine:
                 owner=account.owner,
                 model=upstream.model or "",
                 prompt=upstream.prompt or "",
-                created_at=_from_unix(upstream.created_at) or now,
+                # Never in the future: GPTunnel's clock must not reorder the history.
+                created_at=min(_from_unix(upstream.created_at) or now, now),
                 updated_at=now,
             )
         previous_poll, record.last_polled_at = record.last_polled_at, utcnow()

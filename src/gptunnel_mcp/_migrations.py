@@ -7,8 +7,9 @@ change to the schema is a new migration at the end. Another backend keeps a list
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 
 from ._exceptions import StorageError
@@ -130,11 +131,37 @@ def _m004_finish_bracket(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX tasks_by_model ON tasks (model, created_at DESC) WHERE finished_by IS NOT NULL")
 
 
+def _m005_creates(db: sqlite3.Connection) -> None:
+    """The ledger of create requests sent to GPTunnel, each made by this server's clock: caps
+    count it, and a slot is taken in it before the request goes out, in the same transaction
+    that checks the caps and looks for an identical request to reuse. Tasks made before it are
+    entered as they were made, so a cap holds across the upgrade."""
+    db.execute(
+        """CREATE TABLE creates (
+               ticket      TEXT PRIMARY KEY,
+               owner       TEXT NOT NULL,
+               request_key TEXT NOT NULL,
+               made_at     TEXT NOT NULL,
+               state       TEXT NOT NULL,
+               task_id     TEXT
+           )"""
+    )
+    db.execute("CREATE INDEX creates_by_time ON creates (owner, made_at)")
+    db.execute("CREATE INDEX creates_by_request ON creates (owner, request_key, state)")
+    db.execute(
+        """INSERT INTO creates (ticket, owner, request_key, made_at, state, task_id)
+           SELECT 'history:' || owner || ':' || task_id, owner, request_key,
+                  COALESCE(json_extract(record, '$.submitted_at'), created_at), 'created', task_id
+           FROM tasks WHERE request_key != '' OR json_extract(record, '$.submitted_at') IS NOT NULL"""
+    )
+
+
 SQLITE_MIGRATIONS: Sequence[Migration] = (
     _m001_tasks,
     _m002_request_key,
     _m003_model_duration,
     _m004_finish_bracket,
+    _m005_creates,
 )
 LATEST = len(SQLITE_MIGRATIONS)
 
@@ -159,9 +186,17 @@ def migrate(db: sqlite3.Connection) -> None:
     then finds nothing left to do."""
     if _version(db) == LATEST:
         return
+    with immediate_transaction(db):
+        _upgrade(db)
+
+
+@contextlib.contextmanager
+def immediate_transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """A transaction that holds the write lock from its first statement, so that what it reads
+    is still true when it writes, whichever other connection or process wants the file."""
     db.execute("BEGIN IMMEDIATE")
     try:
-        _upgrade(db)
+        yield
         db.execute("COMMIT")
     except BaseException:
         # Some errors (a full disk) end the transaction themselves.

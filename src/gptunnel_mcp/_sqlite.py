@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import secrets
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TypeVar
@@ -11,8 +12,9 @@ from typing import TypeVar
 import anyio
 
 from ._exceptions import StorageError
-from ._migrations import migrate
+from ._migrations import immediate_transaction, migrate
 from ._records import TaskRecord
+from ._store import Admission, Cap, Settlement
 
 _T = TypeVar("_T")
 
@@ -78,31 +80,7 @@ class SQLiteStore:
         return await anyio.to_thread.run_sync(call, limiter=self._slot)
 
     async def put(self, record: TaskRecord) -> None:
-        row = (
-            record.task_id,
-            record.owner,
-            record.status,
-            _iso(record.created_at),
-            record.request_key,
-            record.model,
-            record.finished_after,
-            record.finished_by,
-            record.model_dump_json(),
-        )
-        await self._run(
-            lambda db: db.execute(
-                """INSERT INTO tasks
-                       (task_id, owner, status, created_at, request_key, model,
-                        finished_after, finished_by, record)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
-                   ON CONFLICT (owner, task_id) DO UPDATE SET
-                       status = excluded.status, finished_after = excluded.finished_after,
-                       finished_by = excluded.finished_by,
-                       record = excluded.record
-                   WHERE tasks.status != 'done' OR excluded.status = 'done'""",
-                row,
-            )
-        )
+        await self._run(lambda db: _put(db, record))
 
     async def get(self, task_id: str, owner: str = "") -> TaskRecord | None:
         row = await self._run(
@@ -129,15 +107,6 @@ class SQLiteStore:
         )
         return int(row[0])
 
-    async def created_since(self, owner: str, since: datetime) -> list[datetime]:
-        rows = await self._run(
-            lambda db: db.execute(
-                "SELECT created_at FROM tasks WHERE owner = ? AND created_at >= ? ORDER BY created_at",
-                (owner, _iso(since)),
-            ).fetchall()
-        )
-        return [datetime.fromisoformat(r[0]) for r in rows]
-
     async def durations(self, model: str, *, limit: int) -> list[tuple[float | None, float]]:
         rows = await self._run(
             lambda db: db.execute(
@@ -148,16 +117,101 @@ class SQLiteStore:
         )
         return [(None if r[0] is None else float(r[0]), float(r[1])) for r in rows]
 
-    async def find_reusable(self, owner: str, request_key: str, since: datetime) -> TaskRecord | None:
-        row = await self._run(
-            lambda db: db.execute(
-                """SELECT record FROM tasks WHERE owner = ? AND request_key = ?
-                   AND (status = 'pending' OR (status = 'done' AND created_at >= ?))
-                   ORDER BY created_at DESC, rowid DESC LIMIT 1""",
-                (owner, request_key, _iso(since)),
-            ).fetchone()
-        )
-        return None if row is None else TaskRecord.model_validate_json(row[0])
+    async def admit(
+        self,
+        owner: str,
+        request_key: str,
+        *,
+        now: datetime,
+        reuse_since: datetime | None,
+        in_flight_since: datetime,
+        caps: Sequence[Cap],
+    ) -> Admission:
+        def decide(db: sqlite3.Connection) -> Admission:
+            if reuse_since is not None:
+                row = db.execute(
+                    """SELECT record FROM tasks WHERE owner = ? AND request_key = ?
+                       AND (status = 'pending' OR (status = 'done' AND created_at >= ?))
+                       ORDER BY created_at DESC, rowid DESC LIMIT 1""",
+                    (owner, request_key, _iso(reuse_since)),
+                ).fetchone()
+                earlier = None if row is None else TaskRecord.model_validate_json(row[0])
+                expires = None if earlier is None else earlier.source_url_expires_at
+                # A pending task whose link expired before its download is no answer to anyone.
+                if earlier is not None and not (earlier.status == "pending" and expires and expires < now):
+                    return Admission(reuse=earlier)
+                sending = db.execute(
+                    """SELECT 1 FROM creates WHERE owner = ? AND request_key = ? AND state = 'sending'
+                       AND made_at >= ? LIMIT 1""",
+                    (owner, request_key, _iso(in_flight_since)),
+                ).fetchone()
+                if sending is not None:
+                    return Admission(in_flight=True)
+            for cap in caps:
+                made = [
+                    datetime.fromisoformat(r[0])
+                    for r in db.execute(
+                        "SELECT made_at FROM creates WHERE owner = ? AND made_at > ? ORDER BY made_at",
+                        (owner, _iso(now - cap.span)),
+                    )
+                ]
+                if len(made) >= cap.limit:
+                    frees_at = made[len(made) - cap.limit] + cap.span if cap.limit else None
+                    return Admission(cap=cap, made=len(made), frees_at=frees_at)
+            ticket = secrets.token_hex(16)
+            db.execute(
+                """INSERT INTO creates (ticket, owner, request_key, made_at, state)
+                   VALUES (?, ?, ?, ?, 'sending')""",
+                (ticket, owner, request_key, _iso(now)),
+            )
+            return Admission(ticket=ticket)
+
+        return await self._run(lambda db: _immediately(db, decide))
+
+    async def settle(self, ticket: str, outcome: Settlement, record: TaskRecord | None = None) -> None:
+        def close(db: sqlite3.Connection) -> None:
+            if outcome == "refused":
+                db.execute("DELETE FROM creates WHERE ticket = ?", (ticket,))
+                return
+            task_id = None
+            if record is not None:
+                _put(db, record)
+                task_id = record.task_id
+            db.execute(
+                "UPDATE creates SET state = ?, task_id = ? WHERE ticket = ?", (outcome, task_id, ticket)
+            )
+
+        await self._run(lambda db: _immediately(db, close))
 
     async def close(self) -> None:
         await self._run(lambda db: db.close())
+
+
+def _put(db: sqlite3.Connection, record: TaskRecord) -> None:
+    db.execute(
+        """INSERT INTO tasks
+               (task_id, owner, status, created_at, request_key, model,
+                finished_after, finished_by, record)
+           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+           ON CONFLICT (owner, task_id) DO UPDATE SET
+               status = excluded.status, finished_after = excluded.finished_after,
+               finished_by = excluded.finished_by,
+               record = excluded.record
+           WHERE tasks.status != 'done' OR excluded.status = 'done'""",
+        (
+            record.task_id,
+            record.owner,
+            record.status,
+            _iso(record.created_at),
+            record.request_key,
+            record.model,
+            record.finished_after,
+            record.finished_by,
+            record.model_dump_json(),
+        ),
+    )
+
+
+def _immediately(db: sqlite3.Connection, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+    with immediate_transaction(db):
+        return fn(db)

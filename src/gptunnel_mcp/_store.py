@@ -3,14 +3,48 @@ shared PostgreSQL for several replicas) is a new class beside `SQLiteStore`, not
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Protocol
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Literal, Protocol
 
 from ._records import TaskRecord
 
 
+@dataclass(frozen=True)
+class Cap:
+    """At most `limit` create requests per `span` for one owner, counted by this server's clock."""
+
+    limit: int
+    span: timedelta
+    #: How a person names the span ("hour"), and the setting that set the limit.
+    unit: str
+    setting: str
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The store's answer to "may this request be created?", decided atomically with every other
+    caller's, in this process and in any other on the same store. Exactly one field is set:
+    `ticket`, a slot taken for a new create; `reuse`, an identical request's task to answer with;
+    `in_flight`, an identical create is on its way right now (ask again shortly); `cap`, the cap
+    that refuses it, with `made` creates in its span and the moment the oldest leaves it."""
+
+    ticket: str | None = None
+    reuse: TaskRecord | None = None
+    in_flight: bool = False
+    cap: Cap | None = None
+    made: int = 0
+    frees_at: datetime | None = None
+
+
+#: How a create request ended: GPTunnel made the task, refused it for sure, or may have made it.
+Settlement = Literal["created", "refused", "unknown"]
+
+
 class TaskStore(Protocol):
-    """One record per GPTunnel task, scoped by `owner` ("" for a single-user server)."""
+    """One record per GPTunnel task, scoped by `owner` ("" for a single-user server), and the
+    ledger of create requests that caps and reuse are decided on."""
 
     async def put(self, record: TaskRecord) -> None:
         """Insert or update `record`. A done record is never overwritten by a not-done one, so two
@@ -25,17 +59,31 @@ class TaskStore(Protocol):
 
     async def count(self, owner: str = "") -> int: ...
 
-    async def created_since(self, owner: str, since: datetime) -> list[datetime]:
-        """Creation times of the owner's tasks from `since` on, oldest first (for the caps)."""
-        ...
-
     async def durations(self, model: str, *, limit: int) -> list[tuple[float | None, float]]:
         """When the newest finished tasks of `model` were done, as (finished after, finished by)
         seconds after submission (any owner: speed is the model's)."""
         ...
 
-    async def find_reusable(self, owner: str, request_key: str, since: datetime) -> TaskRecord | None:
-        """The newest task made from the same request that is still pending, or done since `since`."""
+    async def admit(
+        self,
+        owner: str,
+        request_key: str,
+        *,
+        now: datetime,
+        reuse_since: datetime | None,
+        in_flight_since: datetime,
+        caps: Sequence[Cap],
+    ) -> Admission:
+        """Decide one create, as one transaction: an identical request's task still pending (its
+        link not expired) or done since `reuse_since` is reused (`reuse_since` None: never); an
+        identical create sent since `in_flight_since` and not yet settled is waited for; a full
+        cap refuses; otherwise a ticket is entered in the ledger at `now`, and counts for the
+        caps until it is settled as refused."""
+        ...
+
+    async def settle(self, ticket: str, outcome: Settlement, record: TaskRecord | None = None) -> None:
+        """Close a ticket: "created" stores `record` and ties it to the ticket in one step;
+        "refused" frees the slot; "unknown" keeps it (the request may have cost money)."""
         ...
 
     async def close(self) -> None: ...
