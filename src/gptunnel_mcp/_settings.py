@@ -68,6 +68,18 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(
         default=50 * 1024 * 1024, ge=1024, description="Largest image file accepted from GPTunnel."
     )
+    max_image_pixels: int = Field(
+        default=40_000_000,
+        ge=1_000_000,
+        description="Largest image accepted, in pixels (width x height), checked from the file's header "
+        "before anything decodes it: a small file can unpack into gigabytes.",
+    )
+    allow_private_downloads: bool = Field(
+        default=False,
+        validation_alias="GPTUNNEL_ALLOW_PRIVATE_DOWNLOADS",
+        description="Let image links point at loopback, private or link-local addresses other than "
+        "GPTUNNEL_BASE_URL's own (a GPTunnel stand-in on a private network).",
+    )
     request_timeout: float = Field(default=30.0, gt=0, le=600, description="Timeout of one HTTP request.")
     reuse_window: float = Field(
         default=600.0,
@@ -133,6 +145,8 @@ _ENV_NAMES = {
     "wait_timeout": "GPTUNNEL_WAIT_TIMEOUT",
     "preview_max_px": "GPTUNNEL_PREVIEW_MAX_PX",
     "max_image_bytes": "GPTUNNEL_MAX_IMAGE_BYTES",
+    "max_image_pixels": "GPTUNNEL_MAX_IMAGE_PIXELS",
+    "allow_private_downloads": "GPTUNNEL_ALLOW_PRIVATE_DOWNLOADS",
     "request_timeout": "GPTUNNEL_REQUEST_TIMEOUT",
     "reuse_window": "GPTUNNEL_REUSE_WINDOW",
     "max_images_per_hour": "GPTUNNEL_MAX_IMAGES_PER_HOUR",
