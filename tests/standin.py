@@ -48,7 +48,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import anyio
 import anyio.to_thread
@@ -174,7 +174,20 @@ class Behaviour:
     create_delay: float = 0.0
     #: The id a create answers with instead of a real one (a hostile or broken upstream).
     create_id_override: str | None = None
+    #: The id every create gives its task, instead of a fresh one: as if two GPTunnel accounts met
+    #: the same id. A task made again under it replaces the earlier one.
+    fixed_task_id: str | None = None
     credit_limit: float = 0.0
+    #: The link a done task names instead of its own: a template with ``{port}`` (the stand-in's)
+    #: and ``{path}`` (the file's path), e.g. ``"http://localhost:{port}{path}"``.
+    file_url_override: str | None = None
+    #: File downloads answer HTTP 302 to this location (the same template as file_url_override;
+    #: ``"{path}"`` redirects a link to itself, for ever).
+    download_redirect_to: str | None = None
+    #: Spread a file download's body over this many seconds, in small pieces (a trickling link).
+    download_trickle_seconds: float = 0.0
+    #: Characters of padding in every result answer (an upstream answering far too much).
+    result_padding: int = 0
 
 
 @dataclass
@@ -349,6 +362,7 @@ class _FileResponse(Response):
         truncate_at: int | None,
         drop_connection: Callable[[Scope], Awaitable[bool]],
         pause_at: int | None = None,
+        trickle_seconds: float = 0.0,
     ) -> None:
         super().__init__(payload, 200, media_type=media_type)
         self._payload = payload
@@ -356,9 +370,13 @@ class _FileResponse(Response):
         self._truncate_at = truncate_at
         self._drop_connection = drop_connection
         self._pause_at = pause_at
+        self._trickle_seconds = trickle_seconds
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        if self._trickle_seconds > 0:
+            await self._trickle(scope, receive, send)
+            return
         body = self._payload
         cut = self._truncate_at
         truncated = cut is not None and 0 <= cut < len(body)
@@ -377,6 +395,18 @@ class _FileResponse(Response):
             await self._drop_connection(scope)
             return
         await send({"type": "http.response.body", "body": body[sent:], "more_body": False})
+
+    async def _trickle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        pieces = 50
+        step = -(-len(self._payload) // pieces)
+        for start in range(0, len(self._payload), step):
+            if await Request(scope, receive).is_disconnected():
+                return
+            await send(
+                {"type": "http.response.body", "body": self._payload[start : start + step], "more_body": True}
+            )
+            await anyio.sleep(self._trickle_seconds / pieces)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 class _Disconnect(Response):
@@ -576,10 +606,16 @@ class StandIn:
             "url": None,
         }
         if ended and status == "done":
-            body["url"] = f"{base_url}/files/{quote(task.file_name, safe='')}"
+            path = f"/files/{quote(task.file_name, safe='')}"
+            override = self.behaviour.file_url_override
+            body["url"] = f"{base_url}{path}" if override is None else self._link(override, path, base_url)
         elif ended:
             body["error"] = f"generation failed: the stand-in was told to end this task as {status!r}"
         return body
+
+    @staticmethod
+    def _link(template: str, path: str, base_url: str) -> str:
+        return template.format(port=urlsplit(base_url).port, path=path)
 
     def _base_url(self, request: Request) -> str:
         return self._url if self._url is not None else str(request.base_url).rstrip("/")
@@ -703,7 +739,8 @@ class StandIn:
             duration = self._random.uniform(mean * (1 - jitter), mean * (1 + jitter)) if jitter else mean
             created = time.time()
             # Shaped like upstream ids (MongoDB ObjectIds): a hex timestamp, then random bytes.
-            task_id = f"{int(created):08x}{secrets.token_hex(8)}"
+            task_id = behaviour.fixed_task_id or f"{int(created):08x}{secrets.token_hex(8)}"
+            self._images.pop(task_id, None)
             task = _Task(
                 id=task_id,
                 model=body["model"],
@@ -752,7 +789,10 @@ class StandIn:
             by_task = self.stats.result_calls_by_task
             by_task[task_id] = by_task.get(task_id, 0) + 1
             status, ended = self._status(task, time.time())
-        return JSONResponse(self._task_body(task, status, ended, self._base_url(request)))
+        body = self._task_body(task, status, ended, self._base_url(request))
+        if self.behaviour.result_padding:
+            body["padding"] = "x" * self.behaviour.result_padding
+        return JSONResponse(body)
 
     def _balance(self, request: Request) -> Response:
         if not self._authorized(request):
@@ -785,6 +825,9 @@ class StandIn:
             )
         if task is None or not ready:
             return Response(_NO_SUCH_KEY, 404, media_type="application/xml")
+        if behaviour.download_redirect_to is not None:
+            location = self._link(behaviour.download_redirect_to, request.url.path, self._base_url(request))
+            return Response(status_code=302, headers={"Location": location})
         if behaviour.download_status != 200:
             return PlainTextResponse(f"HTTP {behaviour.download_status}", behaviour.download_status)
         override = behaviour.download_bytes_override
@@ -808,6 +851,7 @@ class StandIn:
             truncate_at,
             self._drop_connection,
             pause_at=behaviour.download_pause_at,
+            trickle_seconds=behaviour.download_trickle_seconds,
         )
 
 

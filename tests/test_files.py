@@ -76,11 +76,11 @@ def test_sniff_by_magic_bytes(head: bytes, mime: str | None) -> None:
 def test_preview_is_bounded_and_keeps_transparency(tmp_path: Path) -> None:
     big = tmp_path / "big.png"
     big.write_bytes(png((2000, 1000)))
-    preview = make_preview(big, 512)
+    preview = make_preview(big, 512, 40_000_000)
     assert (preview.width, preview.height, preview.mime_type) == (512, 256, "image/jpeg")
     clear = tmp_path / "clear.png"
     clear.write_bytes(png((100, 400), mode="RGBA"))
-    small = make_preview(clear, 512)
+    small = make_preview(clear, 512, 40_000_000)
     assert (small.width, small.height, small.mime_type) == (100, 400, "image/png")
 
 

@@ -128,11 +128,12 @@ async def test_known_options_and_unknown_models_pass(memory_server: ServerLaunch
     async with memory_server.connect() as client:
         for args in (
             {"model": "flux-dev", "aspect_ratio": "21:9"},
-            {"model": "gpt-image-1-low", "images": ["https://example.com/ref.png"]},
+            # Public addresses spelled out: reference hosts are looked up, and tests run offline.
+            {"model": "gpt-image-1-low", "images": ["https://1.1.1.1/ref.png"]},
             {
                 "model": "brand-new-model-2027",
                 "aspect_ratio": "9:21",
-                "images": ["https://example.com/r.png"],
+                "images": ["https://8.8.8.8/r.png"],
             },
         ):
             result = await client.call_tool("create_image", {"prompt": "x", **args})

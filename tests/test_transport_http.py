@@ -78,7 +78,7 @@ async def raw() -> AsyncIterator[httpx2.AsyncClient]:
 
 
 async def test_health_is_open_and_mcp_needs_the_token(deployed: Deployed, raw: httpx2.AsyncClient) -> None:
-    health = await raw.get(deployed.url.removesuffix("/mcp") + "/healthz")
+    health = await raw.get(deployed.url.removesuffix("/mcp") + "/healthz", headers=AUTHORIZED)
     assert health.status_code == 200
     assert health.json()["version"] == gptunnel_mcp.__version__ and health.json()["auth"] is True
 

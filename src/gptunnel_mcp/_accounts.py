@@ -40,8 +40,9 @@ def load_server_secret(home: Path) -> bytes:
         # processes starting together exactly one secret wins, and none reads a half-written one.
         draft = home / f".{_SECRET_FILE}.{secrets.token_hex(4)}"
         try:
-            draft.write_text(secrets.token_hex(32))
-            draft.chmod(0o600)
+            # Made private (0600) before its first byte, not after: no moment when others may read it.
+            with os.fdopen(os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
+                file.write(secrets.token_hex(32))
             with contextlib.suppress(FileExistsError):
                 os.link(draft, path)
         except OSError as exc:
@@ -70,20 +71,30 @@ def bearer_token(headers: Mapping[str, str] | None) -> str | None:
 
 
 class Accounts:
-    """Maps a request to its account, and remembers which keys GPTunnel accepted.
+    """Maps a request to its account, and remembers which keys GPTunnel accepted or refused.
 
-    The memory holds fingerprints only, never keys, and forgets them after `ttl` seconds so a
-    revoked key stops working within that time.
+    The memory holds fingerprints only, never keys. An accepted key is forgotten after `ttl`
+    seconds, so a revoked key stops working within that time; a refused one after `refusal_ttl`,
+    so a key sent again and again costs one question to GPTunnel, not one per request, and a
+    key that was just paid up is not kept out for long.
     """
 
     def __init__(
-        self, default: Account, secret: bytes | None, *, ttl: float = 300.0, size: int = 4096
+        self,
+        default: Account,
+        secret: bytes | None,
+        *,
+        ttl: float = 300.0,
+        refusal_ttl: float = 60.0,
+        size: int = 4096,
     ) -> None:
         self.default = default
         self._secret = secret
         self._ttl = ttl
+        self._refusal_ttl = refusal_ttl
         self._size = size
         self._accepted: OrderedDict[str, float] = OrderedDict()
+        self._refused: OrderedDict[str, float] = OrderedDict()
 
     @property
     def multi_user(self) -> bool:
@@ -105,11 +116,26 @@ class Accounts:
         return account_for_key(self._secret, api_key)
 
     def is_known(self, account: Account) -> bool:
-        expires = self._accepted.get(account.owner)
-        return expires is not None and expires > time.monotonic()
+        return _holds(self._accepted, account.owner)
 
     def remember(self, account: Account) -> None:
-        self._accepted[account.owner] = time.monotonic() + self._ttl
-        self._accepted.move_to_end(account.owner)
-        while len(self._accepted) > self._size:
-            self._accepted.popitem(last=False)
+        self._refused.pop(account.owner, None)
+        self._note(self._accepted, account.owner, self._ttl)
+
+    def is_refused(self, account: Account) -> bool:
+        return _holds(self._refused, account.owner)
+
+    def refuse(self, account: Account) -> None:
+        self._accepted.pop(account.owner, None)
+        self._note(self._refused, account.owner, self._refusal_ttl)
+
+    def _note(self, memory: OrderedDict[str, float], owner: str, ttl: float) -> None:
+        memory[owner] = time.monotonic() + ttl
+        memory.move_to_end(owner)
+        while len(memory) > self._size:
+            memory.popitem(last=False)
+
+
+def _holds(memory: OrderedDict[str, float], owner: str) -> bool:
+    expires = memory.get(owner)
+    return expires is not None and expires > time.monotonic()

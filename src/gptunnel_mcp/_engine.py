@@ -21,7 +21,7 @@ import anyio
 
 from ._accounts import Account, Accounts
 from ._catalog import check_options
-from ._download import ImageDownloader
+from ._download import FlakyLinkError, ImageDownloader, keepable_link
 from ._exceptions import (
     DownloadError,
     GPTunnelMCPError,
@@ -37,7 +37,7 @@ from ._exceptions import (
 from ._files import ImageFolder
 from ._images import Preview, make_preview
 from ._records import StoredFile, TaskRecord, check_task_id, is_task_id, utcnow
-from ._request import ImageRequest
+from ._request import ImageRequest, check_public_hosts
 from ._schedule import Backoff, PollPlan, PollSchedule, Timing
 from ._settings import Settings
 from ._store import Admission, Cap, Settlement, TaskStore
@@ -52,6 +52,8 @@ _QUICK_ATTEMPTS = 3
 _IN_FLIGHT_POLL = 0.1
 #: Recent tasks of a model whose durations shape the poll plan.
 _TIMING_SAMPLES = 10
+#: Failed downloads of one task's image, over all calls, after which the task ends as failed.
+MAX_DOWNLOAD_FAILURES = 5
 
 
 class JobEvents(Protocol):
@@ -98,6 +100,7 @@ class Engine:
     _preview_slots: anyio.CapacityLimiter = field(
         default_factory=lambda: anyio.CapacityLimiter(os.cpu_count() or 2), repr=False
     )
+    _read_slots: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(2), repr=False)
     _create_locks: WeakValueDictionary[tuple[str, str], anyio.Lock] = field(
         default_factory=WeakValueDictionary, repr=False
     )
@@ -114,6 +117,10 @@ class Engine:
         """
         check_options(request)
         key = _key(account)
+        if request.images and not self.settings.sandbox:
+            # Before the store is asked: a refused request takes no slot. (The sandbox fetches
+            # nothing, and may have no network to look names up on.)
+            await check_public_hosts(request)
         request_key = request.key()
         # Identical requests of this process queue here rather than asking the store in a loop.
         lock = self._create_locks.setdefault((account.owner, request_key), anyio.Lock())
@@ -229,15 +236,24 @@ class Engine:
         record = await self._known(task_id, account)
         if record is not None and self._finished(record):
             return record
-        return await self._step(task_id, account, record, events, attempts=_QUICK_ATTEMPTS)
+        deadline = time.monotonic() + self.settings.wait_timeout
+        return await self._step(task_id, account, record, events, attempts=_QUICK_ATTEMPTS, deadline=deadline)
 
     async def wait(
-        self, task_id: str, account: Account, events: JobEvents = SILENT, *, poll_now: bool = True
+        self,
+        task_id: str,
+        account: Account,
+        events: JobEvents = SILENT,
+        *,
+        poll_now: bool = True,
+        deadline: float | None = None,
     ) -> TaskRecord:
-        """Poll until the task is finished or `wait_timeout` has passed; a timeout is no error,
-        the task comes back pending. `poll_now=False` waits for the plan's first poll (a fresh task)."""
-        started = time.monotonic()
-        deadline = started + self.settings.wait_timeout
+        """Poll until the task is finished or `wait_timeout` has passed (or the monotonic
+        `deadline` of a call that began earlier), the image's download included; a timeout is no
+        error, the task comes back pending. `poll_now=False` waits for the plan's first poll (a
+        fresh task)."""
+        if deadline is None:
+            deadline = time.monotonic() + self.settings.wait_timeout
         record = await self._known(task_id, account)
         plan = await self._plan(record)
         origin = record.submitted_at if record is not None and record.submitted_at else utcnow()
@@ -252,7 +268,7 @@ class Engine:
             await anyio.sleep(delay)
             try:
                 record = await self._step(
-                    task_id, account, record, events, attempts=1, keep_quiet_polls=False
+                    task_id, account, record, events, attempts=1, keep_quiet_polls=False, deadline=deadline
                 )
                 failures, last_error = 0, None
                 age = _age(origin)
@@ -306,7 +322,8 @@ class Engine:
         retry_in: float | None = None
         if due:
             try:
-                record = await self._step(task_id, account, record, SILENT, attempts=1)
+                deadline = time.monotonic() + self.settings.wait_timeout
+                record = await self._step(task_id, account, record, SILENT, attempts=1, deadline=deadline)
             except TransientUpstreamError as exc:
                 logger.info("task %s: transient error (%s)", task_id, exc)
                 retry_in = self.backoff.delay(1, exc.retry_after)
@@ -325,11 +342,13 @@ class Engine:
     async def generate(
         self, request: ImageRequest, account: Account, events: JobEvents = SILENT, *, new_image: bool = False
     ) -> Outcome:
+        # The wait timeout bounds the whole call: creating, waiting and downloading.
+        deadline = time.monotonic() + self.settings.wait_timeout
         started = await self.create(request, account, new_image=new_image)
         record = started.record
         what = "an identical earlier task reused" if started.reused else "created"
         await events.progress(0.0, None, f"task {record.task_id} {what}, {record.upstream_status}")
-        record = await self.wait(record.task_id, account, events, poll_now=started.reused)
+        record = await self.wait(record.task_id, account, events, poll_now=started.reused, deadline=deadline)
         return Outcome(record, started.reused)
 
     async def _step(
@@ -340,14 +359,17 @@ class Engine:
         events: JobEvents,
         *,
         attempts: int,
+        deadline: float,
         keep_quiet_polls: bool = True,
     ) -> TaskRecord:
-        """One upstream poll; the download when the image is ready. Every change is recorded; a
-        poll that changed nothing is too, unless `keep_quiet_polls` is off (a wait that holds the
-        record in memory needs no write per poll)."""
+        """One upstream poll; the download when the image is ready; neither past the monotonic
+        `deadline`. Every change is recorded; a poll that changed nothing is too, unless
+        `keep_quiet_polls` is off (a wait that holds the record in memory needs no write per poll)."""
         key = _key(account)
+        upstream: UpstreamTask | None = None
         try:
-            upstream = await self._retry(lambda: self.client.result(task_id, key), attempts=attempts)
+            with anyio.move_on_after(_left(deadline)):
+                upstream = await self._retry(lambda: self.client.result(task_id, key), attempts=attempts)
         except TaskNotFoundError:
             if record is None:
                 raise
@@ -356,6 +378,11 @@ class Engine:
             record.status, record.updated_at = "failed", utcnow()
             record.error = "GPTunnel no longer knows this task (code 4); make the image again"
             await self.store.put(record)
+            return record
+        if upstream is None:
+            # The call's time ran out before GPTunnel answered: nothing is known that was not before.
+            if record is None:
+                raise TransientUpstreamError("GPTunnel did not answer within the time this call may take")
             return record
         if record is None:
             # A task started elsewhere (another client, GPTunnel's site): adopt it into the history.
@@ -372,39 +399,78 @@ class Engine:
         previous_poll, record.last_polled_at = record.last_polled_at, utcnow()
         status_before = record.upstream_status if previous_poll is not None else None
         _apply(record, upstream)
-        if record.upstream_status.lower() == "done" and upstream.url:
-            record.source_url = upstream.url
+        link = upstream.url
+        if record.upstream_status.lower() == "done" and link:
+            # GPTunnel's word: a link too long to be one, or with credentials, is not kept.
+            record.source_url = link if keepable_link(link) else None
             if record.completed_at is None:
                 record.completed_at = record.last_polled_at
                 _time_finish(record, previous_poll)
             # Record "done upstream" first: if the download fails the link is not lost.
             await self.store.put(record)
-            url = upstream.url
-            try:
-                record.file = await self._retry(
-                    lambda: self.downloader.download(url, task_id),
-                    attempts=_QUICK_ATTEMPTS,
-                )
-            except StorageError as exc:
-                # The caller may never have seen this task's id (generate_and_wait): name it.
-                raise StorageError(exc.reason, task_id=task_id) from None
-            except DownloadError as exc:
-                if not _stale(record):
-                    raise DownloadError(exc.reason, task_id=task_id) from None
-                # Past GPTunnel's 48 hours the link will never work again: say so once, for good.
-                record.status = "failed"
-                record.error = "the image's link expired (48 hours) before it could be downloaded"
-                await self.store.put(record)
-                return record
-            record.status = "done"
-            record.updated_at = utcnow()
-            await self.store.put(record)
-            logger.info("task %s stored as %s", task_id, record.file.file_name)
-            await events.image_stored(record)
-            return record
+            return await self._fetch_image(record, link, events, deadline=deadline)
         if keep_quiet_polls or record.upstream_status != status_before:
             await self.store.put(record)
         return record
+
+    async def _fetch_image(
+        self, record: TaskRecord, url: str, events: JobEvents, *, deadline: float
+    ) -> TaskRecord:
+        """Download a done task's image. When the call's time runs out first, nothing is stored
+        and the task stays pending, to be fetched by a later call."""
+        task_id, owner = record.task_id, record.owner
+        stored: StoredFile | None = None
+        try:
+            with anyio.move_on_after(_left(deadline)):
+                stored = await self._retry(
+                    lambda: self.downloader.download(url, task_id, owner), attempts=_QUICK_ATTEMPTS
+                )
+        except StorageError as exc:
+            # The caller may never have seen this task's id (generate_and_wait): name it.
+            raise StorageError(exc.reason, task_id=task_id) from None
+        except (DownloadError, FlakyLinkError) as exc:
+            return await self._download_failed(record, exc)
+        if stored is None:
+            logger.info("task %s: the call's time ran out during the download; it stays pending", task_id)
+            return record
+        record.file = stored
+        record.status = "done"
+        record.updated_at = utcnow()
+        await self.store.put(record)
+        logger.info("task %s stored as %s", task_id, stored.file_name)
+        await events.image_stored(record)
+        return record
+
+    async def _download_failed(self, record: TaskRecord, exc: DownloadError | FlakyLinkError) -> TaskRecord:
+        """Count a failed download; the `MAX_DOWNLOAD_FAILURES`th ends the task, as does a link
+        past its 48 hours. Returns the ended task, or raises for the caller to try again later."""
+        reason = exc.reason if isinstance(exc, DownloadError) else str(exc)
+        record.updated_at = utcnow()
+        if isinstance(exc, DownloadError) and _stale(record):
+            # Past GPTunnel's 48 hours the link will never work again: say so once, for good.
+            record.status = "failed"
+            record.error = "the image's link expired (48 hours) before it could be downloaded"
+            await self.store.put(record)
+            return record
+        record.download_failures += 1
+        failures = record.download_failures
+        if failures >= MAX_DOWNLOAD_FAILURES:
+            # A link that fails this often is broken, not unlucky: stop trying it on every call.
+            record.status = "failed"
+            record.error = (
+                f"the image could not be downloaded ({failures} attempts failed; the last: {reason})"
+            )
+            await self.store.put(record)
+            logger.warning("task %s failed: %s", record.task_id, record.error)
+            return record
+        await self.store.put(record)
+        if isinstance(exc, FlakyLinkError):
+            raise exc
+        raise DownloadError(
+            f"{reason.rstrip('.')} (failed download {failures} of {MAX_DOWNLOAD_FAILURES}; then the task "
+            "ends as failed).",
+            task_id=record.task_id,
+        ) from None
 
     def _finished(self, record: TaskRecord) -> bool:
         if record.status == "failed":
@@ -437,18 +503,38 @@ class Engine:
     async def count(self, owner: str) -> int:
         return await self.store.count(owner)
 
-    async def image_bytes(self, record: TaskRecord) -> bytes:
+    async def image_base64(self, record: TaskRecord) -> str:
+        """The stored image as base64 text. A read holds about 2.7 times the image's size until it
+        is sent, so only a few run at once; the rest queue instead of growing memory."""
         if record.file is None or not self._finished(record):
             raise ImageNotReadyError(record.task_id)
         stored = record.file
-        return await anyio.to_thread.run_sync(lambda: self.folder.read(stored))
+        return await anyio.to_thread.run_sync(self.folder.read_base64, stored, limiter=self._read_slots)
 
     async def preview(self, stored: StoredFile) -> Preview:
-        """A small copy for inline display. Decoding a full image takes tens of MB, so only as
-        many run at once as there are cores; the rest queue instead of growing memory."""
-        path = self.folder.path(stored)
+        """A small copy for inline display, made once and then kept beside the image.
+
+        Decoding a full image takes tens of MB, so only as many run at once as there are cores;
+        the rest queue instead of growing memory. Raises `StorageError` for an image that cannot
+        be previewed (more pixels than `max_image_pixels`, or damaged): the image itself is kept.
+        """
         max_px = self.settings.preview_max_px
-        return await anyio.to_thread.run_sync(make_preview, path, max_px, limiter=self._preview_slots)
+        kept = await anyio.to_thread.run_sync(self.folder.read_preview, stored, max_px)
+        if kept is not None:
+            return kept
+        path, max_pixels = self.folder.path(stored), self.settings.max_image_pixels
+        try:
+            preview = await anyio.to_thread.run_sync(
+                make_preview, path, max_px, max_pixels, limiter=self._preview_slots
+            )
+        except FileNotFoundError:
+            raise StorageError(f"the stored image {stored.file_name} is missing") from None
+        except ValueError as exc:
+            raise StorageError(f"the stored image {stored.file_name} cannot be previewed: {exc}") from None
+        except OSError as exc:
+            raise StorageError(f"cannot read the stored image {stored.file_name}: {exc.strerror}") from None
+        await anyio.to_thread.run_sync(self.folder.keep_preview, stored, max_px, preview)
+        return preview
 
     # --- plumbing ----------------------------------------------------------------------------
 
@@ -484,6 +570,10 @@ def _key(account: Account) -> str:
     if account.api_key is None:
         raise MissingKeyError()
     return account.api_key
+
+
+def _left(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())
 
 
 def _age(origin: datetime) -> float:

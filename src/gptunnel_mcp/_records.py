@@ -43,12 +43,18 @@ def utcnow() -> datetime:
 class StoredFile(BaseModel):
     """An image downloaded into the images folder."""
 
+    #: Relative to the images folder: `<id>.<ext>`, or `<owner>/<id>.<ext>` on a multi-user server.
     file_name: str
     mime_type: str
     size_bytes: int
     sha256: str
     width: int
     height: int
+
+    @property
+    def name(self) -> str:
+        """The file's own name, without the owner's folder it is kept in."""
+        return self.file_name.rpartition("/")[2]
 
 
 class TaskRecord(BaseModel):
@@ -79,6 +85,8 @@ class TaskRecord(BaseModel):
     finished_by: float | None = None
     #: When a follower (an MCP task) was cancelled; the GPTunnel task itself runs on.
     cancelled_at: datetime | None = None
+    #: Downloads of the image that failed (see `_engine.MAX_DOWNLOAD_FAILURES`).
+    download_failures: int = 0
 
     @property
     def source_url_expires_at(self) -> datetime | None:

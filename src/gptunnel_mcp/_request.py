@@ -6,9 +6,11 @@ import hashlib
 import json
 import re
 from typing import Any, Literal, get_args
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
+from . import _netguard
 from ._exceptions import InputError
 
 AspectRatio = Literal["1:1", "16:9", "9:16", "4:3", "3:4", "21:9", "9:21"]
@@ -37,6 +39,7 @@ class ImageRequest(BaseModel):
                     f"{url[:80]!r} is not a public http(s) URL; GPTunnel takes reference images "
                     "by URL only, not as uploads or base64"
                 )
+            _check_public_form(url)
         return urls
 
     def key(self) -> str:
@@ -45,6 +48,58 @@ class ImageRequest(BaseModel):
             [self.prompt, self.model.lower(), self.aspect_ratio, sorted(self.images)], ensure_ascii=False
         )
         return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _check_public_form(url: str) -> None:
+    """What can be told without a lookup: no credentials, and no host that is this machine or an
+    address that is not public. GPTunnel fetches reference images from the internet; a private
+    one would be paid for in vain, and its address handed to a stranger."""
+    try:
+        parts = urlsplit(url)
+        host, _ = parts.hostname, parts.port
+    except ValueError:
+        raise ValueError(f"{url[:80]!r} is not a valid URL") from None
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(
+            "a reference image URL carries a user name or password; use a public URL without them"
+        )
+    if not host:
+        raise ValueError(f"{url[:80]!r} names no host")
+    address = _netguard.literal_address(host)
+    if _netguard.is_local_name(host) or (address is not None and not _netguard.is_public(address)):
+        what = _netguard.describe(address) if address is not None else "this machine"
+        raise ValueError(
+            f"{url[:80]!r} points at {what}; GPTunnel fetches reference images from the internet, "
+            "so they must be at public http(s) URLs"
+        )
+
+
+async def check_public_hosts(request: ImageRequest) -> None:
+    """Every reference image's host resolves, and only to public addresses: GPTunnel could fetch
+    nothing else. Raises `InputError` (nothing is sent) naming the first that does not."""
+    checked: set[tuple[str, int]] = set()
+    for url in request.images:
+        parts = urlsplit(url)
+        host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+        if (host, port) in checked:
+            continue
+        try:
+            addresses = await _netguard.resolve(host, port)
+        except _netguard.UnresolvableError:
+            raise InputError(
+                f"the host of {url[:80]!r} cannot be resolved, so GPTunnel could not fetch it either; "
+                "check the URL. Nothing was sent to GPTunnel.",
+                argument="images",
+            ) from None
+        for address in addresses:
+            if not _netguard.is_public(address):
+                raise InputError(
+                    f"{url[:80]!r} points at {_netguard.describe(address)}; GPTunnel fetches reference "
+                    "images from the internet, so they must be at public http(s) URLs. Nothing was "
+                    "sent to GPTunnel.",
+                    argument="images",
+                )
+        checked.add((host, port))
 
 
 def parse_image_request(

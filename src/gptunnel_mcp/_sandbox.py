@@ -113,11 +113,15 @@ class Sandbox:
 
     def _save(self, task: _Task) -> None:
         path = self._path(task.id)
-        self._state_dir.mkdir(parents=True, exist_ok=True)
+        # Private whatever the umask, like the rest of the home: the records hold the prompts.
+        self._state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         # Ids are unique, so is the temporary name; the replace means another process reading
         # the folder sees either no record or a whole one.
         temporary = path.with_name(f".{task.id}.tmp")
-        temporary.write_text(json.dumps(asdict(task), ensure_ascii=False), encoding="utf-8")
+        with os.fdopen(
+            os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8"
+        ) as file:
+            file.write(json.dumps(asdict(task), ensure_ascii=False))
         os.replace(temporary, path)
 
     def _load(self, task_id: str) -> _Task | None:

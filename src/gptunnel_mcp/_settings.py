@@ -102,6 +102,45 @@ class Settings(BaseSettings):
         description="Serve against a built-in stand-in GPTunnel: no key, no network, no cost.",
     )
     multi_user: bool = Field(default=False, validation_alias="GPTUNNEL_MCP_MULTI_USER")
+    max_connections: int = Field(
+        default=500,
+        ge=1,
+        validation_alias="GPTUNNEL_MCP_MAX_CONNECTIONS",
+        description="Open HTTP connections at most; more are answered 503 and closed.",
+    )
+    header_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        le=300,
+        validation_alias="GPTUNNEL_MCP_HEADER_TIMEOUT",
+        description="Seconds a client has to send a request's headers (from connecting, or its first byte).",
+    )
+    body_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        validation_alias="GPTUNNEL_MCP_BODY_TIMEOUT",
+        description="Seconds a client has to send a request's body once its headers are in.",
+    )
+    session_idle_timeout: float = Field(
+        default=1800.0,
+        gt=0,
+        le=86400,
+        validation_alias="GPTUNNEL_MCP_SESSION_IDLE_TIMEOUT",
+        description="Seconds a 2025-11-25 session may go without a request before it ends.",
+    )
+    max_sessions_per_user: int = Field(
+        default=100,
+        ge=1,
+        validation_alias="GPTUNNEL_MCP_MAX_SESSIONS_PER_USER",
+        description="Open 2025-11-25 sessions one user (one key) may have in multi-user mode.",
+    )
+    auth_failures_per_minute: int = Field(
+        default=10,
+        ge=1,
+        validation_alias="GPTUNNEL_MCP_AUTH_FAILURES_PER_MINUTE",
+        description="Refused credentials one client address may send per minute before it gets 429.",
+    )
 
     @field_validator("base_url")
     @classmethod
@@ -159,6 +198,12 @@ _ENV_NAMES = {
     "auth_token": "GPTUNNEL_MCP_AUTH_TOKEN",
     "multi_user": "GPTUNNEL_MCP_MULTI_USER",
     "sandbox": "GPTUNNEL_SANDBOX",
+    "max_connections": "GPTUNNEL_MCP_MAX_CONNECTIONS",
+    "header_timeout": "GPTUNNEL_MCP_HEADER_TIMEOUT",
+    "body_timeout": "GPTUNNEL_MCP_BODY_TIMEOUT",
+    "session_idle_timeout": "GPTUNNEL_MCP_SESSION_IDLE_TIMEOUT",
+    "max_sessions_per_user": "GPTUNNEL_MCP_MAX_SESSIONS_PER_USER",
+    "auth_failures_per_minute": "GPTUNNEL_MCP_AUTH_FAILURES_PER_MINUTE",
 }
 
 
@@ -202,6 +247,19 @@ def _check_combinations(settings: Settings) -> None:
                 "in multi-user mode clients authenticate with their GPTunnel key as the Bearer token; "
                 "unset GPTUNNEL_MCP_AUTH_TOKEN"
             )
+    if settings.transport == "http" and settings.auth_token is not None:
+        # Long enough that guessing is hopeless; spaces do not survive every client and proxy whole.
+        token, shortest = settings.auth_token.get_secret_value(), 16
+        if len(token) < shortest or any(c.isspace() for c in token):
+            raise ConfigError(
+                f"GPTUNNEL_MCP_AUTH_TOKEN must be at least {shortest} characters without spaces, "
+                "or it can be guessed (or never sent whole); make one with: openssl rand -hex 24"
+            )
+    if settings.multi_user and settings.sandbox and settings.transport == "http" and not settings.is_loopback:
+        raise ConfigError(
+            f"refusing to serve the sandbox for many users on {settings.host}: it takes any key, so "
+            "anyone could use it. Unset GPTUNNEL_SANDBOX or GPTUNNEL_MCP_MULTI_USER, or bind to 127.0.0.1"
+        )
     if settings.transport == "http" and not settings.is_loopback and not settings.has_http_auth:
         raise ConfigError(
             f"refusing to serve on {settings.host} without authentication: anyone who can reach it "
@@ -212,7 +270,10 @@ def _check_combinations(settings: Settings) -> None:
 
 def ensure_home(settings: Settings) -> None:
     try:
-        settings.images_dir.mkdir(parents=True, exist_ok=True)
+        # Private whatever the umask: the home holds every prompt and image. Folders above the
+        # home are the user's own business and keep the usual mode.
+        settings.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        settings.images_dir.mkdir(mode=0o700, exist_ok=True)
     except OSError as exc:
         raise ConfigError(
             f"cannot create the data folder {settings.home} ({exc.strerror}); "

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import secrets
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -53,6 +56,11 @@ class SQLiteStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        # The history holds every prompt. SQLite would make the file as the umask allows, and its
+        # -wal and -shm copy the file's mode: so the file is made private before SQLite opens it
+        # (an empty file is a new database to SQLite). Any other failure is SQLite's to report.
+        with contextlib.suppress(OSError):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         try:
             self._db = sqlite3.connect(
                 path, timeout=_BUSY_SECONDS, check_same_thread=False, isolation_level=None
@@ -60,7 +68,7 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise _open_error(path, exc) from None
         try:
-            self._db.execute("PRAGMA journal_mode=WAL")
+            _use_wal(self._db)
             self._db.execute("PRAGMA synchronous=NORMAL")
             migrate(self._db)
         except BaseException as exc:
@@ -215,3 +223,18 @@ def _put(db: sqlite3.Connection, record: TaskRecord) -> None:
 def _immediately(db: sqlite3.Connection, fn: Callable[[sqlite3.Connection], _T]) -> _T:
     with immediate_transaction(db):
         return fn(db)
+
+
+def _use_wal(db: sqlite3.Connection) -> None:
+    """Switch the file to WAL mode. The switch needs the file to itself, and SQLite reports
+    "locked" at once rather than waiting when another connection is switching it at the same
+    moment (two servers starting together on one home): wait for that here."""
+    deadline = time.monotonic() + _BUSY_SECONDS
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)

@@ -67,13 +67,29 @@ class CreatePayload(BaseModel):
 
 
 TRANSIENT_CODES = frozenset({1, 6, 500})
+#: Largest answer read from GPTunnel: its answers are a few KB (a task echoes its prompt), and
+#: one that is not must not take the server's memory with it.
+MAX_ANSWER_BYTES = 1024 * 1024
 # Statuses by which a proxy or GPTunnel says it did not take the request on.
 _REFUSED_HTTP = frozenset({429, 503})
 
 
 def redact(text: str, secret: str | None) -> str:
-    """Remove the key from text that came from elsewhere (an upstream message may echo it)."""
+    """Remove the key from text that came from elsewhere (an upstream message may echo it).
+    Redact before cutting text short: a cut through the key leaves most of it unmatched."""
     return text.replace(secret, "[redacted]") if secret else text
+
+
+def _redacted(value: Any, secret: str) -> Any:
+    """A parsed JSON answer with the key removed from every string in it, so that no later use
+    (messages, issues, a task's error, its link) can show the key, however it cuts the text."""
+    if isinstance(value, str):
+        return redact(value, secret)
+    if isinstance(value, list):
+        return [_redacted(item, secret) for item in value]
+    if isinstance(value, dict):
+        return {redact(k, secret): _redacted(v, secret) for k, v in value.items()}
+    return value
 
 
 class Balance(BaseModel):
@@ -88,9 +104,17 @@ class GPTunnelClient:
     user of a multi-user server."""
 
     def __init__(
-        self, base_url: str, *, timeout: float = 30.0, transport: httpx.AsyncBaseTransport | None = None
+        self,
+        base_url: str,
+        *,
+        timeout: float = 30.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+        redact_keys: bool = True,
     ) -> None:
         self._base_url = base_url
+        #: Off only for an upstream that never echoes a key (the sandbox): its keys are no secrets
+        #: and may be plain words ("sandbox" is in its links), which redaction would mangle.
+        self._redact_keys = redact_keys
         self._timeout = timeout
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
@@ -122,13 +146,11 @@ class GPTunnelClient:
         body = CreatePayload(
             model=request.model, prompt=request.prompt, images=request.images or None, ar=request.aspect_ratio
         ).model_dump(exclude_none=True)
-        return _task(
-            await self._send("POST", "/v1/media/create", key, body, create=True), create=True, key=key
-        )
+        return _task(await self._send("POST", "/v1/media/create", key, body, create=True), create=True)
 
     async def result(self, task_id: str, key: str) -> UpstreamTask:
         body = await self._send("POST", "/v1/media/result", key, {"task_id": task_id}, create=False)
-        return _task(body, create=False, key=key)
+        return _task(body, create=False)
 
     async def balance(self, key: str) -> Balance:
         body = await self._send("GET", "/v1/balance", key, None, create=False)
@@ -142,16 +164,31 @@ class GPTunnelClient:
     ) -> dict[str, Any]:
         from ._httpx import httpx
 
+        secret = key if self._redact_keys else ""
         try:
-            response = await self._http.request(method, path, json=body, headers={"Authorization": key})
+            async with self._http.stream(method, path, json=body, headers={"Authorization": key}) as response:
+                content = await _read_capped(response)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             # Nothing was sent: safe to retry, even a create.
-            raise TransientUpstreamError(f"cannot reach GPTunnel ({_describe(exc)})") from None
+            raise TransientUpstreamError(f"cannot reach GPTunnel ({_describe(exc, secret)})") from None
         except httpx.HTTPError as exc:
             if create:
-                raise UnknownCreateOutcomeError(_unknown_create(_describe(exc))) from None
-            raise TransientUpstreamError(f"GPTunnel did not answer ({_describe(exc)})") from None
-        return _check(response, create=create, key=key)
+                raise UnknownCreateOutcomeError(_unknown_create(_describe(exc, secret))) from None
+            raise TransientUpstreamError(f"GPTunnel did not answer ({_describe(exc, secret)})") from None
+        return _check(response, content, create=create, key=secret)
+
+
+async def _read_capped(response: httpx.Response) -> bytes | None:
+    """The answer's body; None, read no further, when it is larger than any GPTunnel gives."""
+    declared = response.headers.get("Content-Length")
+    if declared and declared.isdigit() and int(declared) > MAX_ANSWER_BYTES:
+        return None
+    content = bytearray()
+    async for chunk in response.aiter_bytes():
+        content += chunk
+        if len(content) > MAX_ANSWER_BYTES:
+            return None
+    return bytes(content)
 
 
 def _user_agent() -> str:
@@ -160,8 +197,10 @@ def _user_agent() -> str:
     return f"gptunnel-mcp/{__version__}"
 
 
-def _describe(exc: httpx.HTTPError) -> str:
-    return type(exc).__name__ if not str(exc) else f"{type(exc).__name__}: {str(exc)[:200]}"
+def _describe(exc: httpx.HTTPError, key: str) -> str:
+    # Protocol errors quote the bytes the server sent, which may echo the key.
+    said = redact(str(exc), key)
+    return type(exc).__name__ if not said else f"{type(exc).__name__}: {said[:200]}"
 
 
 def _unknown_create(reason: str) -> str:
@@ -172,8 +211,9 @@ def _unknown_create(reason: str) -> str:
     )
 
 
-def _check(response: httpx.Response, *, create: bool, key: str) -> dict[str, Any]:
-    """Turn any non-success answer into the matching exception; return the JSON body otherwise."""
+def _check(response: httpx.Response, content: bytes | None, *, create: bool, key: str) -> dict[str, Any]:
+    """Turn any non-success answer into the matching exception; return the JSON body otherwise.
+    `content` is the body, None if it was too large to read."""
     status = response.status_code
     if status in (401, 403):
         raise AuthenticationError(_bad_key(f"HTTP {status}"))
@@ -185,19 +225,24 @@ def _check(response: httpx.Response, *, create: bool, key: str) -> dict[str, Any
     if status >= 500:
         raise UnknownCreateOutcomeError(_unknown_create(f"HTTP {status}"))
     try:
-        body = response.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        body = None if content is None else _redacted(json.loads(content), key)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         body = None
     if not isinstance(body, dict):
-        reason = f"HTTP {status} with a body that is not a JSON object"
+        said = (
+            "a body that is not a JSON object"
+            if content is not None
+            else f"a body over {MAX_ANSWER_BYTES // 1024} KiB"
+        )
+        reason = f"HTTP {status} with {said}"
         if create:
             raise UnknownCreateOutcomeError(_unknown_create(reason))
         raise TransientUpstreamError(f"GPTunnel answered {reason}")
     code = body.get("code", 0)
     if status >= 400 and not code:
-        raise UpstreamError(f"GPTunnel answered HTTP {status}: {redact(_message(body), key)}")
+        raise UpstreamError(f"GPTunnel answered HTTP {status}: {_message(body)}")
     if code:
-        raise _code_error(code if isinstance(code, int) else -1, body, key)
+        raise _code_error(code if isinstance(code, int) else -1, body)
     return body
 
 
@@ -217,8 +262,8 @@ def _bad_key(reason: str) -> str:
     )
 
 
-def _code_error(code: int, body: dict[str, Any], key: str) -> UpstreamError | TaskNotFoundError:
-    said = redact(_message(body), key)
+def _code_error(code: int, body: dict[str, Any]) -> UpstreamError | TaskNotFoundError:
+    said = _message(body)
     detail = f": {said}" if said else ""
     if code in TRANSIENT_CODES:
         what = "is under heavy load" if code == 6 else "had an internal error"
@@ -227,7 +272,7 @@ def _code_error(code: int, body: dict[str, Any], key: str) -> UpstreamError | Ta
         return AuthenticationError(_bad_key("code 2"), code=code)
     if code == 3:
         issues = body.get("issues")
-        listed = f"; issues: {redact(json.dumps(issues, ensure_ascii=False)[:500], key)}" if issues else ""
+        listed = f"; issues: {json.dumps(issues, ensure_ascii=False)[:500]}" if issues else ""
         return InvalidRequestError(
             f"GPTunnel rejected the request as invalid (code 3){detail}{listed}. "
             "Fix the request and try again.",
@@ -267,11 +312,11 @@ def _code_error(code: int, body: dict[str, Any], key: str) -> UpstreamError | Ta
     return UpstreamError(f"GPTunnel answered with error code {code}{detail}.", code=code)
 
 
-def _task(body: dict[str, Any], *, create: bool, key: str) -> UpstreamTask:
+def _task(body: dict[str, Any], *, create: bool) -> UpstreamTask:
     try:
         return UpstreamTask.model_validate(body)
     except ValidationError:
-        reason = f"the answer did not describe a task: {redact(json.dumps(body)[:200], key)}"
+        reason = f"the answer did not describe a task: {json.dumps(body)[:200]}"
         if create:
             raise UnknownCreateOutcomeError(_unknown_create(reason)) from None
         raise TransientUpstreamError(f"GPTunnel's {reason}") from None

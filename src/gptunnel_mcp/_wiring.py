@@ -27,7 +27,7 @@ async def open_engine(
 ) -> AsyncIterator[Engine]:
     """`schedule` and `backoff` replace the built-in poll timing (tests make it quick)."""
     store = SQLiteStore(settings.db_path)
-    folder = ImageFolder(settings.images_dir)
+    folder = ImageFolder(settings.images_dir, max_pixels=settings.max_image_pixels)
     removed = folder.remove_stray_temporaries()
     if removed:
         logger.info("removed %d unfinished download(s) left by an earlier run", removed)
@@ -39,9 +39,16 @@ async def open_engine(
 
         sandbox = Sandbox(settings.home / "sandbox-upstream")
         base_url, transport, key = sandbox.base_url, sandbox.transport(), key or "sandbox"
-    client = GPTunnelClient(base_url, timeout=settings.request_timeout, transport=transport)
+    client = GPTunnelClient(
+        base_url, timeout=settings.request_timeout, transport=transport, redact_keys=not settings.sandbox
+    )
     downloader = ImageDownloader(
-        folder, timeout=settings.request_timeout, max_bytes=settings.max_image_bytes, transport=transport
+        folder,
+        timeout=settings.request_timeout,
+        max_bytes=settings.max_image_bytes,
+        origin=base_url,
+        allow_private=settings.allow_private_downloads,
+        transport=transport,
     )
     engine = Engine(
         settings=settings,

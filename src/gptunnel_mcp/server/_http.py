@@ -1,24 +1,49 @@
-"""Streamable HTTP: the MCP endpoint at /mcp, a health check, and who may call.
+"""Streamable HTTP: the MCP endpoint at /mcp, a health check, who may call, and for how long.
 
-Security is layered outside the SDK's app so it covers every route the same way:
-- DNS-rebinding guard (Host and Origin allow-lists), on by default, by the SDK's transport;
-- bearer authentication: a shared token (`GPTUNNEL_MCP_AUTH_TOKEN`), or in multi-user mode each
-  caller's own GPTunnel key, checked once with GPTunnel and then remembered by fingerprint.
+Every request meets the cheap checks before any that costs, outside the SDK's app so they cover
+every route the same way:
+1. the connection: at most `max_connections` open, request headers and bodies within their
+   timeouts (`GuardedH11Protocol`), whatever the app is doing;
+2. the DNS-rebinding guard (Host and Origin allow-lists, by the SDK's own check) and the
+   declared body size;
+3. bearer authentication: a shared token (`GPTUNNEL_MCP_AUTH_TOKEN`), or in multi-user mode each
+   caller's own GPTunnel key, checked once with GPTunnel and then remembered by fingerprint (a
+   refusal too, for a minute). Refused credentials are counted per client address, and key
+   checks run a few at a time, so a flood of bad keys costs a few upstream calls and never the
+   connections that jobs poll and download through;
+4. in multi-user mode, 2025-11-25 sessions: each belongs to the user who opened it, and one user
+   may hold only so many, so no user can use up the SDK's limit on sessions for everyone.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
-from collections import OrderedDict
+import math
+import time
+from collections import Counter, OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
-from mcp.server.transport_security import TransportSecuritySettings
+import anyio
+import h11
+import uvicorn
+from mcp.server.streamable_http_manager import DEFAULT_MAX_SESSIONS
+from mcp.server.transport_security import (
+    DEFAULT_MAX_REQUEST_BODY_SIZE,
+    TransportSecurityMiddleware,
+    TransportSecuritySettings,
+)
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .._accounts import bearer_token
 from .._engine import Engine
@@ -30,6 +55,18 @@ from ._build import EngineSlot, build_server
 
 logger = logging.getLogger("gptunnel_mcp")
 MCP_PATH = "/mcp"
+HEALTH_PATH = "/healthz"
+#: The largest request body, for the early check and the SDK's own alike.
+MAX_BODY = DEFAULT_MAX_REQUEST_BODY_SIZE
+#: Keys checked with GPTunnel at once; more wait their turn.
+KEY_CHECKS_AT_ONCE = 4
+#: The window in which refused credentials are counted per client address.
+FAILURE_WINDOW = 60.0
+
+_SESSION_HEADER = "mcp-session-id"
+_KEY_REFUSED = "GPTunnel does not accept this key"
+#: Set on a /healthz request's state by `Gate` when the caller may see more than "ok".
+_HEALTH_DETAILS = "gptunnel_health_details"
 
 
 def transport_security(settings: Settings) -> TransportSecuritySettings:
@@ -45,66 +82,95 @@ def transport_security(settings: Settings) -> TransportSecuritySettings:
     )
 
 
-class BearerAuth:
-    """Refuses any request to the MCP endpoint that does not carry an accepted bearer token.
-
-    In multi-user mode it also ties each 2025-11-25 session to the user who opened it: a
-    session id is no capability, and another user's requests on it are answered as if the
-    session did not exist (its notices would otherwise reach them).
-    """
-
-    _SESSION_HEADER = "mcp-session-id"
-    _MAX_SESSIONS = 10_000
+class Gate:
+    """Runs the checks of the module's list, cheapest first, before the SDK's app sees a request."""
 
     def __init__(self, app: ASGIApp, settings: Settings, engine: Callable[[], Engine]) -> None:
         self._app = app
+        self._guard = TransportSecurityMiddleware(transport_security(settings))
         self._token = settings.auth_token.get_secret_value() if settings.auth_token else None
-        self._engine = engine
         self._multi_user = settings.multi_user
-        self._session_owners: OrderedDict[str, str] = OrderedDict()
+        self._engine = engine
+        self._failures = FailedAttempts(settings.auth_failures_per_minute, FAILURE_WINDOW)
+        self._key_checks = anyio.CapacityLimiter(KEY_CHECKS_AT_ONCE)
+        self._checking: dict[str, anyio.Event] = {}
+        self._sessions = (
+            UserSessions(settings.max_sessions_per_user, settings.session_idle_timeout)
+            if settings.multi_user
+            else None
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        open_paths = scope["type"] != "http" or scope["path"] == "/healthz"
-        if open_paths or (self._token is None and not self._multi_user):
+        if scope["type"] != "http":
             await self._app(scope, receive, send)
             return
-        headers = Request(scope).headers
-        token = bearer_token(headers)
+        request = Request(scope)
+        if scope["path"] == HEALTH_PATH:
+            scope.setdefault("state", {})[_HEALTH_DETAILS] = await self._may_see_details(request)
+            await self._app(scope, receive, send)
+            return
+        refusal = await self._guard.validate_request(request, is_post=request.method == "POST")
+        caller: str | Response = refusal or _too_large(request) or ""
+        if caller == "" and (self._token is not None or self._multi_user):
+            caller = await self._authorize(request)
+        if isinstance(caller, Response):
+            await caller(scope, receive, send)
+        elif self._sessions is not None:
+            await self._sessions.serve(self._app, caller, scope, receive, send)
+        else:
+            await self._app(scope, receive, send)
+
+    async def _may_see_details(self, request: Request) -> bool:
+        """A load balancer probes by IP address, with no credentials: it learns that the server is
+        up and nothing else. The version and the mode are for those who may use the server."""
+        authenticated = self._token is not None or self._multi_user
+        if authenticated and bearer_token(request.headers) is None:
+            return False
+        if await self._guard.validate_request(request) is not None:
+            return False
+        return not authenticated or not isinstance(await self._authorize(request), Response)
+
+    async def _authorize(self, request: Request) -> str | Response:
+        """The caller's owner ("" for the shared token), or the response refusing them."""
+        token = bearer_token(request.headers)
         if token is None:
             what = "your GPTunnel key" if self._multi_user else "the server's token"
-            await _unauthorized(f"send {what} as 'Authorization: Bearer <token>'", "invalid_request")(
-                scope, receive, send
-            )
-            return
-        if self._token is not None:
-            refusal = self._check_token(token)
-        else:
-            refusal, owner = await self._check_key(token)
-            if refusal is None and owner is not None:
-                session = headers.get(self._SESSION_HEADER)
-                if session is not None and self._session_owners.get(session, owner) != owner:
-                    refusal = JSONResponse({"error": "session not found"}, status_code=404)
-                else:
-                    send = self._remembering_sessions(send, owner)
-        if refusal is not None:
-            await refusal(scope, receive, send)
-            return
-        await self._app(scope, receive, send)
-
-    def _check_token(self, token: str) -> Response | None:
+            return _unauthorized(f"send {what} as 'Authorization: Bearer <token>'", "invalid_request")
+        client = request.client.host if request.client else ""
+        if self._token is None:
+            return await self._check_key(token, client)
         # compare_digest: the time taken must not tell how much of a guess was right.
-        if hmac.compare_digest(token.encode(), (self._token or "").encode()):
-            return None
-        return _unauthorized("the bearer token is not this server's token", "invalid_token")
+        if hmac.compare_digest(token.encode(), self._token.encode()):
+            return ""
+        return self._refuse(client, "the bearer token is not this server's token")
 
-    async def _check_key(self, token: str) -> tuple[Response | None, str | None]:
+    async def _check_key(self, token: str, client: str) -> str | Response:
+        engine = self._engine()
+        accounts = engine.accounts
+        account = accounts.for_key(token)
+        # One question to GPTunnel per key at a time: the same key sent in parallel waits for it.
+        while (pending := self._checking.get(account.owner)) is not None:
+            await pending.wait()
+        if accounts.is_known(account):
+            return account.owner
+        if accounts.is_refused(account):
+            return self._refuse(client, _KEY_REFUSED)
+        wait = self._failures.wait(client)
+        if wait:
+            return _too_many_attempts(wait)
+        # Counted as a failure until GPTunnel says otherwise, so guesses sent in parallel count too.
+        attempt = self._failures.add(client)
+        done = self._checking[account.owner] = anyio.Event()
         try:
-            account = await self._engine().authenticate(token)
+            async with self._key_checks:
+                await engine.authenticate(token)
         except AuthenticationError:
-            return _unauthorized("GPTunnel does not accept this key", "invalid_token"), None
+            accounts.refuse(account)
+            return _unauthorized(_KEY_REFUSED, "invalid_token")
         except GPTunnelMCPError as exc:
+            self._failures.discard(client, attempt)
             logger.warning("could not check a caller's key with GPTunnel: %s", exc)
-            unavailable = JSONResponse(
+            return JSONResponse(
                 {
                     "error": "temporarily_unavailable",
                     "error_description": "cannot check the key with GPTunnel now",
@@ -112,22 +178,203 @@ class BearerAuth:
                 status_code=503,
                 headers={"Retry-After": "5"},
             )
-            return unavailable, None
-        return None, account.owner
+        finally:
+            del self._checking[account.owner]
+            done.set()
+        self._failures.discard(client, attempt)
+        return account.owner
 
-    def _remembering_sessions(self, send: Send, owner: str) -> Send:
-        """Wraps `send` to note which user a newly opened session belongs to."""
+    def _refuse(self, client: str, description: str) -> Response:
+        wait = self._failures.wait(client)
+        if wait:
+            return _too_many_attempts(wait)
+        self._failures.add(client)
+        return _unauthorized(description, "invalid_token")
 
-        async def remembering(message: Message) -> None:
+
+class FailedAttempts:
+    """Refused credentials per client address within a sliding window, for a bounded number of
+    addresses (the longest quiet are forgotten first)."""
+
+    def __init__(self, limit: int, window: float, *, clients: int = 10_000) -> None:
+        self._limit = limit
+        self._window = window
+        self._clients = clients
+        self._times: OrderedDict[str, list[float]] = OrderedDict()
+
+    def wait(self, client: str) -> float:
+        """Seconds until `client`'s credentials are looked at again (0: now); until then it is
+        turned away with 429."""
+        times = self._recent(client)
+        return times[0] + self._window - time.monotonic() if len(times) >= self._limit else 0.0
+
+    def add(self, client: str) -> float:
+        stamp = time.monotonic()
+        self._times[client] = [*self._recent(client), stamp]
+        self._times.move_to_end(client)
+        while len(self._times) > self._clients:
+            self._times.popitem(last=False)
+        return stamp
+
+    def discard(self, client: str, stamp: float) -> None:
+        times = self._times.get(client)
+        if times is not None and stamp in times:
+            times.remove(stamp)
+
+    def _recent(self, client: str) -> list[float]:
+        """The client's failures in the window, oldest first; a client with none is forgotten."""
+        times = self._times.get(client)
+        if times is None:
+            return []
+        since = time.monotonic() - self._window
+        times[:] = [t for t in times if t > since]
+        if not times:
+            del self._times[client]
+        return times
+
+
+@dataclass
+class _Session:
+    owner: str
+    in_flight: int = 1
+    idle_since: float = 0.0
+
+
+class UserSessions:
+    """The open 2025-11-25 sessions of a multi-user server: who opened each (a session id is no
+    capability, so another user's requests on it are answered as if it did not exist), and at
+    most `per_user` for each user.
+
+    A session is forgotten when the SDK forgets it: when it is deleted, answered 404, or idle (no
+    request in flight) for `idle_timeout`, the same timeout the SDK is given. This side sees each
+    request end after the SDK does, so it never forgets a session the SDK still holds.
+    """
+
+    def __init__(self, per_user: int, idle_timeout: float, *, sweep_over: int = DEFAULT_MAX_SESSIONS) -> None:
+        self._per_user = per_user
+        self._idle_timeout = idle_timeout
+        self._sweep_over = sweep_over
+        self._sessions: dict[str, _Session] = {}
+        self._by_owner: dict[str, set[str]] = {}
+        self._opening: Counter[str] = Counter()
+
+    async def serve(self, app: ASGIApp, owner: str, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = Headers(scope=scope)
+        session_id = headers.get(_SESSION_HEADER)
+        if session_id is None:
+            version = headers.get("mcp-protocol-version")
+            if version is None or version in HANDSHAKE_PROTOCOL_VERSIONS:
+                await self._open(app, owner, scope, receive, send)
+            else:  # a 2026-07-28 request, which needs no session
+                await app(scope, receive, send)
+            return
+        session = self._sessions.get(session_id)
+        if session is None:  # the SDK answers for sessions it never opened or has ended
+            await app(scope, receive, send)
+            return
+        if session.owner != owner:
+            await _jsonrpc_error("Session not found", 404)(scope, receive, send)
+            return
+        session.in_flight += 1
+        method = scope["method"]
+
+        async def watching(message: Message) -> None:
             if message["type"] == "http.response.start":
-                for name, value in message.get("headers", []):
-                    if name.decode("latin-1").lower() == self._SESSION_HEADER:
-                        self._session_owners[value.decode("latin-1")] = owner
-                        while len(self._session_owners) > self._MAX_SESSIONS:
-                            self._session_owners.popitem(last=False)
+                status = message["status"]
+                if status == 404 or (method == "DELETE" and status < 400):
+                    self._forget(session_id)
             await send(message)
 
-        return remembering
+        try:
+            await app(scope, receive, watching)
+        finally:
+            self._settle(session_id)
+
+    async def _open(self, app: ASGIApp, owner: str, scope: Scope, receive: Receive, send: Send) -> None:
+        self._expire(owner)
+        held = len(self._by_owner.get(owner, ())) + self._opening[owner]
+        if held >= self._per_user:
+            await self._too_many(owner)(scope, receive, send)
+            return
+        self._opening[owner] += 1
+        opening = True
+        opened: str | None = None
+
+        def end_opening() -> None:
+            nonlocal opening
+            if opening:
+                opening = False
+                self._opening[owner] -= 1
+                if not self._opening[owner]:
+                    del self._opening[owner]
+
+        async def noting(message: Message) -> None:
+            nonlocal opened
+            if message["type"] == "http.response.start":
+                # As the SDK decides: an opening request answered below 400 established its session.
+                if message["status"] < 400:
+                    opened = Headers(raw=message.get("headers", [])).get(_SESSION_HEADER)
+                    if opened is not None:
+                        self._sessions[opened] = _Session(owner)
+                        self._by_owner.setdefault(owner, set()).add(opened)
+                # Now rather than when the app returns, which may be after the client has its
+                # answer and has sent the next request.
+                end_opening()
+            await send(message)
+
+        try:
+            await app(scope, receive, noting)
+        finally:
+            end_opening()
+            if opened is not None:
+                self._settle(opened)
+            if len(self._sessions) > self._sweep_over:
+                # Users who never came back: their idle sessions are only looked at here.
+                for user in list(self._by_owner):
+                    self._expire(user)
+
+    def _settle(self, session_id: str) -> None:
+        session = self._sessions.get(session_id)
+        if session is not None:
+            session.in_flight -= 1
+            session.idle_since = time.monotonic()
+
+    def _expire(self, owner: str) -> None:
+        now = time.monotonic()
+        for session_id in list(self._by_owner.get(owner, ())):
+            session = self._sessions[session_id]
+            if not session.in_flight and now - session.idle_since >= self._idle_timeout:
+                self._forget(session_id)
+
+    def _forget(self, session_id: str) -> None:
+        session = self._sessions.pop(session_id, None)
+        if session is None:
+            return
+        owned = self._by_owner[session.owner]
+        owned.discard(session_id)
+        if not owned:
+            del self._by_owner[session.owner]
+
+    def _too_many(self, owner: str) -> Response:
+        now = time.monotonic()
+        sessions = [self._sessions[s] for s in self._by_owner.get(owner, ())]
+        idle = [s.idle_since + self._idle_timeout - now for s in sessions if not s.in_flight]
+        minutes = f"{self._idle_timeout / 60:g}"
+        message = (
+            f"this key already has {self._per_user} open MCP sessions, the most one user may have; "
+            f"end sessions no longer used (HTTP DELETE, as clients do on close), or wait: a session ends "
+            f"after {minutes} min without requests"
+        )
+        retry = math.ceil(min(idle, default=self._idle_timeout))
+        return _jsonrpc_error(message, 429, {"Retry-After": str(max(retry, 1))})
+
+
+def _too_large(request: Request) -> Response | None:
+    try:
+        declared = int(request.headers.get("content-length", "0"))
+    except ValueError:
+        return None  # h11 refuses a malformed length before this is reached
+    return Response("Request body too large", status_code=413) if declared > MAX_BODY else None
 
 
 def _unauthorized(description: str, error: str) -> Response:
@@ -138,7 +385,27 @@ def _unauthorized(description: str, error: str) -> Response:
     )
 
 
+def _too_many_attempts(wait: float) -> Response:
+    seconds = max(math.ceil(wait), 1)
+    return JSONResponse(
+        {
+            "error": "too_many_attempts",
+            "error_description": f"too many refused credentials from this address; try again in {seconds} s",
+        },
+        status_code=429,
+        headers={"Retry-After": str(seconds)},
+    )
+
+
+def _jsonrpc_error(message: str, status: int, headers: dict[str, str] | None = None) -> Response:
+    """An HTTP refusal in the body the SDK gives its own (a JSON-RPC error without an id)."""
+    body = {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": message}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
 async def healthz(request: Request) -> Response:
+    if not getattr(request.state, _HEALTH_DETAILS, False):
+        return JSONResponse({"status": "ok"})
     settings: Settings = request.app.state.settings
     return JSONResponse(
         {
@@ -156,13 +423,114 @@ def build_http_app(
     settings: Settings, *, schedule: PollSchedule | None = None, backoff: Backoff | None = None
 ) -> Starlette:
     """The whole HTTP service. The SDK's app runs the server's lifespan, which opens the engine;
-    the authentication layer reaches the engine through the server once it is open."""
+    the gate reaches the engine through the server once it is open."""
     slot = EngineSlot()
     server = build_server(settings, slot, schedule=schedule, backoff=backoff)
-    server.custom_route("/healthz", methods=["GET"])(healthz)
+    server.custom_route(HEALTH_PATH, methods=["GET"])(healthz)
     app = server.streamable_http_app(
-        streamable_http_path=MCP_PATH, transport_security=transport_security(settings), host=settings.host
+        streamable_http_path=MCP_PATH,
+        transport_security=transport_security(settings),
+        host=settings.host,
+        max_request_body_size=MAX_BODY,
+        session_idle_timeout=settings.session_idle_timeout,
     )
     app.state.settings = settings
-    app.add_middleware(BearerAuth, settings=settings, engine=slot.get)
+    app.add_middleware(Gate, settings=settings, engine=slot.get)
     return app
+
+
+# --- connections ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    max_connections: int
+    header_timeout: float
+    body_timeout: float
+
+
+class _Config(uvicorn.Config):
+    def __init__(self, app: ASGIApp, limits: ConnectionLimits, **options: Any) -> None:
+        super().__init__(app, http=GuardedH11Protocol, **options)
+        self.limits = limits
+
+
+def http_server(settings: Settings, app: ASGIApp, **options: Any) -> uvicorn.Server:
+    """A uvicorn server for `app` with this module's connection limits; `options` are uvicorn's."""
+    limits = ConnectionLimits(settings.max_connections, settings.header_timeout, settings.body_timeout)
+    return uvicorn.Server(_Config(app, limits, **options))
+
+
+_BUSY_BODY = b"too many open connections; try again shortly"
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n"
+    b"content-length: %d\r\nconnection: close\r\nretry-after: 1\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY)
+)
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol, with a limit on open connections and a clock on what the client
+    owes: uvicorn times out idle keep-alive connections only, so a client that connects and sends
+    nothing, or half a request, would hold its connection (and a file descriptor) for ever."""
+
+    def __init__(self, config: uvicorn.Config, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, *args, **kwargs)
+        assert isinstance(config, _Config)
+        self._limits = config.limits
+        self._owed: str | None = None  # "headers" or "body": what the clock runs for
+        self._clock: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self._limits.max_connections:
+            logger.info("refused a connection: %d are open", self._limits.max_connections)
+            transport.write(_BUSY)
+            transport.close()
+            return
+        self._watch()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._watch()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_clock()
+        super().connection_lost(exc)
+
+    def _watch(self) -> None:
+        """Start, keep or stop the clock, by what the client still has to send."""
+        state = self.conn.their_state
+        owed = "headers" if state is h11.IDLE else "body" if state is h11.SEND_BODY else None
+        if self.transport.is_closing():
+            owed = None
+        if owed != self._owed:
+            self._stop_clock()
+            self._owed = owed
+            if owed is not None:
+                self._start_clock()
+
+    def _start_clock(self) -> None:
+        timeout = self._limits.header_timeout if self._owed == "headers" else self._limits.body_timeout
+        self._clock = self.loop.call_later(timeout, self._time_out, timeout)
+
+    def _stop_clock(self) -> None:
+        if self._clock is not None:
+            self._clock.cancel()
+            self._clock = None
+
+    def _time_out(self, timeout: float) -> None:
+        self._clock = None
+        waiting_for_us = self.flow.read_paused or (
+            self.cycle is not None and self.cycle.waiting_for_100_continue
+        )
+        if self._owed == "body" and waiting_for_us:
+            # The app has not asked for the body so far (reading paused, or no "100 Continue"
+            # sent yet): not the client's delay.
+            self._start_clock()
+            return
+        who = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
+        logger.info(
+            "closed the connection of %s: no complete request %s within %g s", who, self._owed, timeout
+        )
+        self._owed = None
+        self.transport.close()

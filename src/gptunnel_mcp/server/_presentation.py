@@ -28,6 +28,9 @@ from .._records import TaskRecord, TaskStatus
 
 HISTORY_URI = "gptunnel://images"
 MODELS_URI = "gptunnel://models"
+#: Characters of the prompt a tool result echoes; the task's record resource has all of it. Prompts
+#: may be 32,000 characters, and an agent's context pays for every echo.
+RESULT_PROMPT_CHARS = 1000
 
 
 def task_uri(task_id: str) -> str:
@@ -45,7 +48,14 @@ class ImageResult(BaseModel):
     status: TaskStatus = Field(description="pending, done or failed.")
     upstream_status: str = Field(description="GPTunnel's own status text, as it last reported it.")
     model: str
-    prompt: str
+    prompt: str = Field(
+        description=f"The prompt; a tool result keeps its first {RESULT_PROMPT_CHARS} characters "
+        "(see prompt_truncated), the task's record resource all of it."
+    )
+    prompt_truncated: bool = Field(
+        default=False,
+        description="True when `prompt` is cut short here; gptunnel://images/{task_id} has the full text.",
+    )
     aspect_ratio: str | None = None
     images: list[str] = Field(default_factory=list, description="Reference image URLs sent with the task.")
     created_at: datetime
@@ -75,6 +85,7 @@ class HistoryEntry(BaseModel):
     status: TaskStatus
     model: str
     prompt: str
+    prompt_truncated: bool = False
     created_at: datetime
     resource_uri: str
     file_uri: str | None = None
@@ -85,18 +96,26 @@ class HistoryPage(BaseModel):
 
     total: int
     shown: int
+    page: int
+    pages: int
+    next_page: str | None = Field(default=None, description="The URI of the next (older) page, if any.")
     tasks: list[HistoryEntry]
     note: str | None = None
 
 
-def describe(engine: Engine, record: TaskRecord, *, reused: bool = False) -> ImageResult:
-    """The agent-facing view of a record, with a sentence telling the agent what to do next."""
+def describe(
+    engine: Engine, record: TaskRecord, *, reused: bool = False, full_prompt: bool = False
+) -> ImageResult:
+    """The agent-facing view of a record, with a sentence telling the agent what to do next.
+    The prompt is cut to `RESULT_PROMPT_CHARS` unless `full_prompt` (the task's own record)."""
+    prompt = record.prompt if full_prompt else shorten(record.prompt, RESULT_PROMPT_CHARS)
     result = ImageResult(
         task_id=record.task_id,
         status=record.status,
         upstream_status=record.upstream_status,
         model=record.model,
-        prompt=record.prompt,
+        prompt=prompt,
+        prompt_truncated=prompt != record.prompt,
         aspect_ratio=record.aspect_ratio,
         images=record.images,
         created_at=record.created_at,
@@ -117,6 +136,12 @@ def describe(engine: Engine, record: TaskRecord, *, reused: bool = False) -> Ima
         result.width = record.file.width
         result.height = record.file.height
         result.message = f"The image is ready: {record.file.width}x{record.file.height}, stored at {path}."
+    elif record.status == "failed" and record.source_url is not None:
+        # GPTunnel made it; getting it here failed for good.
+        result.message = (
+            f"GPTunnel made this image, but it could not be fetched: {record.error}. Generate it again "
+            "(with new_image=true if an identical request would be reused)."
+        )
     elif record.status == "failed":
         result.message = (
             f"GPTunnel could not make this image: {record.error}. Change the prompt or the model "
@@ -142,22 +167,27 @@ def describe(engine: Engine, record: TaskRecord, *, reused: bool = False) -> Ima
 async def tool_result(engine: Engine, record: TaskRecord, *, reused: bool = False) -> CallToolResult:
     result = describe(engine, record, reused=reused)
     content: list[ContentBlock] = []
+    text = f"{result.message} (task_id {result.task_id}, status {result.status})"
     if record.status == "done" and record.file is not None:
-        preview = await engine.preview(record.file)
-        content.append(
-            ImageContent(data=base64.b64encode(preview.data).decode("ascii"), mime_type=preview.mime_type)
-        )
+        try:
+            preview = await engine.preview(record.file)
+            content.append(
+                ImageContent(data=base64.b64encode(preview.data).decode("ascii"), mime_type=preview.mime_type)
+            )
+        except StorageError as exc:
+            # The image is stored and its path and link stand: a missing preview is no failure.
+            text += f" {error_text(exc)}."
         content.append(
             ResourceLink(
                 uri=file_uri(record.task_id),
-                name=record.file.file_name,
+                name=record.file.name,
                 title=shorten(record.prompt, 80),
                 description=f"Full image, {record.file.width}x{record.file.height}",
                 mime_type=record.file.mime_type,
                 size=record.file.size_bytes,
             )
         )
-    content.append(TextContent(text=f"{result.message} (task_id {result.task_id}, status {result.status})"))
+    content.append(TextContent(text=text))
     return CallToolResult(
         content=content, structured_content=result.model_dump(mode="json"), is_error=record.status == "failed"
     )

@@ -7,7 +7,6 @@ decorators cannot express.
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 from typing import Any
@@ -52,10 +51,17 @@ from ._sdk import add_request_handler, request_headers
 
 RequestContext = ServerRequestContext[Engine]
 
-#: Images listed per `resources/list` page, and tasks in the history resource.
+#: Images listed per `resources/list` page, and tasks per page of the history resource.
 PAGE_SIZE = 50
-HISTORY_LIMIT = 100
+#: Task ids offered by argument completion.
+COMPLETION_LIMIT = 100
+#: Characters of each prompt in the history: a page stays a few thousand tokens however long the
+#: prompts (up to 32,000 characters each); each task's record keeps the whole text.
+LIST_PROMPT_CHARS = 200
+#: Pages beyond any real history are refused before they reach the database as an offset.
+_MAX_PAGE_DIGITS = 7
 _URI = re.compile(r"^gptunnel://images/(?P<id>[^/]+)(?P<file>/file)?$")
+_HISTORY_PAGE = re.compile(rf"^{re.escape(HISTORY_URI)}\?page=(?P<page>.*)$")
 
 _TEMPLATES = [
     ResourceTemplate(
@@ -88,7 +94,7 @@ async def _complete(ctx: RequestContext, params: CompleteRequestParams) -> Compl
     if not is_ours or params.argument.name != "task_id":
         return CompleteResult(completion=Completion(values=[], total=0, has_more=False))
     typed = params.argument.value.lower()
-    records = await ctx.lifespan_context.history(_owner(ctx), limit=HISTORY_LIMIT)
+    records = await ctx.lifespan_context.history(_owner(ctx), limit=COMPLETION_LIMIT)
     ids = [r.task_id for r in records if r.task_id.startswith(typed)]
     # The protocol caps a completion at 100 values.
     return CompleteResult(completion=Completion(values=ids[:100], total=len(ids), has_more=len(ids) > 100))
@@ -112,7 +118,9 @@ async def _read_resource(ctx: RequestContext, params: ReadResourceRequestParams)
     engine = ctx.lifespan_context
     uri = str(params.uri)
     if uri == HISTORY_URI:
-        return _json(uri, await _history(engine, _owner(ctx)))
+        return _json(uri, await _history(engine, _owner(ctx), 1))
+    if paged := _HISTORY_PAGE.match(uri):
+        return _json(uri, await _history(engine, _owner(ctx), _page(uri, paged["page"])))
     if uri == MODELS_URI:
         return _json(uri, _models(engine))
     match = _URI.match(uri)
@@ -123,37 +131,62 @@ async def _read_resource(ctx: RequestContext, params: ReadResourceRequestParams)
     try:
         record = await engine.lookup(match["id"], _owner(ctx))
         if match["file"] is None:
-            return _json(uri, describe(engine, record).model_dump(mode="json"))
-        data = await engine.image_bytes(record)
+            return _json(uri, describe(engine, record, full_prompt=True).model_dump(mode="json"))
+        data = await engine.image_base64(record)
     except GPTunnelMCPError as exc:
         raise _not_found(uri, error_text(exc)) from None
     assert record.file is not None
-    blob = BlobResourceContents(
-        uri=uri, mime_type=record.file.mime_type, blob=base64.b64encode(data).decode()
+    return ReadResourceResult(
+        contents=[BlobResourceContents(uri=uri, mime_type=record.file.mime_type, blob=data)]
     )
-    return ReadResourceResult(contents=[blob])
 
 
-async def _history(engine: Engine, owner: str) -> dict[str, Any]:
-    total, records = await engine.count(owner), await engine.history(owner, limit=HISTORY_LIMIT)
-    page = HistoryPage(
+def _page(uri: str, given: str) -> int:
+    if not (given.isascii() and given.isdigit() and len(given) <= _MAX_PAGE_DIGITS and int(given) >= 1):
+        raise _not_found(
+            uri, f"invalid page {given[:20]!r}; pages are numbered from 1, as in {HISTORY_URI}?page=2"
+        )
+    return int(given)
+
+
+async def _history(engine: Engine, owner: str, page: int) -> dict[str, Any]:
+    total = await engine.count(owner)
+    records = await engine.history(owner, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE)
+    pages = max(1, -(-total // PAGE_SIZE))
+    entries = [
+        HistoryEntry(
+            task_id=r.task_id,
+            status=r.status,
+            model=r.model,
+            prompt=shorten(r.prompt, LIST_PROMPT_CHARS),
+            prompt_truncated=len(r.prompt) > LIST_PROMPT_CHARS,
+            created_at=r.created_at,
+            resource_uri=task_uri(r.task_id),
+            file_uri=file_uri(r.task_id) if r.status == "done" else None,
+        )
+        for r in records
+    ]
+    notes = []
+    if any(e.prompt_truncated for e in entries):
+        notes.append(
+            f"Prompts are cut to {LIST_PROMPT_CHARS} characters here (prompt_truncated); "
+            "each task's resource_uri has the full text."
+        )
+    next_page = f"{HISTORY_URI}?page={page + 1}" if page < pages else None
+    if next_page is not None:
+        notes.append(f"Page {page} of {pages}, newest first; older tasks: {next_page}.")
+    elif page > pages:
+        notes.append(f"Past the last page ({pages}).")
+    history = HistoryPage(
         total=total,
-        shown=len(records),
-        tasks=[
-            HistoryEntry(
-                task_id=r.task_id,
-                status=r.status,
-                model=r.model,
-                prompt=r.prompt,
-                created_at=r.created_at,
-                resource_uri=task_uri(r.task_id),
-                file_uri=file_uri(r.task_id) if r.status == "done" else None,
-            )
-            for r in records
-        ],
-        note=f"Only the newest {HISTORY_LIMIT} of {total} tasks are shown." if total > len(records) else None,
+        shown=len(entries),
+        page=page,
+        pages=pages,
+        next_page=next_page,
+        tasks=entries,
+        note=" ".join(notes) or None,
     )
-    return page.model_dump(mode="json")
+    return history.model_dump(mode="json")
 
 
 def _owner(ctx: RequestContext) -> str:
@@ -186,7 +219,8 @@ def _history_resource() -> Resource:
         uri=HISTORY_URI,
         name="history",
         title="Image history",
-        description=f"All image tasks, newest first (at most {HISTORY_LIMIT}), as JSON.",
+        description=f"All image tasks, newest first, {PAGE_SIZE} a page (gptunnel://images?page=2 and on), "
+        f"prompts cut to {LIST_PROMPT_CHARS} characters, as JSON.",
         mime_type="application/json",
     )
 
@@ -196,7 +230,7 @@ def _file_resource(record: TaskRecord) -> Resource:
     prompt = shorten(record.prompt, 60)
     return Resource(
         uri=file_uri(record.task_id),
-        name=record.file.file_name,
+        name=record.file.name,
         title=prompt,
         description=(
             f"{record.model}, {record.file.width}x{record.file.height}, "
@@ -217,7 +251,9 @@ def _json(uri: str, value: dict[str, Any]) -> ReadResourceResult:
 def _offset(cursor: str | None) -> int:
     if cursor is None:
         return 0
-    if not cursor.isdigit():
+    # ASCII digits only: str.isdigit() also takes "²" and other scripts' digits, which int()
+    # refuses or reads; and a bound far beyond any history, as SQLite takes no offset past 64 bits.
+    if not (cursor.isascii() and cursor.isdigit() and len(cursor) <= 10 and int(cursor) <= 10**9):
         raise MCPError(
             code=INVALID_PARAMS, message=f"invalid cursor {cursor[:20]!r}; pass a nextCursor as given"
         )

@@ -45,16 +45,12 @@ def serve(settings: Settings, log_level: str) -> int:
 
 
 def _serve_http(settings: Settings, log_level: str) -> int:
-    import uvicorn
-
-    from ._http import MCP_PATH, build_http_app
+    from ._http import MCP_PATH, build_http_app, http_server
 
     # Bound here rather than by uvicorn, which reports a busy port with the exit code 3 (here:
     # "still pending") after the whole app has started.
     with _listen(settings.host, settings.port) as sock:
-        server = uvicorn.Server(
-            uvicorn.Config(build_http_app(settings), log_level=log_level.lower(), log_config=None)
-        )
+        server = http_server(settings, build_http_app(settings), log_level=log_level.lower(), log_config=None)
         host = f"[{settings.host}]" if ":" in settings.host else settings.host
         port = sock.getsockname()[1]
         logger.info("serving MCP at http://%s:%d%s (health: /healthz)", host, port, MCP_PATH)
