@@ -20,7 +20,6 @@ from typing import IO, Any
 import anyio
 import httpx2
 import pytest
-import uvicorn
 from mcp import Client, StdioServerParameters
 from mcp.client.extension import ClientExtension
 from mcp.client.stdio import stdio_client
@@ -29,7 +28,7 @@ from mcp.client.streamable_http import streamable_http_client
 from gptunnel_mcp import Settings, load_settings
 from gptunnel_mcp._schedule import Backoff, PollSchedule
 from gptunnel_mcp.server import build_server
-from gptunnel_mcp.server._http import build_http_app
+from gptunnel_mcp.server._http import build_http_app, http_server
 
 from .processes import free_port, running_server
 from .standin import Behaviour, StandIn
@@ -183,8 +182,8 @@ async def serve_http(settings: Settings) -> AsyncIterator[str]:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_config=None, log_level="warning", lifespan="on", access_log=False)
-    server = uvicorn.Server(config)
+    # Started as server/_serve.py starts it: with the connection guard.
+    server = http_server(settings, app, log_config=None, log_level="warning", lifespan="on", access_log=False)
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(server.serve, [sock])
         with anyio.fail_after(10):

@@ -12,6 +12,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import anyio
 import httpx2
@@ -26,13 +27,10 @@ import gptunnel_mcp
 import gptunnel_mcp.server
 from gptunnel_mcp import ConfigError, Settings, load_settings
 from gptunnel_mcp._main import main
-from gptunnel_mcp.server._http import build_http_app, http_server
 
 from .conftest import (
     API_KEY,
     MCP_HEADERS,
-    QUICK_BACKOFF,
-    QUICK_POLLS,
     ServerLauncher,
     environment,
     http_client,
@@ -305,20 +303,10 @@ async def test_sessions_that_expire_free_their_place(
 async def serve_guarded(settings: Settings) -> AsyncIterator[int]:
     """The HTTP app on uvicorn as `server/_serve.py` starts it (with its connection guard), on a
     free loopback port; yields the port."""
-    app = build_http_app(settings, schedule=QUICK_POLLS, backoff=QUICK_BACKOFF)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.bind(("127.0.0.1", 0))
-    server = http_server(settings, app, log_config=None, log_level="warning", access_log=False)
-    async with anyio.create_task_group() as tasks:
-        tasks.start_soon(server.serve, [sock])
-        with anyio.fail_after(10):
-            while not server.started:  # noqa: ASYNC110 - uvicorn offers a flag, not an event
-                await anyio.sleep(0.005)
-        try:
-            yield sock.getsockname()[1]
-        finally:
-            server.should_exit = True
-    sock.close()
+    async with serve_http(settings) as url:
+        port = urlsplit(url).port
+        assert port is not None
+        yield port
 
 
 async def talk(port: int, *chunks: bytes, every: float = 0.0, limit: float = 3.0) -> tuple[float, bytes]:
