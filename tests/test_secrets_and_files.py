@@ -264,3 +264,5 @@ async def test_the_sandbox_is_private_whatever_the_umask(memory_server: ServerLa
         modes = _modes(memory_server.home / "sandbox")
     assert any(name.endswith(f"{created['task_id']}.json") for name in modes), modes
     assert not _not_private(modes, memory_server.home / "sandbox"), modes
+    # The home the sandbox's folder sits in is this server's too.
+    assert stat.S_IMODE(memory_server.home.stat().st_mode) == 0o700

@@ -270,10 +270,11 @@ def _check_combinations(settings: Settings) -> None:
 
 def ensure_home(settings: Settings) -> None:
     try:
-        # Private whatever the umask: the home holds every prompt and image. Folders above the
-        # home are the user's own business and keep the usual mode.
-        settings.home.mkdir(mode=0o700, parents=True, exist_ok=True)
-        settings.images_dir.mkdir(mode=0o700, exist_ok=True)
+        # Private whatever the umask: the home holds every prompt and image (and the sandbox's
+        # home is a folder inside the real one). Folders above are the user's own business.
+        ours = [settings.home.parent] if settings.sandbox else []
+        for folder in [*ours, settings.home, settings.images_dir]:
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(
             f"cannot create the data folder {settings.home} ({exc.strerror}); "
