@@ -30,6 +30,7 @@ from gptunnel_mcp._schedule import Backoff, PollSchedule
 from gptunnel_mcp.server import build_server
 from gptunnel_mcp.server._http import build_http_app, http_server
 
+from .postgres import Cluster
 from .processes import free_port, running_server
 from .standin import Behaviour, StandIn
 
@@ -298,3 +299,17 @@ def structured(result: Any) -> dict[str, Any]:
 
 def text_of(result: Any) -> str:
     return "\n".join(block.text for block in result.content if block.type == "text")
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[Cluster]:
+    """A real PostgreSQL, started once per test process on first use (see tests/postgres.py)."""
+    with Cluster.running() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def postgres_url(postgres_cluster: Cluster) -> Iterator[str]:
+    """The URL of a fresh, empty database for this test alone."""
+    with postgres_cluster.database() as url:
+        yield url

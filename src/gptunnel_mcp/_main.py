@@ -175,11 +175,14 @@ def _main(argv: Sequence[str] | None) -> None:
         settings.wait_timeout = TERMINAL_WAIT_TIMEOUT
     if args.command is None:
         _configure_logging(log_level)
+        from ._exceptions import StorageError
+        from ._wiring import check_store
         from .server import serve
 
         try:
+            check_store(settings)
             code = serve(settings, log_level)
-        except ConfigError as exc:
+        except (ConfigError, StorageError) as exc:
             _fail(str(exc))
         raise SystemExit(code)
     # Terminal commands talk to people: only warnings go to the log, the rest is their output.

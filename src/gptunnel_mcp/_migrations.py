@@ -2,7 +2,9 @@
 
 Migration N takes the schema from version N-1 to N; the version is kept in `PRAGMA user_version`.
 A migration, once released, is never edited, because files in the field have already run it: a
-change to the schema is a new migration at the end. Another backend keeps a list of its own.
+change to the schema is a new migration at the end. PostgreSQL keeps a list of its own beside
+it (`POSTGRES_MIGRATIONS`), with the same tables and columns: a change to the schema is a new
+migration at the end of both lists.
 """
 
 from __future__ import annotations
@@ -164,6 +166,42 @@ SQLITE_MIGRATIONS: Sequence[Migration] = (
     _m005_creates,
 )
 LATEST = len(SQLITE_MIGRATIONS)
+
+#: PostgreSQL's history, each migration as the statements it runs (run by `_postgres`, under an
+#: advisory lock, its version kept in the table `schema_version`). Its version 1 is SQLite's 5:
+#: the same tables and columns, times as `timestamptz` and the record as `jsonb`, and `seq` where
+#: SQLite has its implicit rowid, to order tasks created in the same second.
+POSTGRES_MIGRATIONS: Sequence[Sequence[str]] = (
+    (
+        """CREATE TABLE tasks (
+               task_id     text NOT NULL,
+               owner       text NOT NULL DEFAULT '',
+               status      text NOT NULL,
+               created_at  timestamptz NOT NULL,
+               request_key text NOT NULL DEFAULT '',
+               model       text NOT NULL DEFAULT '',
+               finished_after double precision,
+               finished_by    double precision,
+               record      jsonb NOT NULL,
+               seq         bigint GENERATED ALWAYS AS IDENTITY,
+               PRIMARY KEY (owner, task_id)
+           )""",
+        "CREATE INDEX tasks_by_time ON tasks (owner, created_at DESC, seq DESC)",
+        "CREATE INDEX tasks_by_request ON tasks (owner, request_key, created_at DESC)",
+        "CREATE INDEX tasks_by_model ON tasks (model, created_at DESC) WHERE finished_by IS NOT NULL",
+        """CREATE TABLE creates (
+               ticket      text PRIMARY KEY,
+               owner       text NOT NULL,
+               request_key text NOT NULL,
+               made_at     timestamptz NOT NULL,
+               state       text NOT NULL,
+               task_id     text
+           )""",
+        "CREATE INDEX creates_by_time ON creates (owner, made_at)",
+        "CREATE INDEX creates_by_request ON creates (owner, request_key, state)",
+    ),
+)
+POSTGRES_LATEST = len(POSTGRES_MIGRATIONS)
 
 _V1_COLUMNS = frozenset({"task_id", "owner", "status", "created_at", "record"})
 _V2_COLUMNS = _V1_COLUMNS | {"request_key"}

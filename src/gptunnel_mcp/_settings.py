@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import platformdirs
 from pydantic import (
@@ -57,6 +59,12 @@ class Settings(BaseSettings):
         default_factory=_default_home,
         validation_alias="GPTUNNEL_MCP_HOME",
         description="Folder for the history database and the image files.",
+    )
+    database_url: SecretStr | None = Field(
+        default=None,
+        validation_alias="GPTUNNEL_MCP_DATABASE_URL",
+        description="A PostgreSQL database for the history, shared by every replica that names it "
+        "(postgresql://user:password@host:port/database); unset: SQLite in GPTUNNEL_MCP_HOME.",
     )
     default_model: str = Field(
         default=DEFAULT_MODEL, min_length=1, description="Model used when none is named."
@@ -149,6 +157,13 @@ class Settings(BaseSettings):
             raise ValueError("must start with http:// or https://")
         return value
 
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_only(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and urlsplit(value.get_secret_value()).scheme not in ("postgresql", "postgres"):
+            raise ValueError("must be a PostgreSQL URL, starting with postgresql:// or postgres://")
+        return value
+
     @field_validator("home", mode="before")
     @classmethod
     def _expand_home(cls, value: Any) -> Any:
@@ -180,6 +195,7 @@ _ENV_NAMES = {
     "api_key": "GPTUNNEL_API_KEY",
     "base_url": "GPTUNNEL_BASE_URL",
     "home": "GPTUNNEL_MCP_HOME",
+    "database_url": "GPTUNNEL_MCP_DATABASE_URL",
     "default_model": "GPTUNNEL_DEFAULT_MODEL",
     "wait_timeout": "GPTUNNEL_WAIT_TIMEOUT",
     "preview_max_px": "GPTUNNEL_PREVIEW_MAX_PX",
@@ -218,8 +234,13 @@ def load_settings(**overrides: Any) -> Settings:
         err = exc.errors()[0]
         field = str(err["loc"][0]) if err["loc"] else ""
         name = _ENV_NAMES.get(field, field)
-        # The rejected value is shown for everything but the key, so a typo is easy to spot.
-        shown = "" if field in ("api_key", "auth_token") else f" (got {err.get('input')!r})"
+        # The rejected value is shown, so a typo is easy to spot, but never a secret. (`field` is
+        # the variable's name for the fields read by their full name.)
+        shown = f" (got {err.get('input')!r})"
+        if name in ("GPTUNNEL_API_KEY", "GPTUNNEL_MCP_AUTH_TOKEN"):
+            shown = ""
+        elif name == "GPTUNNEL_MCP_DATABASE_URL":
+            shown = f" (got {mask_password(str(err.get('input')))!r})"
         raise ConfigError(f"invalid {name}: {err['msg']}{shown}") from None
     _check_combinations(settings)
     if settings.sandbox:
@@ -266,6 +287,22 @@ def _check_combinations(settings: Settings) -> None:
             "could spend your GPTunnel balance. Set GPTUNNEL_MCP_AUTH_TOKEN (or GPTUNNEL_MCP_MULTI_USER=1), "
             "or bind to 127.0.0.1"
         )
+
+
+def mask_password(url: str) -> str:
+    """`url` with any password in it (after the user name, or as a parameter) replaced by ***,
+    fit to be shown in an error or a log. A password with characters a URL should have escaped
+    (`/`, `@`) is masked whole too."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        # libpq's other form, "host=... password=...", is no URL but is still masked.
+        return re.sub(r"(?i)(\bpassword\s*=\s*)('[^']*'|\S*)", r"\1***", url)
+    before_query, question, query = rest.partition("?")
+    user, at, hosts = before_query.rpartition("@")
+    if at and ":" in user:
+        before_query = f"{user.partition(':')[0]}:***@{hosts}"
+    query = re.sub(r"(?i)(\bpassword=)[^&]*", r"\1***", query)
+    return f"{scheme}{sep}{before_query}{question}{query}"
 
 
 def ensure_home(settings: Settings) -> None:

@@ -16,9 +16,30 @@ from ._files import ImageFolder
 from ._schedule import Backoff, PollSchedule
 from ._settings import Settings
 from ._sqlite import SQLiteStore
+from ._store import TaskStore
 from ._upstream import GPTunnelClient
 
 logger = logging.getLogger("gptunnel_mcp")
+
+
+async def open_store(settings: Settings) -> TaskStore:
+    """The history: PostgreSQL when GPTUNNEL_MCP_DATABASE_URL names one (its driver is imported
+    only then), else SQLite in the home folder."""
+    if settings.database_url is None:
+        return SQLiteStore(settings.db_path)
+    from ._postgres import PostgresStore
+
+    return await PostgresStore.open(settings.database_url.get_secret_value())
+
+
+def check_store(settings: Settings) -> None:
+    """Open the history and close it again: a server that cannot use it says why in one line
+    (`StorageError`, `ConfigError`) before it serves, not in a traceback from its first start."""
+
+    async def check() -> None:
+        await (await open_store(settings)).close()
+
+    anyio.run(check)
 
 
 @contextlib.asynccontextmanager
@@ -26,7 +47,6 @@ async def open_engine(
     settings: Settings, *, schedule: PollSchedule | None = None, backoff: Backoff | None = None
 ) -> AsyncIterator[Engine]:
     """`schedule` and `backoff` replace the built-in poll timing (tests make it quick)."""
-    store = SQLiteStore(settings.db_path)
     folder = ImageFolder(settings.images_dir, max_pixels=settings.max_image_pixels)
     removed = folder.remove_stray_temporaries()
     if removed:
@@ -50,6 +70,13 @@ async def open_engine(
         allow_private=settings.allow_private_downloads,
         transport=transport,
     )
+    try:
+        store = await open_store(settings)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await client.aclose()
+            await downloader.aclose()
+        raise
     engine = Engine(
         settings=settings,
         store=store,

@@ -1,0 +1,333 @@
+"""The shared history: PostgreSQL, for several replicas of the server on one database.
+
+psycopg 3 with its async pool: the engine is async, so calls wait on the database without
+holding a thread, and the binary wheels need neither a compiler nor libpq's headers. Imported
+only when GPTUNNEL_MCP_DATABASE_URL is set, so the driver is an optional dependency.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import secrets
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime, timezone
+from typing import Any, TypeVar
+
+from ._exceptions import ConfigError, StorageError
+from ._migrations import POSTGRES_LATEST, POSTGRES_MIGRATIONS
+from ._records import TaskRecord
+from ._settings import mask_password
+from ._store import Admission, Cap, Settlement
+
+try:
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+    from psycopg.rows import TupleRow
+    from psycopg_pool import AsyncConnectionPool
+except ImportError as exc:
+    raise ConfigError(
+        f"GPTUNNEL_MCP_DATABASE_URL names a PostgreSQL database, but its driver is missing ({exc}): "
+        "install it with pip install 'gptunnel-mcp[postgres]'"
+    ) from None
+
+_T = TypeVar("_T")
+Connection = psycopg.AsyncConnection[TupleRow]
+
+#: Connections one replica keeps open at most: store calls take milliseconds, so more callers
+#: than this queue briefly rather than cost the database a process each.
+_POOL_SIZE = 10
+#: How long to wait for the database to answer a connection, unless the URL says otherwise.
+_CONNECT_SECONDS = 10
+
+
+def _lock_key(scope: str) -> int:
+    """A key for `pg_advisory_xact_lock`: the same for `scope` on every replica, and unlikely to
+    be another application's on the same database."""
+    digest = hashlib.sha256(f"gptunnel-mcp:{scope}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+_MIGRATION_LOCK = _lock_key("migrate")
+
+
+class PostgresStore:
+    """`TaskStore` on PostgreSQL. Every replica's `admit` for one owner runs under one advisory
+    lock, so reuse and the caps are decided one call at a time across all of them."""
+
+    def __init__(self, pool: AsyncConnectionPool[Connection], where: str) -> None:
+        self._pool = pool
+        self._where = where
+
+    @classmethod
+    async def open(cls, url: str) -> PostgresStore:
+        """Connect, bring the schema up to date, and open the pool. Raises `StorageError` in one
+        line naming the server (never the password) when it cannot be reached."""
+        try:
+            params = conninfo_to_dict(url)
+        except psycopg.Error as exc:
+            raise ConfigError(
+                f"invalid GPTUNNEL_MCP_DATABASE_URL ({mask_password(url)}): {_one_line(exc)}"
+            ) from None
+        where, password = _describe(params), str(params.get("password") or "")
+        if "connect_timeout" not in params:
+            url = make_conninfo(url, connect_timeout=_CONNECT_SECONDS)
+        try:
+            async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+                await _migrate(conn, where)
+        except psycopg.Error as exc:
+            raise StorageError(
+                f"cannot use the PostgreSQL database {where} ({_one_line(exc, password)}): check "
+                "GPTUNNEL_MCP_DATABASE_URL, and that the database server is running and reachable"
+            ) from None
+        pool: AsyncConnectionPool[Connection] = AsyncConnectionPool(
+            url,
+            min_size=1,
+            max_size=_POOL_SIZE,
+            open=False,
+            kwargs={"autocommit": True},
+            # A connection broken by a database restart is replaced before a call gets it.
+            check=AsyncConnectionPool.check_connection,
+            timeout=_CONNECT_SECONDS,
+            name="gptunnel-mcp",
+        )
+        try:
+            await pool.open(wait=True, timeout=_CONNECT_SECONDS)
+        except psycopg.Error as exc:
+            await pool.close()
+            raise StorageError(
+                f"cannot connect to the PostgreSQL database {where} ({_one_line(exc, password)})"
+            ) from None
+        return cls(pool, where)
+
+    async def _run(self, fn: Callable[[Connection], Awaitable[_T]]) -> _T:
+        try:
+            async with self._pool.connection() as conn:
+                return await fn(conn)
+        except psycopg.Error as exc:
+            raise StorageError(f"the history database {self._where} failed: {_one_line(exc)}") from None
+
+    async def _all(self, query: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        async def fetch(conn: Connection) -> list[tuple[Any, ...]]:
+            return await (await conn.execute(query, params)).fetchall()
+
+        return await self._run(fetch)
+
+    async def put(self, record: TaskRecord) -> None:
+        await self._run(lambda conn: _put(conn, record))
+
+    async def get(self, task_id: str, owner: str = "") -> TaskRecord | None:
+        rows = await self._all(
+            "SELECT record::text FROM tasks WHERE owner = %s AND task_id = %s",
+            (_text(owner), _text(task_id.lower())),
+        )
+        return TaskRecord.model_validate_json(rows[0][0]) if rows else None
+
+    async def recent(self, owner: str = "", *, limit: int = 50, offset: int = 0) -> list[TaskRecord]:
+        rows = await self._all(
+            # seq breaks ties: GPTunnel's created_at counts whole seconds.
+            "SELECT record::text FROM tasks WHERE owner = %s "
+            "ORDER BY created_at DESC, seq DESC LIMIT %s OFFSET %s",
+            (_text(owner), limit, offset),
+        )
+        return [TaskRecord.model_validate_json(r[0]) for r in rows]
+
+    async def count(self, owner: str = "") -> int:
+        rows = await self._all("SELECT count(*) FROM tasks WHERE owner = %s", (_text(owner),))
+        return int(rows[0][0])
+
+    async def durations(self, model: str, *, limit: int) -> list[tuple[float | None, float]]:
+        rows = await self._all(
+            "SELECT finished_after, finished_by FROM tasks WHERE model = %s AND finished_by IS NOT NULL "
+            "ORDER BY created_at DESC LIMIT %s",
+            (_text(model), limit),
+        )
+        return [(None if r[0] is None else float(r[0]), float(r[1])) for r in rows]
+
+    async def admit(
+        self,
+        owner: str,
+        request_key: str,
+        *,
+        now: datetime,
+        reuse_since: datetime | None,
+        in_flight_since: datetime,
+        caps: Sequence[Cap],
+    ) -> Admission:
+        owner, request_key = _text(owner), _text(request_key)
+
+        async def decide(conn: Connection) -> Admission:
+            async with conn.transaction():
+                # Before anything is read: the owner's admits, on every replica, queue here, and
+                # each statement below sees the tickets of those that went before.
+                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key(f"admit:{owner}"),))
+                if reuse_since is not None:
+                    # One statement, so one snapshot: a create another replica settles meanwhile
+                    # is seen whole (its task and its ticket no longer sending) or not at all.
+                    cursor = await conn.execute(
+                        """SELECT
+                             (SELECT record::text FROM tasks WHERE owner = %(owner)s AND request_key = %(key)s
+                                AND (status = 'pending' OR (status = 'done' AND created_at >= %(since)s))
+                              ORDER BY created_at DESC, seq DESC LIMIT 1),
+                             EXISTS (SELECT 1 FROM creates WHERE owner = %(owner)s AND request_key = %(key)s
+                                AND state = 'sending' AND made_at >= %(sent_since)s)""",
+                        {
+                            "owner": owner,
+                            "key": request_key,
+                            "since": _utc(reuse_since),
+                            "sent_since": _utc(in_flight_since),
+                        },
+                    )
+                    found, sending = await cursor.fetchone() or (None, False)
+                    earlier = None if found is None else TaskRecord.model_validate_json(found)
+                    if earlier is not None and not _lost(earlier, now):
+                        return Admission(reuse=earlier)
+                    if sending:
+                        return Admission(in_flight=True)
+                for cap in caps:
+                    since = _utc(now - cap.span)
+                    # The cap is full when it has a `limit`-th newest create; that one leaving
+                    # the span frees a slot.
+                    row = None
+                    if cap.limit > 0:
+                        cursor = await conn.execute(
+                            "SELECT made_at FROM creates WHERE owner = %s AND made_at > %s "
+                            "ORDER BY made_at DESC OFFSET %s LIMIT 1",
+                            (owner, since, cap.limit - 1),
+                        )
+                        row = await cursor.fetchone()
+                        if row is None:
+                            continue
+                    cursor = await conn.execute(
+                        "SELECT count(*) FROM creates WHERE owner = %s AND made_at > %s", (owner, since)
+                    )
+                    made = await cursor.fetchone()
+                    return Admission(
+                        cap=cap,
+                        made=int(made[0]) if made else 0,
+                        frees_at=None if row is None else row[0].astimezone(timezone.utc) + cap.span,
+                    )
+                ticket = secrets.token_hex(16)
+                await conn.execute(
+                    """INSERT INTO creates (ticket, owner, request_key, made_at, state)
+                       VALUES (%s, %s, %s, %s, 'sending')""",
+                    (ticket, owner, request_key, _utc(now)),
+                )
+                return Admission(ticket=ticket)
+
+        return await self._run(decide)
+
+    async def settle(self, ticket: str, outcome: Settlement, record: TaskRecord | None = None) -> None:
+        async def close(conn: Connection) -> None:
+            async with conn.transaction():
+                if outcome == "refused":
+                    await conn.execute("DELETE FROM creates WHERE ticket = %s", (ticket,))
+                    return
+                if record is not None:
+                    await _put(conn, record)
+                await conn.execute(
+                    "UPDATE creates SET state = %s, task_id = %s WHERE ticket = %s",
+                    (outcome, None if record is None else _text(record.task_id), ticket),
+                )
+
+        await self._run(close)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+
+async def _put(conn: Connection, record: TaskRecord) -> None:
+    await conn.execute(
+        """INSERT INTO tasks
+               (task_id, owner, status, created_at, request_key, model,
+                finished_after, finished_by, record)
+           VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb)
+           ON CONFLICT (owner, task_id) DO UPDATE SET
+               status = excluded.status, finished_after = excluded.finished_after,
+               finished_by = excluded.finished_by,
+               record = excluded.record
+           WHERE tasks.status <> 'done' OR excluded.status = 'done'""",
+        (
+            _text(record.task_id),
+            _text(record.owner),
+            record.status,
+            _utc(record.created_at),
+            _text(record.request_key),
+            _text(record.model),
+            record.finished_after,
+            record.finished_by,
+            _json(record),
+        ),
+    )
+
+
+async def _migrate(conn: Connection, where: str) -> None:
+    """Bring the schema to `POSTGRES_LATEST`, all pending migrations in one transaction, under an
+    advisory lock: of several replicas starting together, one migrates and the others then find
+    nothing left to do."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        await conn.execute(
+            """CREATE TABLE IF NOT EXISTS schema_version (
+                   version    integer PRIMARY KEY,
+                   applied_at timestamptz NOT NULL DEFAULT now()
+               )"""
+        )
+        row = await (await conn.execute("SELECT max(version) FROM schema_version")).fetchone()
+        stored = int(row[0]) if row and row[0] is not None else 0
+        if stored > POSTGRES_LATEST:
+            raise StorageError(
+                f"the history in the PostgreSQL database {where} was written by a newer gptunnel-mcp "
+                f"(schema {stored}; this version reads up to {POSTGRES_LATEST}): upgrade gptunnel-mcp"
+            )
+        for version, statements in enumerate(POSTGRES_MIGRATIONS[stored:], start=stored + 1):
+            for statement in statements:
+                await conn.execute(statement)
+            await conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
+
+
+def _lost(record: TaskRecord, now: datetime) -> bool:
+    """A pending task whose link expired before its download is no answer to anyone."""
+    expires = record.source_url_expires_at
+    return record.status == "pending" and expires is not None and expires < now
+
+
+def _describe(params: dict[str, Any]) -> str:
+    """The database as a person would name it: its name and where it is, without credentials."""
+    hosts = str(params.get("host") or os.environ.get("PGHOST") or "localhost").split(",")
+    ports = str(params.get("port") or os.environ.get("PGPORT") or "5432").split(",")
+    ports += ports[-1:] * (len(hosts) - len(ports))
+    places = ", ".join(
+        f"{host}" if host.startswith("/") else f"{host}:{port}"
+        for host, port in zip(hosts, ports, strict=False)
+    )
+    name = params.get("dbname") or params.get("user") or os.environ.get("PGDATABASE") or "postgres"
+    return f"{name!r} at {places}"
+
+
+def _one_line(exc: Exception, password: str = "") -> str:
+    """The driver's message on one line, without the password were it ever quoted."""
+    text = " ".join(str(exc).split())
+    if password:
+        text = text.replace(password, "***")
+    return text[:500]
+
+
+def _utc(moment: datetime) -> datetime:
+    # A naive time is local, as `_sqlite` takes it.
+    return moment.astimezone(timezone.utc)
+
+
+def _text(value: str) -> str:
+    """PostgreSQL text cannot hold NUL: a NUL a caller or GPTunnel sent is kept as U+FFFD."""
+    return value.replace("\x00", "\ufffd")
+
+
+#: `\u0000` in JSON text, not preceded by an escaped backslash (which would make it plain text).
+_JSON_NUL = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
+
+
+def _json(record: TaskRecord) -> str:
+    # jsonb refuses the escape `\u0000` for the same reason.
+    return _JSON_NUL.sub(r"\1\\ufffd", record.model_dump_json())

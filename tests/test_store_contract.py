@@ -1,0 +1,446 @@
+"""The `TaskStore` contract, held by both backends alike: SQLite on a file, and PostgreSQL (a real
+server, a fresh database per test). Two store objects on one database are two replicas. Then the
+PostgreSQL backend as a server uses it, and what it says when it cannot be used."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import anyio
+import psycopg
+import pytest
+from mcp import Client
+from mcp_types import CallToolResult
+
+from gptunnel_mcp import load_settings
+from gptunnel_mcp._exceptions import ConfigError, StorageError
+from gptunnel_mcp._postgres import PostgresStore
+from gptunnel_mcp._records import TaskRecord
+from gptunnel_mcp._sqlite import SQLiteStore
+from gptunnel_mcp._store import Admission, Cap, TaskStore
+from gptunnel_mcp._wiring import open_store
+
+from .conftest import API_KEY, ServerLauncher, environment, structured, text_of
+from .processes import free_port
+from .standin import StandIn
+
+pytestmark = pytest.mark.anyio
+
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+HOUR = Cap(limit=3, span=timedelta(hours=1), unit="hour", setting="GPTUNNEL_MAX_IMAGES_PER_HOUR")
+DAY = Cap(limit=4, span=timedelta(days=1), unit="day", setting="GPTUNNEL_MAX_IMAGES_PER_DAY")
+
+
+class Backend:
+    """Opens stores on one database: each `open()` is another replica."""
+
+    def __init__(self, name: str, make: Callable[[], Awaitable[TaskStore]]) -> None:
+        self.name = name
+        self._make = make
+
+    @asynccontextmanager
+    async def open(self) -> AsyncIterator[TaskStore]:
+        store = await self._make()
+        try:
+            yield store
+        finally:
+            await store.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    if request.param == "sqlite":
+
+        async def sqlite() -> TaskStore:
+            return SQLiteStore(tmp_path / "history.sqlite3")
+
+        return Backend("sqlite", sqlite)
+    url: str = request.getfixturevalue("postgres_url")
+    return Backend("postgres", lambda: PostgresStore.open(url))
+
+
+def task(n: int, **fields: Any) -> TaskRecord:
+    values: dict[str, Any] = {
+        "task_id": f"{n:024x}",
+        "model": "gpt-image-1-low",
+        "prompt": f"prompt {n}",
+        "created_at": T0,
+        "updated_at": T0,
+        **fields,
+    }
+    return TaskRecord(**values)
+
+
+async def admit(
+    store: TaskStore,
+    key: str = "k",
+    *,
+    owner: str = "",
+    now: datetime = T0,
+    reuse_window: timedelta | None = timedelta(minutes=10),
+    in_flight_for: timedelta = timedelta(minutes=2),
+    caps: tuple[Cap, ...] = (),
+) -> Admission:
+    return await store.admit(
+        owner,
+        key,
+        now=now,
+        reuse_since=None if reuse_window is None else now - reuse_window,
+        in_flight_since=now - in_flight_for,
+        caps=caps,
+    )
+
+
+async def created(store: TaskStore, record: TaskRecord, *, now: datetime | None = None) -> None:
+    """`record`'s request admitted at `now` and its create settled: the way a task enters."""
+    admission = await admit(store, record.request_key, owner=record.owner, now=now or record.created_at)
+    assert admission.ticket is not None, admission
+    await store.settle(admission.ticket, "created", record)
+
+
+# --- history ----------------------------------------------------------------------------------
+
+
+async def test_put_and_get_are_scoped_by_owner(backend: Backend) -> None:
+    async with backend.open() as store:
+        await store.put(task(1, prompt="mine"))
+        await store.put(task(1, owner="alice", prompt="alice's"))
+        mine, hers = await store.get(f"{1:024X}"), await store.get(f"{1:024x}", "alice")
+        assert mine is not None and mine.prompt == "mine" and mine.owner == ""
+        assert hers is not None and hers.prompt == "alice's"
+        assert await store.get(f"{1:024x}", "bob") is None
+        assert await store.get(f"{2:024x}") is None
+    async with backend.open() as reopened:
+        assert await reopened.get(f"{1:024x}", "alice") == hers
+
+
+async def test_recent_is_newest_first_in_pages_and_count_is_per_owner(backend: Backend) -> None:
+    async with backend.open() as store:
+        # 2 and 3 in the same second: the later written comes first.
+        for n, second in ((1, 0), (2, 5), (3, 5), (4, 9)):
+            await store.put(task(n, created_at=T0 + timedelta(seconds=second)))
+        await store.put(task(9, owner="alice", created_at=T0 + timedelta(hours=1)))
+        assert [r.task_id[-1] for r in await store.recent()] == ["4", "3", "2", "1"]
+        assert [r.task_id[-1] for r in await store.recent(limit=2, offset=1)] == ["3", "2"]
+        assert await store.recent(offset=4) == []
+        # An update keeps a task's place.
+        await store.put(task(2, created_at=T0 + timedelta(seconds=5), status="done"))
+        assert [r.task_id[-1] for r in await store.recent()] == ["4", "3", "2", "1"]
+        assert (await store.count(), await store.count("alice"), await store.count("bob")) == (4, 1, 0)
+        assert [r.task_id[-1] for r in await store.recent("alice")] == ["9"]
+
+
+async def test_done_is_never_overwritten_by_a_not_done_write(backend: Backend) -> None:
+    async with backend.open() as store:
+        await store.put(task(1, upstream_status="processing"))
+        await store.put(task(1, upstream_status="queued"))
+        assert (await store.get(f"{1:024x}")).upstream_status == "queued"  # type: ignore[union-attr]
+        await store.put(task(1, status="done", source_url="https://x.test/1.png"))
+        await store.put(task(1, status="pending", upstream_status="processing"))
+        await store.put(task(1, status="failed", error="late"))
+        kept = await store.get(f"{1:024x}")
+        assert kept is not None and kept.status == "done" and kept.source_url == "https://x.test/1.png"
+        await store.put(task(1, status="done", source_url="https://x.test/again.png"))
+        assert (await store.get(f"{1:024x}")).source_url == "https://x.test/again.png"  # type: ignore[union-attr]
+
+
+async def test_durations_are_the_models_newest_of_any_owner(backend: Backend) -> None:
+    async with backend.open() as store:
+        await store.put(task(1, finished_after=None, finished_by=10.0))
+        await store.put(task(2, owner="alice", created_at=T0 + timedelta(minutes=1), finished_by=12.5))
+        await store.put(task(3, created_at=T0 + timedelta(minutes=2), finished_after=8.0, finished_by=9.0))
+        await store.put(task(4, created_at=T0 + timedelta(minutes=3)))  # not finished
+        await store.put(task(5, model="flux", created_at=T0 + timedelta(minutes=4), finished_by=3.0))
+        assert await store.durations("gpt-image-1-low", limit=10) == [(8.0, 9.0), (None, 12.5), (None, 10.0)]
+        assert await store.durations("gpt-image-1-low", limit=1) == [(8.0, 9.0)]
+        assert await store.durations("flux", limit=10) == [(None, 3.0)]
+        assert await store.durations("nobody's", limit=10) == []
+
+
+async def test_text_with_nul_characters_is_stored(backend: Backend) -> None:
+    # PostgreSQL's text cannot hold NUL: it keeps U+FFFD in its place; SQLite keeps the NUL.
+    async with backend.open() as store:
+        await store.put(task(1, prompt="a\x00b", model="m\x00", error='\\u0000 and "\x00"'))
+        kept = await store.get(f"{1:024x}")
+        assert kept is not None
+        nul = "\x00" if backend.name == "sqlite" else "\ufffd"
+        assert (kept.prompt, kept.model, kept.error) == (f"a{nul}b", f"m{nul}", f'\\u0000 and "{nul}"')
+
+
+# --- admission --------------------------------------------------------------------------------
+
+
+async def test_an_identical_pending_or_recently_done_request_is_reused(backend: Backend) -> None:
+    async with backend.open() as store:
+        await created(store, task(1, request_key="pending"))
+        await created(store, task(2, request_key="done", status="done"))
+        later = T0 + timedelta(minutes=5)
+        reused = await admit(store, "pending", now=later)
+        assert reused.reuse is not None and reused.reuse.task_id == f"{1:024x}"
+        assert (await admit(store, "done", now=later)).reuse == await store.get(f"{2:024x}")
+        # Done longer ago than the reuse window: a new image. Pending: reused however old.
+        much_later = T0 + timedelta(minutes=11)
+        assert (await admit(store, "done", now=much_later)).ticket is not None
+        assert (await admit(store, "pending", now=much_later)).reuse is not None
+        # Another owner's identical request is theirs to pay for.
+        assert (await admit(store, "pending", owner="alice", now=later)).ticket is not None
+
+
+async def test_new_image_never_reuses(backend: Backend) -> None:
+    async with backend.open() as store:
+        await created(store, task(1, request_key="k"))
+        fresh = await admit(store, "k", now=T0 + timedelta(seconds=1), reuse_window=None)
+        assert fresh.ticket is not None and fresh.reuse is None
+
+
+async def test_a_pending_task_whose_link_expired_is_not_reused(backend: Backend) -> None:
+    async with backend.open() as store:
+        stale = task(1, request_key="k", completed_at=T0, source_url="https://x.test/1.png")
+        await created(store, stale)
+        assert (await admit(store, "k", now=T0 + timedelta(hours=47))).reuse is not None
+        assert (await admit(store, "k", now=T0 + timedelta(hours=49))).ticket is not None
+
+
+async def test_an_identical_create_on_its_way_is_waited_for(backend: Backend) -> None:
+    async with backend.open() as store:
+        first = await admit(store, "k")
+        assert first.ticket is not None
+        assert (await admit(store, "k", now=T0 + timedelta(seconds=1))) == Admission(in_flight=True)
+        # One whose sender died long ago is waited for no more.
+        gone = await admit(store, "k", now=T0 + timedelta(minutes=3))
+        assert gone.ticket is not None
+        # A settled create is no longer on its way: its task is the answer.
+        await store.settle(first.ticket, "created", task(1, request_key="k"))
+        assert (await admit(store, "k", now=T0 + timedelta(minutes=4))).reuse is not None
+
+
+async def test_caps_refuse_with_the_moment_a_slot_frees(backend: Backend) -> None:
+    async with backend.open() as store:
+        for minute in range(3):
+            assert (await admit(store, f"k{minute}", now=T0 + timedelta(minutes=minute), caps=(HOUR,))).ticket
+        full = await admit(store, "k3", now=T0 + timedelta(minutes=30), caps=(HOUR, DAY))
+        assert (full.cap, full.made, full.frees_at) == (HOUR, 3, T0 + timedelta(hours=1))
+        # Caps count per owner.
+        assert (await admit(store, "k3", owner="alice", now=T0, caps=(HOUR,))).ticket is not None
+        # The oldest leaves the hour: a slot is free.
+        assert (await admit(store, "k4", now=T0 + timedelta(hours=1, seconds=1), caps=(HOUR,))).ticket
+        # Later the hour is all but empty, and the day is full.
+        by_day = await admit(store, "k5", now=T0 + timedelta(hours=3), caps=(HOUR, DAY))
+        assert (by_day.cap, by_day.made, by_day.frees_at) == (DAY, 4, T0 + timedelta(days=1))
+
+
+async def test_a_cap_of_zero_refuses_everything(backend: Backend) -> None:
+    none = Cap(limit=0, span=timedelta(hours=1), unit="hour", setting="GPTUNNEL_MAX_IMAGES_PER_HOUR")
+    async with backend.open() as store:
+        assert (await admit(store, "a", caps=(none,))) == Admission(cap=none, made=0, frees_at=None)
+        await admit(store, "a")
+        assert (await admit(store, "b", caps=(none,))) == Admission(cap=none, made=1, frees_at=None)
+
+
+async def test_settling_frees_a_refused_slot_and_keeps_the_others(backend: Backend) -> None:
+    one = Cap(limit=1, span=timedelta(hours=1), unit="hour", setting="GPTUNNEL_MAX_IMAGES_PER_HOUR")
+    async with backend.open() as store:
+        refused = await admit(store, "a", caps=(one,))
+        assert refused.ticket is not None and (await admit(store, "b", caps=(one,))).cap == one
+        await store.settle(refused.ticket, "refused")
+        unknown = await admit(store, "b", caps=(one,))
+        assert unknown.ticket is not None
+        await store.settle(unknown.ticket, "unknown")
+        assert (await admit(store, "c", caps=(one,))).cap == one
+        # An unknown outcome is not on its way any more, nor an answer: the identical request
+        # is made anew when the caps allow.
+        assert (await admit(store, "b")).ticket is not None
+        made = await admit(store, "d", owner="alice", caps=(one,))
+        assert made.ticket is not None
+        await store.settle(made.ticket, "created", task(7, owner="alice", request_key="d"))
+        assert await store.get(f"{7:024x}", "alice") is not None
+        assert (await admit(store, "e", owner="alice", caps=(one,))).cap == one
+
+
+async def test_parallel_admits_on_two_replicas_take_exactly_the_cap(backend: Backend) -> None:
+    async with backend.open() as first, backend.open() as second:
+        outcomes: list[Admission] = []
+
+        async def one(store: TaskStore, n: int) -> None:
+            outcomes.append(await admit(store, f"request {n}", caps=(HOUR,)))
+
+        async with anyio.create_task_group() as tasks:
+            for n in range(10):
+                tasks.start_soon(one, (first, second)[n % 2], n)
+    assert sum(o.ticket is not None for o in outcomes) == 3
+    assert sum(o.cap == HOUR for o in outcomes) == 7
+
+
+async def test_identical_admits_on_two_replicas_create_once(backend: Backend) -> None:
+    async with backend.open() as first, backend.open() as second:
+        outcomes: list[Admission] = []
+
+        async def one(store: TaskStore) -> None:
+            outcomes.append(await admit(store, "the same"))
+
+        async with anyio.create_task_group() as tasks:
+            for n in range(10):
+                tasks.start_soon(one, (first, second)[n % 2])
+    assert sum(o.ticket is not None for o in outcomes) == 1
+    assert sum(o.in_flight for o in outcomes) == 9
+
+
+# --- PostgreSQL: schema, settings, failures ---------------------------------------------------
+
+
+async def test_replicas_starting_together_migrate_once(postgres_url: str) -> None:
+    stores: list[TaskStore] = []
+
+    async def start() -> None:
+        stores.append(await PostgresStore.open(postgres_url))
+
+    async with anyio.create_task_group() as tasks:
+        for _ in range(4):
+            tasks.start_soon(start)
+    for store in stores:
+        await store.close()
+    async with await psycopg.AsyncConnection.connect(postgres_url) as conn:
+        rows = await (await conn.execute("SELECT version FROM schema_version")).fetchall()
+        kinds = await (
+            await conn.execute(
+                "SELECT column_name, data_type FROM information_schema.columns "
+                "WHERE table_name = 'tasks' AND column_name IN ('created_at', 'record')"
+            )
+        ).fetchall()
+    assert rows == [(1,)]
+    assert dict(kinds) == {"created_at": "timestamp with time zone", "record": "jsonb"}
+
+
+async def test_a_database_of_a_newer_version_is_refused(postgres_url: str) -> None:
+    await (await PostgresStore.open(postgres_url)).close()
+    async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as conn:
+        await conn.execute("INSERT INTO schema_version (version) VALUES (99)")
+    with pytest.raises(StorageError, match=r"newer gptunnel-mcp \(schema 99; this version reads up to 1\)"):
+        await PostgresStore.open(postgres_url)
+
+
+async def test_a_database_that_cannot_be_reached_is_one_line_without_the_password() -> None:
+    port = free_port()
+    with pytest.raises(StorageError) as caught:
+        await PostgresStore.open(f"postgresql://app:hunter2secret@127.0.0.1:{port}/history")
+    text = str(caught.value)
+    assert f"'history' at 127.0.0.1:{port}" in text and "GPTUNNEL_MCP_DATABASE_URL" in text
+    assert "hunter2secret" not in text and "\n" not in text
+
+
+def test_a_server_that_cannot_reach_its_database_says_so_in_one_line(home: Path) -> None:
+    port = free_port()
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "GPTUNNEL_API_KEY": API_KEY,
+        "GPTUNNEL_MCP_HOME": str(home),
+        "GPTUNNEL_MCP_DATABASE_URL": f"postgresql://app:hunter2secret@127.0.0.1:{port}/history",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "gptunnel_mcp"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gptunnel-mcp: cannot use the PostgreSQL database"), lines
+    assert f"127.0.0.1:{port}" in lines[0] and "hunter2secret" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("mysql://app:hunter2secret@db/history", "mysql://app:***@db/history"),
+        ("host=db password=hunter2secret", "host=db password=***"),
+    ],
+)
+def test_the_database_url_must_be_postgresql_and_its_password_is_never_shown(url: str, shown: str) -> None:
+    with environment({"GPTUNNEL_MCP_DATABASE_URL": url}), pytest.raises(ConfigError) as caught:
+        load_settings()
+    text = str(caught.value)
+    assert text.startswith("invalid GPTUNNEL_MCP_DATABASE_URL: ") and "postgresql://" in text
+    assert repr(shown) in text and "hunter2secret" not in text
+
+
+async def test_sqlite_needs_no_driver_and_postgresql_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, home: Path
+) -> None:
+    monkeypatch.setitem(sys.modules, "psycopg", None)
+    monkeypatch.delitem(sys.modules, "gptunnel_mcp._postgres")
+    with environment({"GPTUNNEL_MCP_HOME": str(home)}):
+        embedded = load_settings()
+    await (await open_store(embedded)).close()
+    with environment({"GPTUNNEL_MCP_HOME": str(home), "GPTUNNEL_MCP_DATABASE_URL": "postgresql://db/h"}):
+        shared = load_settings()
+    with pytest.raises(ConfigError, match=r"pip install 'gptunnel-mcp\[postgres\]'"):
+        await open_store(shared)
+
+
+# --- the server on PostgreSQL -----------------------------------------------------------------
+
+
+async def test_a_server_on_postgresql_stores_and_serves_an_image(
+    memory_server: ServerLauncher, standin: StandIn, postgres_url: str, home: Path
+) -> None:
+    standin.behaviour.generation_seconds = 0.1
+    async with memory_server.connect(GPTUNNEL_MCP_DATABASE_URL=postgres_url) as client:
+        made = await client.call_tool("generate_and_wait", {"prompt": "a fox on a shared database"})
+    assert not made.is_error, text_of(made)
+    data = structured(made)
+    assert data["status"] == "done" and Path(data["file_path"]).read_bytes() == standin.image_bytes(
+        data["task_id"]
+    )
+    # Another server on the database knows it, and answers without asking GPTunnel.
+    async with memory_server.connect(GPTUNNEL_MCP_DATABASE_URL=postgres_url) as client:
+        again = structured(await client.call_tool("get_result", {"task_id": data["task_id"]}))
+        listed = await client.read_resource("gptunnel://images")
+    assert again["status"] == "done" and again["sha256"] == data["sha256"]
+    assert data["task_id"] in listed.contents[0].text  # type: ignore[union-attr]
+    assert standin.stats.create_calls == 1
+    assert not (home / "history.sqlite3").exists()
+    async with await psycopg.AsyncConnection.connect(postgres_url) as conn:
+        row = await (await conn.execute("SELECT status, record->>'prompt' FROM tasks")).fetchall()
+    assert row == [("done", "a fox on a shared database")]
+
+
+@pytest.mark.standin(generation_seconds=60, image_size=(64, 64))
+async def test_a_cap_holds_across_servers_on_one_postgresql(
+    memory_server: ServerLauncher, standin: StandIn, postgres_url: str, tmp_path: Path
+) -> None:
+    # Each server with a home of its own: the database is all they share.
+    outcomes: list[CallToolResult] = []
+
+    async def batch(client: Client, name: str) -> None:
+        async def one(n: int) -> None:
+            outcomes.append(await client.call_tool("create_image", {"prompt": f"{name} {n}"}))
+
+        async with anyio.create_task_group() as tasks:
+            for n in range(4):
+                tasks.start_soon(one, n)
+
+    def replica(name: str) -> Any:
+        return memory_server.connect(
+            GPTUNNEL_MCP_HOME=str(tmp_path / name),
+            GPTUNNEL_MCP_DATABASE_URL=postgres_url,
+            GPTUNNEL_MAX_IMAGES_PER_DAY="3",
+        )
+
+    async with (
+        replica("one") as first,
+        replica("two") as second,
+        anyio.create_task_group() as tasks,
+    ):
+        tasks.start_soon(batch, first, "first")
+        tasks.start_soon(batch, second, "second")
+    assert standin.stats.create_calls == 3
+    refused = [text_of(r) for r in outcomes if r.is_error]
+    assert len(refused) == 5 and all("GPTUNNEL_MAX_IMAGES_PER_DAY" in text for text in refused)
