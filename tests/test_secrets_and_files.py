@@ -251,7 +251,7 @@ async def test_the_home_is_private_whatever_the_umask(open_standin: StandIn, hom
         # While the server runs, so that the history's -wal and -shm exist.
         modes = _modes(home)
     names = {Path(name).name for name in modes}
-    assert {"history.sqlite3", "history.sqlite3-wal", "server.secret", Path(done["file_path"]).name} <= names
+    assert {"history.sqlite3", "history.sqlite3-wal", Path(done["file_path"]).name} <= names
     assert not _not_private(modes, home), modes
 
 

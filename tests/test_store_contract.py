@@ -291,6 +291,42 @@ async def test_identical_admits_on_two_replicas_create_once(backend: Backend) ->
     assert sum(o.in_flight for o in outcomes) == 9
 
 
+# --- the server secret ------------------------------------------------------------------------
+
+
+async def test_the_server_secret_is_made_once_and_kept(backend: Backend) -> None:
+    async with backend.open() as store:
+        secret = await store.server_secret()
+        assert len(secret) == 32
+        assert await store.server_secret() == secret
+        # Once there is one, a secret to adopt changes nothing.
+        assert await store.server_secret(b"\x01" * 32) == secret
+    async with backend.open() as reopened:
+        assert await reopened.server_secret() == secret
+
+
+async def test_a_secret_to_adopt_becomes_the_secret_when_there_is_none(backend: Backend) -> None:
+    earlier = bytes(range(32))
+    async with backend.open() as store:
+        assert await store.server_secret(earlier) == earlier
+    async with backend.open() as other:
+        assert await other.server_secret() == earlier
+
+
+async def test_replicas_asking_first_at_once_share_one_secret(backend: Backend) -> None:
+    async with backend.open() as first, backend.open() as second:
+        seen: list[bytes] = []
+
+        async def ask(store: TaskStore, n: int) -> None:
+            # Each proposes a secret of its own: one wins, and every caller reads that one.
+            seen.append(await store.server_secret(bytes([n]) * 32))
+
+        async with anyio.create_task_group() as tasks:
+            for n in range(12):
+                tasks.start_soon(ask, (first, second)[n % 2], n)
+    assert len(seen) == 12 and len(set(seen)) == 1
+
+
 # --- PostgreSQL: schema, settings, failures ---------------------------------------------------
 
 
@@ -313,7 +349,7 @@ async def test_replicas_starting_together_migrate_once(postgres_url: str) -> Non
                 "WHERE table_name = 'tasks' AND column_name IN ('created_at', 'record')"
             )
         ).fetchall()
-    assert rows == [(1,)]
+    assert rows == [(1,), (2,)]
     assert dict(kinds) == {"created_at": "timestamp with time zone", "record": "jsonb"}
 
 
@@ -321,7 +357,7 @@ async def test_a_database_of_a_newer_version_is_refused(postgres_url: str) -> No
     await (await PostgresStore.open(postgres_url)).close()
     async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as conn:
         await conn.execute("INSERT INTO schema_version (version) VALUES (99)")
-    with pytest.raises(StorageError, match=r"newer gptunnel-mcp \(schema 99; this version reads up to 1\)"):
+    with pytest.raises(StorageError, match=r"newer gptunnel-mcp \(schema 99; this version reads up to 2\)"):
         await PostgresStore.open(postgres_url)
 
 

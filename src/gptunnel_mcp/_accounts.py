@@ -1,9 +1,9 @@
 """Who is calling: the account whose GPTunnel key pays for a call and whose history it sees.
 
 A single-user server has one account, owner "", with the configured key. A multi-user server
-has one per key; its owner is a keyed fingerprint (HMAC-SHA256 under a secret kept in the home
-folder), so the history can be scoped per user without ever storing a key, and a stolen
-database does not let anyone test guessed keys against it.
+has one per key; its owner is a keyed fingerprint (HMAC-SHA256 under the server secret, kept in
+the history so that every replica on it tells users apart alike), so the history can be scoped
+per user without ever storing a key or a plain hash of one.
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
-import os
-import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -21,7 +19,7 @@ from pathlib import Path
 
 from ._exceptions import AuthenticationError, ConfigError
 
-_SECRET_FILE = "server.secret"  # noqa: S105 - a file name, not a secret
+SECRET_FILE = "server.secret"  # noqa: S105 - a file name, not a secret
 
 
 @dataclass(frozen=True)
@@ -30,29 +28,24 @@ class Account:
     api_key: str | None = field(default=None, repr=False)
 
 
-def load_server_secret(home: Path) -> bytes:
-    """The server's secret, made once and shared by every process on this home. It keys the
-    users' fingerprints and the MCP task handles (each with its own prefix, so neither can stand
-    in for the other)."""
-    path = home / _SECRET_FILE
-    if not path.exists():
-        # Written aside, then linked into place: link fails if the name exists, so of several
-        # processes starting together exactly one secret wins, and none reads a half-written one.
-        draft = home / f".{_SECRET_FILE}.{secrets.token_hex(4)}"
-        try:
-            # Made private (0600) before its first byte, not after: no moment when others may read it.
-            with os.fdopen(os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
-                file.write(secrets.token_hex(32))
-            with contextlib.suppress(FileExistsError):
-                os.link(draft, path)
-        except OSError as exc:
-            raise ConfigError(f"cannot create {path} ({exc.strerror}); check GPTUNNEL_MCP_HOME") from None
-        finally:
-            draft.unlink(missing_ok=True)
-    secret = path.read_text().strip()
-    if len(secret) != 64:
-        raise ConfigError(f"{path} is damaged; delete it (users' histories will start anew)")
-    return bytes.fromhex(secret)
+def legacy_server_secret(home: Path) -> bytes | None:
+    """The secret earlier builds kept in the home folder (`server.secret`), if there is one: the
+    store adopts it when it has none yet, so the fingerprints and task handles made under it
+    stay valid. The file is left as it was, and never written again."""
+    path = home / SECRET_FILE
+    try:
+        secret = path.read_text().strip()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path} ({exc.strerror}); check GPTUNNEL_MCP_HOME") from None
+    if len(secret) == 64:
+        with contextlib.suppress(ValueError):
+            return bytes.fromhex(secret)
+    raise ConfigError(
+        f"{path} is damaged, so it cannot be taken as the server secret: delete it "
+        "(users' tasks and task handles made under it are then not found)"
+    )
 
 
 def account_for_key(secret: bytes, api_key: str) -> Account:
@@ -82,14 +75,18 @@ class Accounts:
     def __init__(
         self,
         default: Account,
-        secret: bytes | None,
+        secret: bytes,
         *,
+        multi_user: bool,
         ttl: float = 300.0,
         refusal_ttl: float = 60.0,
         size: int = 4096,
     ) -> None:
         self.default = default
-        self._secret = secret
+        #: The server secret: keys the users' fingerprints here, and the MCP task handles (each
+        #: with its own prefix, so neither can stand in for the other).
+        self.secret = secret
+        self._multi_user = multi_user
         self._ttl = ttl
         self._refusal_ttl = refusal_ttl
         self._size = size
@@ -98,12 +95,12 @@ class Accounts:
 
     @property
     def multi_user(self) -> bool:
-        return self._secret is not None
+        return self._multi_user
 
     def for_headers(self, headers: Mapping[str, str] | None) -> Account:
         """The account a request acts for. In multi-user mode the HTTP layer has already refused
         requests without a key it accepted, so a missing key here is a wiring error."""
-        if self._secret is None:
+        if not self._multi_user:
             return self.default
         key = bearer_token(headers)
         if key is None:
@@ -111,9 +108,9 @@ class Accounts:
         return self.for_key(key)
 
     def for_key(self, api_key: str) -> Account:
-        if self._secret is None:
+        if not self._multi_user:
             raise ConfigError("per-user keys are only taken in multi-user mode (GPTUNNEL_MCP_MULTI_USER=1)")
-        return account_for_key(self._secret, api_key)
+        return account_for_key(self.secret, api_key)
 
     def is_known(self, account: Account) -> bool:
         return _holds(self._accepted, account.owner)

@@ -152,14 +152,20 @@ class Engine:
         in_flight_for = self.settings.request_timeout * _QUICK_ATTEMPTS + self.backoff.cap * _QUICK_ATTEMPTS
         while True:
             now = utcnow()
-            admission = await self.store.admit(
-                owner,
-                request_key,
-                now=now,
-                reuse_since=None if new_image or window <= 0 else now - timedelta(seconds=window),
-                in_flight_since=now - timedelta(seconds=in_flight_for),
-                caps=caps,
-            )
+            try:
+                admission = await self.store.admit(
+                    owner,
+                    request_key,
+                    now=now,
+                    reuse_since=None if new_image or window <= 0 else now - timedelta(seconds=window),
+                    in_flight_since=now - timedelta(seconds=in_flight_for),
+                    caps=caps,
+                )
+            except StorageError as exc:
+                # Admission comes before anything is sent: say so, it is what a caller worries about.
+                raise StorageError(
+                    f"{exc.reason}. Nothing was sent to GPTunnel and nothing was charged"
+                ) from None
             if admission.cap is not None:
                 cap = admission.cap
                 raise QuotaExceededError(

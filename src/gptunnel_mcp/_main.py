@@ -26,6 +26,7 @@ _FLAGS = {
     "transport": "--transport",
     "host": "--host",
     "port": "--port",
+    "database_url": "--to",
 }
 
 
@@ -134,6 +135,24 @@ def _parser() -> argparse.ArgumentParser:
         help="check the configuration",
         description="Check the key, the balance, the data folder and GPTunnel's reachability; one line "
         "per check, OK or what to fix. Exit code 0 when all pass.",
+    )
+
+    migrate = commands.add_parser(
+        "migrate",
+        parents=[common],
+        help="copy the history into PostgreSQL, for replicas",
+        description="Copy every task (of every user) and the ledger of creates the caps count from this "
+        "home's SQLite history into a PostgreSQL database. Safe to run again: nothing is copied twice, "
+        "and nothing the database holds in a newer version is overwritten. The image files stay in the "
+        "home. Exit codes: 0 copied, 1 the copy failed (run it again to finish it), 2 bad usage or "
+        "configuration, or a history that cannot be opened.",
+    )
+    migrate.add_argument(
+        "--to",
+        dest="database_url",
+        metavar="URL",
+        help="postgresql://user:password@host:port/database (default: GPTUNNEL_MCP_DATABASE_URL, which "
+        "also keeps the password out of the process list)",
     )
     return parser
 

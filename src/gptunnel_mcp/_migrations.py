@@ -158,12 +158,19 @@ def _m005_creates(db: sqlite3.Connection) -> None:
     )
 
 
+def _m006_server_state(db: sqlite3.Connection) -> None:
+    """Values the whole server shares, by name: the server secret, which earlier builds kept in
+    the file `server.secret` beside the history (adopted from it on first use, by `_wiring`)."""
+    db.execute("CREATE TABLE server_state (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+
+
 SQLITE_MIGRATIONS: Sequence[Migration] = (
     _m001_tasks,
     _m002_request_key,
     _m003_model_duration,
     _m004_finish_bracket,
     _m005_creates,
+    _m006_server_state,
 )
 LATEST = len(SQLITE_MIGRATIONS)
 
@@ -200,6 +207,8 @@ POSTGRES_MIGRATIONS: Sequence[Sequence[str]] = (
         "CREATE INDEX creates_by_time ON creates (owner, made_at)",
         "CREATE INDEX creates_by_request ON creates (owner, request_key, state)",
     ),
+    # SQLite's 6: the server secret, shared by every replica.
+    ("CREATE TABLE server_state (key text PRIMARY KEY, value text NOT NULL)",),
 )
 POSTGRES_LATEST = len(POSTGRES_MIGRATIONS)
 

@@ -15,17 +15,19 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
+import anyio
+
 from ._exceptions import ConfigError, StorageError
 from ._migrations import POSTGRES_LATEST, POSTGRES_MIGRATIONS
 from ._records import TaskRecord
 from ._settings import mask_password
-from ._store import Admission, Cap, Settlement
+from ._store import Admission, Cap, LedgerEntry, Settlement
 
 try:
     import psycopg
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
     from psycopg.rows import TupleRow
-    from psycopg_pool import AsyncConnectionPool
+    from psycopg_pool import AsyncConnectionPool, PoolTimeout
 except ImportError as exc:
     raise ConfigError(
         f"GPTUNNEL_MCP_DATABASE_URL names a PostgreSQL database, but its driver is missing ({exc}): "
@@ -40,6 +42,10 @@ Connection = psycopg.AsyncConnection[TupleRow]
 _POOL_SIZE = 10
 #: How long to wait for the database to answer a connection, unless the URL says otherwise.
 _CONNECT_SECONDS = 10
+#: How long a call waits for a free connection, and a health check for its answer: store calls
+#: take milliseconds, so a wait this long means the database is gone (or the replica far past
+#: its capacity), and the caller is told so now rather than left hanging.
+_WAIT_SECONDS = 2
 
 
 def _lock_key(scope: str) -> int:
@@ -103,8 +109,10 @@ class PostgresStore:
 
     async def _run(self, fn: Callable[[Connection], Awaitable[_T]]) -> _T:
         try:
-            async with self._pool.connection() as conn:
+            async with self._pool.connection(timeout=_WAIT_SECONDS) as conn:
                 return await fn(conn)
+        except PoolTimeout:
+            raise await self._unavailable() from None
         except psycopg.Error as exc:
             raise StorageError(f"the history database {self._where} failed: {_one_line(exc)}") from None
 
@@ -233,6 +241,113 @@ class PostgresStore:
 
         await self._run(close)
 
+    async def import_tasks(self, records: Sequence[TaskRecord]) -> int:
+        """Take in tasks another store kept (`migrate`), as one transaction; how many were new
+        or changed. A task already here is replaced only by a newer version of itself (by its
+        `updated_at`), and, as `put` does, a done one only by a done one, except that a done
+        version always replaces one that is not: copying twice writes nothing twice, and never
+        undoes work the replicas did meanwhile."""
+
+        async def take(conn: Connection) -> int:
+            async with conn.transaction(), conn.cursor() as cursor:
+                await cursor.executemany(
+                    """INSERT INTO tasks
+                           (task_id, owner, status, created_at, request_key, model,
+                            finished_after, finished_by, record)
+                       VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb)
+                       ON CONFLICT (owner, task_id) DO UPDATE SET
+                           status = excluded.status, finished_after = excluded.finished_after,
+                           finished_by = excluded.finished_by,
+                           record = excluded.record
+                       WHERE (excluded.status = 'done' AND tasks.status <> 'done')
+                          OR ((tasks.status <> 'done' OR excluded.status = 'done')
+                              AND (excluded.record->>'updated_at')::timestamptz
+                                  > (tasks.record->>'updated_at')::timestamptz)""",
+                    [_row(record) for record in records],
+                )
+                return max(cursor.rowcount, 0)
+
+        return await self._run(take)
+
+    async def import_ledger(self, entries: Sequence[LedgerEntry]) -> int:
+        """Take in another store's ledger of creates (`migrate`), so that the caps count them;
+        how many entries were new or newly settled. An entry is known by its ticket: one copied
+        while its create was on its way takes the outcome when copied again."""
+
+        async def take(conn: Connection) -> int:
+            async with conn.transaction(), conn.cursor() as cursor:
+                await cursor.executemany(
+                    """INSERT INTO creates (ticket, owner, request_key, made_at, state, task_id)
+                       VALUES (%s, %s, %s, %s, %s, %s)
+                       ON CONFLICT (ticket) DO UPDATE SET state = excluded.state, task_id = excluded.task_id
+                       WHERE creates.state = 'sending' AND excluded.state <> 'sending'""",
+                    [
+                        (
+                            _text(entry.ticket),
+                            _text(entry.owner),
+                            _text(entry.request_key),
+                            _utc(entry.made_at),
+                            entry.state,
+                            None if entry.task_id is None else _text(entry.task_id),
+                        )
+                        for entry in entries
+                    ],
+                )
+                return max(cursor.rowcount, 0)
+
+        return await self._run(take)
+
+    async def server_secret(self, adopt: bytes | None = None) -> bytes:
+        async def read(conn: Connection) -> bytes | None:
+            row = await (await conn.execute("SELECT value FROM server_state WHERE key = 'secret'")).fetchone()
+            return None if row is None else bytes.fromhex(row[0])
+
+        async def make(conn: Connection) -> bytes:
+            # Autocommit, two statements: the insert waits for a replica inserting at the same
+            # moment and then does nothing, and the select, with a snapshot of its own, sees the
+            # secret that won.
+            await conn.execute(
+                "INSERT INTO server_state (key, value) VALUES ('secret', %s) ON CONFLICT (key) DO NOTHING",
+                ((adopt or secrets.token_bytes(32)).hex(),),
+            )
+            found = await read(conn)
+            assert found is not None
+            return found
+
+        found = await self._run(read)
+        return found if found is not None else await self._run(make)
+
+    async def ping(self) -> None:
+        # Through the pool, as the work goes: a database that answers is not enough while this
+        # replica's pool has no connection to it.
+        try:
+            with anyio.fail_after(_WAIT_SECONDS):
+                async with self._pool.connection(timeout=_WAIT_SECONDS) as conn:
+                    await conn.execute("SELECT 1")
+        except (psycopg.Error, TimeoutError):
+            raise await self._unavailable() from None
+
+    async def _unavailable(self) -> StorageError:
+        """Why no connection came in time, in the database's own words: the pool says only that
+        it waited. Asked on a connection of its own, within `_WAIT_SECONDS`."""
+        url = self._pool.conninfo
+        assert isinstance(url, str)  # `open` gives the pool its URL as text
+        password = str(conninfo_to_dict(url).get("password") or "")
+        try:
+            with anyio.fail_after(_WAIT_SECONDS):
+                await (await psycopg.AsyncConnection.connect(url)).close()
+        except psycopg.Error as exc:
+            reason = _one_line(exc, password)
+        except TimeoutError:
+            reason = f"no answer within {_WAIT_SECONDS} s"
+        else:
+            return StorageError(
+                f"the history database {self._where} answers, but none of this server's connections "
+                f"to it was free within {_WAIT_SECONDS} s (too many calls at once, or reconnecting "
+                "after an outage): try again shortly"
+            )
+        return StorageError(f"the history database {self._where} is unavailable ({reason})")
+
     async def close(self) -> None:
         await self._pool.close()
 
@@ -248,17 +363,22 @@ async def _put(conn: Connection, record: TaskRecord) -> None:
                finished_by = excluded.finished_by,
                record = excluded.record
            WHERE tasks.status <> 'done' OR excluded.status = 'done'""",
-        (
-            _text(record.task_id),
-            _text(record.owner),
-            record.status,
-            _utc(record.created_at),
-            _text(record.request_key),
-            _text(record.model),
-            record.finished_after,
-            record.finished_by,
-            _json(record),
-        ),
+        _row(record),
+    )
+
+
+def _row(record: TaskRecord) -> tuple[Any, ...]:
+    """`record` as the columns of `tasks`, in their order there."""
+    return (
+        _text(record.task_id),
+        _text(record.owner),
+        record.status,
+        _utc(record.created_at),
+        _text(record.request_key),
+        _text(record.model),
+        record.finished_after,
+        record.finished_by,
+        _json(record),
     )
 
 

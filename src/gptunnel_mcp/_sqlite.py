@@ -17,17 +17,25 @@ import anyio
 from ._exceptions import StorageError
 from ._migrations import immediate_transaction, migrate
 from ._records import TaskRecord
-from ._store import Admission, Cap, Settlement
+from ._store import Admission, Cap, LedgerEntry, Settlement
 
 _T = TypeVar("_T")
 
 #: How long to wait for another process's write lock before giving up.
 _BUSY_SECONDS = 30
+#: How long a health check waits for an answer.
+_PING_SECONDS = 2
 
 
 def _iso(moment: datetime) -> str:
     """One fixed-width UTC form, so that text order is time order in SQL comparisons."""
     return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f+00:00")
+
+
+def _moment(text: str) -> datetime:
+    # Tasks older than the ledger entered it with their record's time, which pydantic writes
+    # with "Z": Python reads that only from 3.11 on.
+    return datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
 
 
 def _open_error(path: Path, exc: sqlite3.Error) -> StorageError:
@@ -157,7 +165,7 @@ class SQLiteStore:
                     return Admission(in_flight=True)
             for cap in caps:
                 made = [
-                    datetime.fromisoformat(r[0])
+                    _moment(r[0])
                     for r in db.execute(
                         "SELECT made_at FROM creates WHERE owner = ? AND made_at > ? ORDER BY made_at",
                         (owner, _iso(now - cap.span)),
@@ -190,6 +198,64 @@ class SQLiteStore:
             )
 
         await self._run(lambda db: _immediately(db, close))
+
+    async def task_rows(self, *, after: int, limit: int) -> list[tuple[int, TaskRecord]]:
+        """Every owner's tasks in the order they were first stored, `limit` of them after position
+        `after` (0: from the start), each with its position: what `migrate` copies."""
+        rows = await self._run(
+            lambda db: db.execute(
+                "SELECT rowid, record FROM tasks WHERE rowid > ? ORDER BY rowid LIMIT ?", (after, limit)
+            ).fetchall()
+        )
+        return [(int(r[0]), TaskRecord.model_validate_json(r[1])) for r in rows]
+
+    async def ledger_rows(self, *, after: int, limit: int) -> list[tuple[int, LedgerEntry]]:
+        """The ledger of creates as `task_rows` gives the tasks."""
+        rows = await self._run(
+            lambda db: db.execute(
+                "SELECT rowid, ticket, owner, request_key, made_at, state, task_id FROM creates "
+                "WHERE rowid > ? ORDER BY rowid LIMIT ?",
+                (after, limit),
+            ).fetchall()
+        )
+        return [(int(r[0]), LedgerEntry(r[1], r[2], r[3], _moment(r[4]), r[5], r[6])) for r in rows]
+
+    async def has_users(self) -> bool:
+        """Whether any task belongs to a user of a multi-user server (an owner other than "")."""
+        row = await self._run(
+            lambda db: db.execute("SELECT 1 FROM tasks WHERE owner != '' LIMIT 1").fetchone()
+        )
+        return row is not None
+
+    async def server_secret(self, adopt: bytes | None = None) -> bytes:
+        def read(db: sqlite3.Connection) -> bytes | None:
+            row = db.execute("SELECT value FROM server_state WHERE key = 'secret'").fetchone()
+            return None if row is None else bytes.fromhex(row[0])
+
+        def make(db: sqlite3.Connection) -> bytes:
+            # Under the write lock: a process that got here first has made it, and it stands.
+            db.execute(
+                "INSERT OR IGNORE INTO server_state (key, value) VALUES ('secret', ?)",
+                ((adopt or secrets.token_bytes(32)).hex(),),
+            )
+            found = read(db)
+            assert found is not None
+            return found
+
+        # Read first: once it is made, a start takes no write lock for it.
+        found = await self._run(read)
+        return found if found is not None else await self._run(lambda db: _immediately(db, make))
+
+    async def ping(self) -> None:
+        # A read of the file, not only of SQLite's code; bounded, since the one slot may be held
+        # by a write waiting up to _BUSY_SECONDS for another process's lock.
+        with anyio.move_on_after(_PING_SECONDS):
+            await self._run(lambda db: db.execute("SELECT 1 FROM tasks LIMIT 1").fetchall())
+            return
+        raise StorageError(
+            f"the history database {self.path} did not answer within {_PING_SECONDS:g} s "
+            "(busy: another process may hold it locked)"
+        )
 
     async def close(self) -> None:
         await self._run(lambda db: db.close())

@@ -42,6 +42,19 @@ class Admission:
 Settlement = Literal["created", "refused", "unknown"]
 
 
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One create in the ledger, as `migrate` copies it from one store to another: `state` is
+    "sending" until the create is settled as "created" or "unknown" (refused ones leave it)."""
+
+    ticket: str
+    owner: str
+    request_key: str
+    made_at: datetime
+    state: str
+    task_id: str | None
+
+
 class TaskStore(Protocol):
     """One record per GPTunnel task, scoped by `owner` ("" for a single-user server), and the
     ledger of create requests that caps and reuse are decided on."""
@@ -84,6 +97,17 @@ class TaskStore(Protocol):
     async def settle(self, ticket: str, outcome: Settlement, record: TaskRecord | None = None) -> None:
         """Close a ticket: "created" stores `record` and ties it to the ticket in one step;
         "refused" frees the slot; "unknown" keeps it (the request may have cost money)."""
+        ...
+
+    async def server_secret(self, adopt: bytes | None = None) -> bytes:
+        """The server's secret (32 bytes), made on first use and the same for every process on
+        this store: of several asking first at once, one writes it and all read that one.
+        `adopt` is the value to make it, if none is stored yet (a secret from an earlier build)."""
+        ...
+
+    async def ping(self) -> None:
+        """One cheap round trip, answered within a few seconds: `StorageError` saying why (never
+        with a password) when the history cannot be used now. For health checks."""
         ...
 
     async def close(self) -> None: ...

@@ -1,9 +1,11 @@
 """The terminal front end: `generate`, `result`, `history` and `doctor` for people at a
-terminal, on the same engine, history and cache as the MCP tools, in their own words."""
+terminal, on the same engine, history and cache as the MCP tools, in their own words; and
+`migrate`, which copies the history into PostgreSQL."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -25,7 +27,7 @@ from ._engine import Engine
 from ._exceptions import ConfigError, GPTunnelMCPError, InputError, StorageError, TaskNotFoundError
 from ._records import StoredFile, TaskRecord
 from ._request import parse_image_request
-from ._settings import Settings
+from ._settings import Settings, mask_password
 from ._version import __version__
 from ._wiring import open_engine
 
@@ -35,6 +37,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PENDING = 0, 1, 2, 3
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
     """Run the command `args` names; the exit code. Errors are printed, never raised."""
+    if args.command == "migrate":
+        return _migrate(settings, from_flag=args.database_url is not None)
     try:
         # Before anything is sent: an image made and paid for deserves a place to go.
         out = _check_out(args.out) if getattr(args, "out", None) is not None else None
@@ -337,3 +341,66 @@ async def _doctor(engine: Engine) -> int:
             + ("" if balance.balance > 0 else ": top up the account before generating"),
         )
     return EXIT_OK if all(results) else EXIT_FAILED
+
+
+def _migrate(settings: Settings, *, from_flag: bool) -> int:
+    """Copy this home's SQLite history into the PostgreSQL database named by --to or
+    GPTUNNEL_MCP_DATABASE_URL. Anything that stops it before the copy begins is exit 2, as for
+    the server at start, as is a database whose server secret is not the history's; a copy that
+    fails on the way is exit 1 (running it again finishes it)."""
+    if settings.database_url is None:
+        return _fail(
+            "migrate copies the history into PostgreSQL: name the database with "
+            "--to postgresql://user:password@host:port/database, or set GPTUNNEL_MCP_DATABASE_URL",
+            EXIT_USAGE,
+        )
+    url, source_path = settings.database_url.get_secret_value(), settings.db_path
+    if not source_path.is_file():
+        return _fail(
+            f"there is no history to copy at {source_path}: point --home (or GPTUNNEL_MCP_HOME) at the "
+            "folder that holds history.sqlite3",
+            EXIT_USAGE,
+        )
+
+    def in_our_words(exc: GPTunnelMCPError) -> str:
+        text = explain(exc)
+        return text.replace("GPTUNNEL_MCP_DATABASE_URL", "--to") if from_flag else text
+
+    async def main() -> int:
+        from ._accounts import legacy_server_secret
+        from ._sqlite import SQLiteStore
+        from ._transfer import copy_history
+
+        async with contextlib.AsyncExitStack() as stores:
+            try:
+                from ._postgres import PostgresStore
+
+                source = SQLiteStore(source_path)
+                stores.push_async_callback(source.close)
+                target = await PostgresStore.open(url)
+                stores.push_async_callback(target.close)
+            except GPTunnelMCPError as exc:
+                return _fail(in_our_words(exc), EXIT_USAGE)
+            try:
+                done = await copy_history(source, target, legacy_secret=legacy_server_secret(settings.home))
+            except ConfigError as exc:
+                return _fail(in_our_words(exc), EXIT_USAGE)
+            except GPTunnelMCPError as exc:
+                return _fail(f"{in_our_words(exc)}; run migrate again to finish the copy", EXIT_FAILED)
+        print(
+            f"copied {done.tasks_copied} tasks and {done.ledger_copied} ledger entries "
+            f"from {source_path} to {mask_password(url)}"
+        )
+        there = (done.tasks_read - done.tasks_copied, done.ledger_read - done.ledger_copied)
+        if any(there):
+            print(f"({there[0]} tasks and {there[1]} ledger entries were there already, as new or newer)")
+        print(
+            f"The image files stay in {settings.images_dir}: every replica needs this home as its "
+            "GPTUNNEL_MCP_HOME (a shared volume) to serve them."
+        )
+        return EXIT_OK
+
+    try:
+        return anyio.run(main)
+    except KeyboardInterrupt:
+        return 130

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import anyio
 
-from ._accounts import Account, Accounts, load_server_secret
+from ._accounts import SECRET_FILE, Account, Accounts, legacy_server_secret
 from ._download import ImageDownloader
 from ._engine import Engine
 from ._files import ImageFolder
@@ -37,9 +37,32 @@ def check_store(settings: Settings) -> None:
     (`StorageError`, `ConfigError`) before it serves, not in a traceback from its first start."""
 
     async def check() -> None:
+        # A damaged secret file of an earlier build, too, is found now rather than by the lifespan.
+        legacy_server_secret(settings.home)
         await (await open_store(settings)).close()
 
     anyio.run(check)
+
+
+async def _open_history(settings: Settings) -> tuple[TaskStore, bytes]:
+    """The store, and the server secret it holds: made now, or adopted from the file an earlier
+    build kept in the home folder, so that the fingerprints and handles made under it stay valid."""
+    legacy = legacy_server_secret(settings.home)
+    store = await open_store(settings)
+    try:
+        secret = await store.server_secret(legacy)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await store.close()
+        raise
+    if legacy is not None and legacy != secret:
+        logger.warning(
+            "ignoring %s: the history already holds another server secret (made by another server "
+            "on it), which every server on it uses; task handles and multi-user tasks made under "
+            "the file's secret are not found. Delete the file to silence this warning",
+            settings.home / SECRET_FILE,
+        )
+    return store, secret
 
 
 @contextlib.asynccontextmanager
@@ -52,7 +75,6 @@ async def open_engine(
     if removed:
         logger.info("removed %d unfinished download(s) left by an earlier run", removed)
     key = settings.api_key.get_secret_value() if settings.api_key else None
-    secret = load_server_secret(settings.home) if settings.multi_user else None
     base_url, transport = settings.api_base, None
     if settings.sandbox:
         from ._sandbox import Sandbox
@@ -71,7 +93,7 @@ async def open_engine(
         transport=transport,
     )
     try:
-        store = await open_store(settings)
+        store, secret = await _open_history(settings)
     except BaseException:
         with anyio.CancelScope(shield=True):
             await client.aclose()
@@ -83,7 +105,7 @@ async def open_engine(
         folder=folder,
         client=client,
         downloader=downloader,
-        accounts=Accounts(Account(owner="", api_key=key), secret),
+        accounts=Accounts(Account(owner="", api_key=key), secret, multi_user=settings.multi_user),
         schedule=schedule or PollSchedule(),
         backoff=backoff or Backoff(),
     )

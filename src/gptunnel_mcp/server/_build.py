@@ -8,7 +8,6 @@ from contextlib import asynccontextmanager
 
 from mcp.server import MCPServer
 
-from .._accounts import load_server_secret
 from .._engine import Engine
 from .._schedule import Backoff, PollSchedule
 from .._settings import Settings
@@ -67,7 +66,7 @@ def build_server(
         instructions=INSTRUCTIONS,
         website_url="https://github.com/gptunnel-mcp/gptunnel-mcp",
         lifespan=lifespan,
-        extensions=[TasksExtension(load_server_secret(settings.home))],
+        extensions=[TasksExtension()],
     )
     check_sdk(server)
     listeners = AccountListeners()

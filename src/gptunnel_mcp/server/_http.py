@@ -47,7 +47,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .._accounts import bearer_token
 from .._engine import Engine
-from .._exceptions import AuthenticationError, GPTunnelMCPError
+from .._exceptions import AuthenticationError, GPTunnelMCPError, StorageError
 from .._schedule import Backoff, PollSchedule
 from .._settings import Settings
 from .._version import __version__
@@ -62,6 +62,8 @@ MAX_BODY = DEFAULT_MAX_REQUEST_BODY_SIZE
 KEY_CHECKS_AT_ONCE = 4
 #: The window in which refused credentials are counted per client address.
 FAILURE_WINDOW = 60.0
+#: How long /healthz reuses its last look at the database.
+HEALTH_MAX_AGE = 1.0
 
 _SESSION_HEADER = "mcp-session-id"
 _KEY_REFUSED = "GPTunnel does not accept this key"
@@ -403,19 +405,58 @@ def _jsonrpc_error(message: str, status: int, headers: dict[str, str] | None = N
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+class DatabaseHealth:
+    """Whether the history can be used, for /healthz: asked of the store at most once per
+    `max_age` seconds, by one probe while the others wait for its answer, so a storm of probes
+    costs the database one round trip a second."""
+
+    def __init__(self, engine: Callable[[], Engine], max_age: float = HEALTH_MAX_AGE) -> None:
+        self._engine = engine
+        self._max_age = max_age
+        self._lock = anyio.Lock()
+        self._checked = -math.inf
+        self._error: str | None = None
+
+    async def error(self) -> str | None:
+        """None when the database answered, else why it did not."""
+        async with self._lock:
+            if time.monotonic() - self._checked >= self._max_age:
+                try:
+                    await self._engine().store.ping()
+                    self._error = None
+                except StorageError as exc:
+                    self._error = exc.reason
+                self._checked = time.monotonic()
+            return self._error
+
+
 async def healthz(request: Request) -> Response:
-    if not getattr(request.state, _HEALTH_DETAILS, False):
-        return JSONResponse({"status": "ok"})
+    """200 while this server can take work; 503 when its database cannot be used, so that a
+    load balancer sends the work to another replica. Only callers who may use the server learn
+    more than the status."""
     settings: Settings = request.app.state.settings
+    health: DatabaseHealth = request.app.state.database
+    error = await health.error()
+    status, code = ("ok", 200) if error is None else ("unavailable", 503)
+    if not getattr(request.state, _HEALTH_DETAILS, False):
+        return JSONResponse({"status": status}, status_code=code)
+    database: dict[str, Any] = {
+        "backend": "sqlite" if settings.database_url is None else "postgresql",
+        "ok": error is None,
+    }
+    if error is not None:
+        database["error"] = error
     return JSONResponse(
         {
-            "status": "ok",
+            "status": status,
             "name": "gptunnel-mcp",
             "version": __version__,
             "multi_user": settings.multi_user,
             "auth": settings.has_http_auth,
             "sandbox": settings.sandbox,
-        }
+            "database": database,
+        },
+        status_code=code,
     )
 
 
@@ -435,6 +476,7 @@ def build_http_app(
         session_idle_timeout=settings.session_idle_timeout,
     )
     app.state.settings = settings
+    app.state.database = DatabaseHealth(slot.get)
     app.add_middleware(Gate, settings=settings, engine=slot.get)
     return app
 

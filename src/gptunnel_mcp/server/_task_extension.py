@@ -5,9 +5,10 @@ result after the wait, and follows it with `tasks/get` (and may `tasks/cancel`).
 client gets the synchronous call, unchanged.
 
 Each MCP task is a GPTunnel task of the history, so a restart forgets nothing, and any replica
-sharing the home can answer for it. The server keeps no job running for it: a `tasks/get`
-moves the task on by at most one upstream poll, when the poll plan says one is due, and its
-`pollIntervalMs` tells the client when to ask next.
+sharing the history can answer for it (its handle is keyed with the server secret the history
+holds). The server keeps no job running for it: a `tasks/get` moves the task on by at most one
+upstream poll, when the poll plan says one is due, and its `pollIntervalMs` tells the client
+when to ask next.
 """
 
 from __future__ import annotations
@@ -45,10 +46,6 @@ class TaskIdParams(RequestParams):
 class TasksExtension(Extension):
     identifier = EXTENSION
 
-    def __init__(self, secret: bytes) -> None:
-        #: Keys the task handles: GPTunnel ids are sequential, and a handle must not be guessable.
-        self._secret = secret
-
     def methods(self) -> list[MethodBinding]:
         return [
             MethodBinding("tasks/get", TaskIdParams, self._get),
@@ -70,18 +67,18 @@ class TasksExtension(Extension):
             outcome = await engine.create(request, account, new_image=args.new_image)
         except GPTunnelMCPError as exc:
             return error_result(exc)
-        return {"resultType": "task", **self._task(engine, outcome.record, poll_in=1.0)}
+        return {"resultType": "task", **_task(engine, outcome.record, poll_in=1.0)}
 
     async def _get(self, ctx: RequestContext, params: TaskIdParams) -> dict[str, Any]:
         engine = ctx.lifespan_context
         try:
-            record, poll_in = await engine.advance(self._gptunnel_id(params.task_id), self._account(ctx))
+            record, poll_in = await engine.advance(_gptunnel_id(engine, params.task_id), self._account(ctx))
         except TaskNotFoundError:
             raise _not_found() from None
         except GPTunnelMCPError as exc:
             # A failure of this poll, not of the task: the task stays working.
             raise MCPError(code=INTERNAL_ERROR, message=error_text(exc)) from None
-        body = self._task(engine, record, poll_in=poll_in)
+        body = _task(engine, record, poll_in=poll_in)
         if body["status"] == "completed":
             result = await tool_result(engine, record)
             body["result"] = result.model_dump(by_alias=True, mode="json", exclude_none=True)
@@ -93,17 +90,17 @@ class TasksExtension(Extension):
         return {"resultType": "complete"}
 
     async def _cancel(self, ctx: RequestContext, params: TaskIdParams) -> dict[str, Any]:
+        engine = ctx.lifespan_context
         try:
-            await ctx.lifespan_context.cancel(self._gptunnel_id(params.task_id), self._account(ctx))
+            await engine.cancel(_gptunnel_id(engine, params.task_id), self._account(ctx))
         except GPTunnelMCPError:
             raise _not_found() from None
         return {"resultType": "complete"}
 
     async def _find(self, ctx: RequestContext, params: TaskIdParams) -> TaskRecord:
+        engine = ctx.lifespan_context
         try:
-            return await ctx.lifespan_context.lookup(
-                self._gptunnel_id(params.task_id), self._account(ctx).owner
-            )
+            return await engine.lookup(_gptunnel_id(engine, params.task_id), self._account(ctx).owner)
         except GPTunnelMCPError:
             raise _not_found() from None
 
@@ -113,32 +110,40 @@ class TasksExtension(Extension):
         except GPTunnelMCPError:
             raise _not_found() from None
 
-    # --- handles ---------------------------------------------------------------------------
 
-    def handle(self, gptunnel_id: str) -> str:
-        tag = hmac.new(self._secret, b"mcp-task:" + gptunnel_id.encode(), hashlib.sha256).hexdigest()[:32]
-        return f"{gptunnel_id}-{tag}"
+# --- handles -------------------------------------------------------------------------------
 
-    def _gptunnel_id(self, handle: str) -> str:
-        gptunnel_id = handle.partition("-")[0]
-        if not is_task_id(gptunnel_id) or not hmac.compare_digest(handle, self.handle(gptunnel_id.lower())):
-            raise _not_found()
-        return gptunnel_id.lower()
 
-    def _task(self, engine: Engine, record: TaskRecord, *, poll_in: float) -> dict[str, Any]:
-        status, message = _status(engine, record)
-        task: dict[str, Any] = {
-            "taskId": self.handle(record.task_id),
-            "status": status,
-            "statusMessage": message,
-            "createdAt": _iso(record.created_at),
-            "lastUpdatedAt": _iso(record.updated_at),
-            # The history keeps every task; nothing expires on our side.
-            "ttlMs": None,
-        }
-        if status == "working":
-            task["pollIntervalMs"] = max(250, round(poll_in * 1000))
-        return task
+def task_handle(secret: bytes, gptunnel_id: str) -> str:
+    """The MCP task id for a GPTunnel task: keyed with the server secret, because GPTunnel ids are
+    sequential and a handle must not be guessable."""
+    tag = hmac.new(secret, b"mcp-task:" + gptunnel_id.encode(), hashlib.sha256).hexdigest()[:32]
+    return f"{gptunnel_id}-{tag}"
+
+
+def _gptunnel_id(engine: Engine, handle: str) -> str:
+    gptunnel_id = handle.partition("-")[0].lower()
+    if not is_task_id(gptunnel_id) or not hmac.compare_digest(
+        handle, task_handle(engine.accounts.secret, gptunnel_id)
+    ):
+        raise _not_found()
+    return gptunnel_id
+
+
+def _task(engine: Engine, record: TaskRecord, *, poll_in: float) -> dict[str, Any]:
+    status, message = _status(engine, record)
+    task: dict[str, Any] = {
+        "taskId": task_handle(engine.accounts.secret, record.task_id),
+        "status": status,
+        "statusMessage": message,
+        "createdAt": _iso(record.created_at),
+        "lastUpdatedAt": _iso(record.updated_at),
+        # The history keeps every task; nothing expires on our side.
+        "ttlMs": None,
+    }
+    if status == "working":
+        task["pollIntervalMs"] = max(250, round(poll_in * 1000))
+    return task
 
 
 def _status(engine: Engine, record: TaskRecord) -> tuple[str, str]:
