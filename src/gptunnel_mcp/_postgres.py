@@ -251,15 +251,8 @@ class PostgresStore:
         async def take(conn: Connection) -> int:
             async with conn.transaction(), conn.cursor() as cursor:
                 await cursor.executemany(
-                    """INSERT INTO tasks
-                           (task_id, owner, status, created_at, request_key, model,
-                            finished_after, finished_by, record)
-                       VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb)
-                       ON CONFLICT (owner, task_id) DO UPDATE SET
-                           status = excluded.status, finished_after = excluded.finished_after,
-                           finished_by = excluded.finished_by,
-                           record = excluded.record
-                       WHERE (excluded.status = 'done' AND tasks.status <> 'done')
+                    _UPSERT_TASK
+                    + """(excluded.status = 'done' AND tasks.status <> 'done')
                           OR ((tasks.status <> 'done' OR excluded.status = 'done')
                               AND (excluded.record->>'updated_at')::timestamptz
                                   > (tasks.record->>'updated_at')::timestamptz)""",
@@ -352,17 +345,19 @@ class PostgresStore:
         await self._pool.close()
 
 
+#: Insert a task, or update it where the condition appended after WHERE allows.
+_UPSERT_TASK = """INSERT INTO tasks
+       (task_id, owner, status, created_at, request_key, model, finished_after, finished_by, record)
+   VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb)
+   ON CONFLICT (owner, task_id) DO UPDATE SET
+       status = excluded.status, finished_after = excluded.finished_after,
+       finished_by = excluded.finished_by, record = excluded.record
+   WHERE """
+
+
 async def _put(conn: Connection, record: TaskRecord) -> None:
     await conn.execute(
-        """INSERT INTO tasks
-               (task_id, owner, status, created_at, request_key, model,
-                finished_after, finished_by, record)
-           VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb)
-           ON CONFLICT (owner, task_id) DO UPDATE SET
-               status = excluded.status, finished_after = excluded.finished_after,
-               finished_by = excluded.finished_by,
-               record = excluded.record
-           WHERE tasks.status <> 'done' OR excluded.status = 'done'""",
+        _UPSERT_TASK + "tasks.status <> 'done' OR excluded.status = 'done'",
         _row(record),
     )
 
