@@ -142,16 +142,7 @@ class ServerLauncher:
                 async with Client(server, mode=mode, cache=None, extensions=extensions) as client:
                     yield client
                 return
-            async with (
-                serve_http(settings) as url,
-                http_client(url, token) as http,
-                Client(
-                    streamable_http_client(url, http_client=http),
-                    mode=mode,
-                    cache=None,
-                    extensions=extensions,
-                ) as client,
-            ):
+            async with serve_http(settings) as url, mcp_client(url, token, mode, extensions) as client:
                 yield client
         finally:
             root.removeHandler(handler)
@@ -237,15 +228,7 @@ class ProcessLauncher:
                 async with Client(transport, mode=mode, cache=None) as client:
                     yield client
                 return
-            async with (
-                self.http_server(errlog, **env) as url,
-                http_client(url, token) as http,
-                Client(
-                    streamable_http_client(url, http_client=http),
-                    mode=mode,
-                    cache=None,
-                ) as client,
-            ):
+            async with self.http_server(errlog, **env) as url, mcp_client(url, token, mode) as client:
                 yield client
 
     @contextlib.asynccontextmanager
@@ -272,6 +255,34 @@ async def http_client(url: str, token: str | None) -> AsyncIterator[httpx2.Async
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     async with httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30, read=120)) as client:
         yield client
+
+
+@contextlib.asynccontextmanager
+async def mcp_client(
+    url: str,
+    token: str | None = None,
+    mode: str = "auto",
+    extensions: Sequence[ClientExtension] | None = None,
+) -> AsyncIterator[Client]:
+    """The official client over streamable HTTP, sending `token` as its bearer."""
+    async with (
+        http_client(url, token) as http,
+        Client(
+            streamable_http_client(url, http_client=http),
+            mode=mode,
+            cache=None,
+            extensions=extensions,
+        ) as client,
+    ):
+        yield client
+
+
+#: A multi-user HTTP server: no key of its own, each client brings theirs.
+MULTI_USER: dict[str, str | None] = {
+    "GPTUNNEL_API_KEY": None,
+    "GPTUNNEL_MCP_MULTI_USER": "1",
+    "GPTUNNEL_MCP_TRANSPORT": "http",
+}
 
 
 #: Headers of a raw streamable-HTTP request, for tests below the official client.

@@ -30,7 +30,6 @@ import anyio
 import httpx2
 import pytest
 from mcp import Client
-from mcp.client.streamable_http import streamable_http_client
 from mcp_types import BlobResourceContents, ResourceTemplateReference, TextResourceContents
 
 import gptunnel_mcp
@@ -42,10 +41,11 @@ from gptunnel_mcp._main import main
 from .conftest import (
     API_KEY,
     MCP_HEADERS,
+    MULTI_USER,
     ServerLauncher,
     environment,
-    http_client,
     initialize_request,
+    mcp_client,
     serve_http,
     structured,
     text_of,
@@ -63,11 +63,6 @@ KEY_B = "sk-user-B-8a3f6e0d27c9"
 #: A well-formed task id no one ever created.
 NEVER = "0123456789abcdef01234567"
 
-MULTI_USER: dict[str, str | None] = {
-    "GPTUNNEL_API_KEY": None,
-    "GPTUNNEL_MCP_MULTI_USER": "1",
-    "GPTUNNEL_MCP_TRANSPORT": "http",
-}
 
 INITIALIZE = initialize_request("security-test")
 
@@ -113,15 +108,6 @@ def server_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
 def serve(launcher: ServerLauncher, **env: str | None) -> contextlib.AbstractAsyncContextManager[str]:
     """One server's HTTP app, configured by these environment variables; yields its /mcp URL."""
     return serve_http(launcher.settings(**env))
-
-
-@contextlib.asynccontextmanager
-async def connect(url: str, token: str | None = None, mode: str = "auto") -> AsyncIterator[Client]:
-    async with (
-        http_client(url, token) as http,
-        Client(streamable_http_client(url, http_client=http), mode=mode, cache=None) as client,
-    ):
-        yield client
 
 
 def base_of(url: str) -> str:
@@ -266,7 +252,7 @@ async def test_dns_rebinding_guard_is_on_by_default(
         assert_initialized(await post_initialize(raw, url, {"Origin": f"http://localhost:{port}"}))
         assert_initialized(await post_initialize(raw, url, {"Host": f"localhost:{port}"}))
         # The official client (loopback Host, no Origin) works.
-        async with connect(url) as client:
+        async with mcp_client(url) as client:
             assert "generate_and_wait" in {t.name for t in (await client.list_tools()).tools}
 
 
@@ -433,7 +419,7 @@ async def test_auth_token_guards_mcp_and_never_reaches_the_log(
         )
 
         for mode in MODES:
-            async with connect(url, AUTH_TOKEN, mode) as client:
+            async with mcp_client(url, AUTH_TOKEN, mode) as client:
                 tools = {t.name for t in (await client.list_tools()).tools}
                 assert {"create_image", "get_result", "generate_and_wait"} <= tools
                 result = await client.call_tool("generate_and_wait", {"prompt": f"behind a token ({mode})"})
@@ -459,8 +445,8 @@ async def test_users_see_only_their_own_tasks(
     ref = ResourceTemplateReference(uri="gptunnel://images/{task_id}")
     async with (
         serve(multi_launcher, **MULTI_USER) as url,
-        connect(url, KEY_A, mode) as alice,
-        connect(url, KEY_B, mode) as bob,
+        mcp_client(url, KEY_A, mode) as alice,
+        mcp_client(url, KEY_B, mode) as bob,
     ):
         a = structured(await alice.call_tool("generate_and_wait", {"prompt": "alice's secret garden"}))
         assert a["status"] == "done"
@@ -528,8 +514,8 @@ async def test_upstream_gets_each_users_own_key_and_storage_gets_none(
 ) -> None:
     async with (
         serve(multi_launcher, **MULTI_USER) as url,
-        connect(url, KEY_A) as alice,
-        connect(url, KEY_B, "legacy") as bob,
+        mcp_client(url, KEY_A) as alice,
+        mcp_client(url, KEY_B, "legacy") as bob,
     ):
         for client, key in ((alice, KEY_A), (bob, KEY_B)):
             open_standin.stats = Stats()
@@ -571,7 +557,7 @@ async def test_keys_are_checked_once_with_gptunnel_and_refused_when_it_says_no(
             standin.stats = Stats()
             made: list[str] = []
             for mode in MODES:
-                async with connect(url, "only-this", mode) as client:
+                async with mcp_client(url, "only-this", mode) as client:
                     await client.list_tools()
                     await client.list_resources()
                     assert await history_ids(client) == made[::-1]
@@ -596,7 +582,7 @@ async def test_users_keys_are_never_stored_logged_or_returned(
     ref = ResourceTemplateReference(uri="gptunnel://images/{task_id}/file")
     async with serve(multi_launcher, **MULTI_USER) as url:
         for mode in MODES:
-            async with connect(url, KEY_A, mode) as alice, connect(url, KEY_B, mode) as bob:
+            async with mcp_client(url, KEY_A, mode) as alice, mcp_client(url, KEY_B, mode) as bob:
                 for client in (alice, bob):
                     prompt = f"keys stay secret {mode} {len(received)}"
                     done = await client.call_tool("generate_and_wait", {"prompt": prompt})
@@ -639,8 +625,8 @@ async def test_list_changed_notices_reach_only_the_user_whose_list_changed(
 ) -> None:
     async with (
         serve(multi_launcher, **MULTI_USER) as url,
-        connect(url, KEY_A) as alice,
-        connect(url, KEY_B) as bob,
+        mcp_client(url, KEY_A) as alice,
+        mcp_client(url, KEY_B) as bob,
     ):
         assert alice.protocol_version == bob.protocol_version == "2026-07-28"
         async with (
@@ -680,7 +666,7 @@ async def test_servers_sharing_a_home_share_the_history(
     # processes share is the folder and the database, and that is what this exercises.
     results: dict[str, list[dict[str, Any]]] = {"one": [], "two": []}
     async with serve(launcher) as url_one, serve(launcher) as url_two:
-        async with connect(url_one, mode="auto") as one, connect(url_two, mode="legacy") as two:
+        async with mcp_client(url_one, mode="auto") as one, mcp_client(url_two, mode="legacy") as two:
 
             async def generate(client: Client, name: str, i: int) -> None:
                 result = await client.call_tool("generate_and_wait", {"prompt": f"{name} #{i}"})
@@ -709,7 +695,7 @@ async def test_servers_sharing_a_home_share_the_history(
 
         # A task started through server one is finished and served through server two, by a
         # 2026-07-28 client: no session ties it to the server that created it.
-        async with connect(url_one, mode="auto") as one, connect(url_two, mode="auto") as two:
+        async with mcp_client(url_one, mode="auto") as one, mcp_client(url_two, mode="auto") as two:
             assert two.protocol_version == "2026-07-28"
             made_in_one = results["one"][0]
             again = await two.call_tool("get_result", {"task_id": made_in_one["task_id"]})

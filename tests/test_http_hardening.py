@@ -31,6 +31,7 @@ from gptunnel_mcp._main import main
 from .conftest import (
     API_KEY,
     MCP_HEADERS,
+    MULTI_USER,
     ServerLauncher,
     environment,
     http_client,
@@ -44,11 +45,6 @@ pytestmark = pytest.mark.anyio
 #: The one key the stand-in takes in the multi-user tests.
 GOOD_KEY = "sk-the-only-good-key-7c2e41"
 TOKEN = "a-strong-token-5e1f9b2d"
-MULTI_USER: dict[str, str | None] = {
-    "GPTUNNEL_API_KEY": None,
-    "GPTUNNEL_MCP_MULTI_USER": "1",
-    "GPTUNNEL_MCP_TRANSPORT": "http",
-}
 INITIALIZE = initialize_request("hardening-test")
 
 

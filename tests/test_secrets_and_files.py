@@ -4,18 +4,16 @@ user's images are stored apart; everything the server writes under its home is p
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import os
 import stat
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 from mcp import Client
-from mcp.client.streamable_http import streamable_http_client
 from mcp_types import BlobResourceContents
 
 from gptunnel_mcp import GPTunnelMCPError, ImageRequest, StorageError
@@ -24,7 +22,7 @@ from gptunnel_mcp._httpx import httpx
 from gptunnel_mcp._records import StoredFile
 from gptunnel_mcp._upstream import GPTunnelClient
 
-from .conftest import ServerLauncher, http_client, serve_http, structured
+from .conftest import MULTI_USER, ServerLauncher, mcp_client, serve_http, structured
 from .standin import Behaviour, StandIn
 
 # --- the key, echoed by GPTunnel where an error text cuts it --------------------------------------
@@ -124,11 +122,6 @@ def test_an_answer_nested_too_deep_is_a_clear_error(depth: int) -> None:
 
 # --- each user's images apart ---------------------------------------------------------------------
 
-MULTI_USER: dict[str, str | None] = {
-    "GPTUNNEL_API_KEY": None,
-    "GPTUNNEL_MCP_MULTI_USER": "1",
-    "GPTUNNEL_MCP_TRANSPORT": "http",
-}
 KEY_A = "sk-user-A-5d2e9b7c41f0"
 KEY_B = "sk-user-B-8a3f6e0d27c9"
 SAME_ID = "6a1b2c3d4e5f60718293a4b5"
@@ -139,15 +132,6 @@ def open_standin() -> Iterator[StandIn]:
     """Accepts any key: the users of a multi-user server."""
     with StandIn(api_key=None, behaviour=Behaviour(generation_seconds=0.05, image_size=(320, 240))) as s:
         yield s
-
-
-@contextlib.asynccontextmanager
-async def _user(url: str, key: str) -> AsyncIterator[Client]:
-    async with (
-        http_client(url, key) as http,
-        Client(streamable_http_client(url, http_client=http), cache=None) as client,
-    ):
-        yield client
 
 
 async def _read_blob(client: Client, uri: str) -> bytes:
@@ -162,7 +146,7 @@ async def test_two_users_given_the_same_task_id_each_keep_their_own_image(
 ) -> None:
     open_standin.behaviour.fixed_task_id = SAME_ID
     settings = ServerLauncher(open_standin, home).settings(**MULTI_USER)
-    async with serve_http(settings) as url, _user(url, KEY_A) as alice, _user(url, KEY_B) as bob:
+    async with serve_http(settings) as url, mcp_client(url, KEY_A) as alice, mcp_client(url, KEY_B) as bob:
         a = structured(await alice.call_tool("generate_and_wait", {"prompt": "alice's secret garden"}))
         alices = open_standin.image_bytes(SAME_ID)
         b = structured(await bob.call_tool("generate_and_wait", {"prompt": "bob's noisy garage"}))
@@ -245,7 +229,7 @@ def _not_private(modes: dict[str, str], top: Path) -> dict[str, str]:
 @pytest.mark.usefixtures("umask_022")
 async def test_the_home_is_private_whatever_the_umask(open_standin: StandIn, home: Path) -> None:
     settings = ServerLauncher(open_standin, home).settings(**MULTI_USER)
-    async with serve_http(settings) as url, _user(url, KEY_A) as alice:
+    async with serve_http(settings) as url, mcp_client(url, KEY_A) as alice:
         done = structured(await alice.call_tool("generate_and_wait", {"prompt": "my private diary"}))
         assert done["status"] == "done"
         # While the server runs, so that the history's -wal and -shm exist.

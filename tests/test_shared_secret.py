@@ -9,7 +9,7 @@ import json
 import logging
 import os
 import stat
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -17,8 +17,6 @@ import anyio
 import psycopg
 import pytest
 from mcp import Client
-from mcp.client.extension import ClientExtension
-from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
 from gptunnel_mcp._accounts import account_for_key
@@ -30,17 +28,12 @@ from gptunnel_mcp._store import TaskStore
 from gptunnel_mcp._wiring import check_store, open_engine
 from gptunnel_mcp.server._task_extension import task_handle
 
-from .conftest import ServerLauncher, http_client, serve_http, structured, text_of
+from .conftest import MULTI_USER, ServerLauncher, mcp_client, serve_http, structured, text_of
 from .standin import Behaviour, StandIn
 from .test_task_extension import ClientTasks, CreateTaskResult, call_claimed, follow, get_task
 
 pytestmark = pytest.mark.anyio
 
-MULTI_USER: dict[str, str | None] = {
-    "GPTUNNEL_API_KEY": None,
-    "GPTUNNEL_MCP_MULTI_USER": "1",
-    "GPTUNNEL_MCP_TRANSPORT": "http",
-}
 KEY_A = "sk-user-A-3c81f0e92d47"
 KEY_B = "sk-user-B-71d5a2c06e98"
 #: A secret an earlier build wrote to `server.secret`.
@@ -53,17 +46,6 @@ def open_standin() -> Iterator[StandIn]:
     """Accepts any key: the users of a multi-user server."""
     with StandIn(api_key=None, behaviour=Behaviour(generation_seconds=0.2, image_size=(320, 240))) as s:
         yield s
-
-
-@contextlib.asynccontextmanager
-async def user(
-    url: str, key: str, extensions: Sequence[ClientExtension] | None = None
-) -> AsyncIterator[Client]:
-    async with (
-        http_client(url, key) as http,
-        Client(streamable_http_client(url, http_client=http), cache=None, extensions=extensions) as client,
-    ):
-        yield client
 
 
 def replica(standin: StandIn, home: Path, **env: str | None) -> contextlib.AbstractAsyncContextManager[str]:
@@ -92,9 +74,9 @@ async def test_replicas_with_homes_of_their_own_share_users_and_task_handles(
     async with (
         replica(open_standin, tmp_path / "a", **db) as a,
         replica(open_standin, tmp_path / "b", **db) as b,
-        user(a, KEY_A) as alice_on_a,
-        user(b, KEY_A) as alice_on_b,
-        user(b, KEY_B) as bob_on_b,
+        mcp_client(a, KEY_A) as alice_on_a,
+        mcp_client(b, KEY_A) as alice_on_b,
+        mcp_client(b, KEY_B) as bob_on_b,
     ):
         made = structured(
             await alice_on_a.call_tool("create_image", {"prompt": "a fox seen by two replicas"})
@@ -116,7 +98,10 @@ async def test_replicas_with_homes_of_their_own_share_users_and_task_handles(
             await record_of(bob_on_b, task_id)
 
         # An MCP task handle issued by one replica is followed through the other.
-        async with user(a, KEY_A, [ClientTasks()]) as tasks_on_a, user(b, KEY_A) as tasks_on_b:
+        async with (
+            mcp_client(a, KEY_A, extensions=[ClientTasks()]) as tasks_on_a,
+            mcp_client(b, KEY_A) as tasks_on_b,
+        ):
             created = await call_claimed(tasks_on_a, {"prompt": "a handle for any replica"})
             assert isinstance(created, CreateTaskResult), created
             final = await follow(tasks_on_b, created, [])
@@ -160,7 +145,7 @@ async def test_the_secret_file_of_an_earlier_build_is_adopted(
     await store.close()
 
     async def sees_it(url: str) -> None:
-        async with user(url, KEY_A, [ClientTasks()]) as alice, user(url, KEY_B) as bob:
+        async with mcp_client(url, KEY_A, extensions=[ClientTasks()]) as alice, mcp_client(url, KEY_B) as bob:
             assert (await record_of(alice, TASK_ID))["prompt"] == "made before the upgrade"
             assert (await get_task(alice, handle)).status == "completed"
             with pytest.raises(MCPError, match="not found"):
