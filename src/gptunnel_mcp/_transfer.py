@@ -11,8 +11,9 @@ place in the images folder, which stays in the home.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from ._exceptions import ConfigError
 
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 #: Rows read and written per round trip: large enough that round trips do not dominate, small
 #: enough that a history of any size is never held in memory at once.
 _BATCH = 500
+_Row = TypeVar("_Row")
 
 
 @dataclass(frozen=True)
@@ -54,16 +56,19 @@ async def copy_history(
             "secret: on the database their keys would not find them. Nothing was copied: copy into a "
             "database no server has used yet, before starting the replicas on it"
         )
-    tasks_read = tasks_copied = 0
-    after = 0
-    while rows := await source.task_rows(after=after, limit=_BATCH):
-        tasks_copied += await target.import_tasks([record for _, record in rows])
-        tasks_read += len(rows)
-        after = rows[-1][0]
-    ledger_read = ledger_copied = 0
-    after = 0
-    while entries := await source.ledger_rows(after=after, limit=_BATCH):
-        ledger_copied += await target.import_ledger([entry for _, entry in entries])
-        ledger_read += len(entries)
-        after = entries[-1][0]
+    tasks_read, tasks_copied = await _copy(source.task_rows, target.import_tasks)
+    ledger_read, ledger_copied = await _copy(source.ledger_rows, target.import_ledger)
     return Transfer(tasks_read, tasks_copied, ledger_read, ledger_copied)
+
+
+async def _copy(
+    read: Callable[..., Awaitable[list[tuple[int, _Row]]]], write: Callable[[list[_Row]], Awaitable[int]]
+) -> tuple[int, int]:
+    """Page through the source's rows in order of their position (`after` the last one read), and
+    write each page: how many rows were read, and how many of them written."""
+    read_count = written = after = 0
+    while rows := await read(after=after, limit=_BATCH):
+        written += await write([row for _, row in rows])
+        read_count += len(rows)
+        after = rows[-1][0]
+    return read_count, written
