@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import anyio
 
 from . import _netguard
-from ._exceptions import DownloadError, TransientUpstreamError
+from ._exceptions import DownloadError, FlakyLinkError, TransientUpstreamError
 from ._files import ImageFolder
 from ._records import StoredFile
 from ._schedule import parse_retry_after
@@ -31,12 +31,6 @@ MAX_REDIRECTS = 5
 MAX_URL_CHARS = 4096
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
-
-
-class FlakyLinkError(TransientUpstreamError):
-    """A failure of the link itself that may pass (its body broke off, its name does not
-    resolve): worth another try, but it counts towards the task's failed downloads, as a link
-    that always fails this way is broken."""
 
 
 class ImageDownloader:

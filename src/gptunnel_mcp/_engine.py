@@ -21,9 +21,10 @@ import anyio
 
 from ._accounts import Account, Accounts
 from ._catalog import check_options
-from ._download import FlakyLinkError, ImageDownloader, keepable_link
+from ._download import ImageDownloader, keepable_link
 from ._exceptions import (
     DownloadError,
+    FlakyLinkError,
     GPTunnelMCPError,
     ImageNotReadyError,
     MissingKeyError,

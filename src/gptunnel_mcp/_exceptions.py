@@ -124,6 +124,12 @@ class TransientUpstreamError(UpstreamError):
         self.retry_after = retry_after
 
 
+class FlakyLinkError(TransientUpstreamError):
+    """A failure of the link itself that may pass (its body broke off, its name does not
+    resolve): worth another try, but it counts towards the task's failed downloads, as a link
+    that always fails this way is broken."""
+
+
 class UnknownCreateOutcomeError(UpstreamError):
     """A create request may or may not have reached GPTunnel; retrying it could charge twice."""
 
