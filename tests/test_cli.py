@@ -328,7 +328,7 @@ def test_errors_are_told_in_terminal_words(
     malformed = gptunnel("result", "not-a-task")
     assert malformed.code == 2 and "24 hexadecimal characters" in malformed.err
     pending_task(gptunnel, standin, "a cat")
-    reused = gptunnel("generate", "a cat", "--wait-timeout", "0.2")
+    reused = gptunnel("generate", "a cat", "--wait-timeout", "10")
     assert reused.code == 0 and "(--new for a fresh image)" in reused.err
     monkeypatch.setenv("GPTUNNEL_MAX_IMAGES_PER_HOUR", "1")
     capped = gptunnel("generate", "a dog")

@@ -82,6 +82,15 @@ CREATE INDEX IF NOT EXISTS tasks_by_time ON tasks (owner, created_at DESC);
 CREATE INDEX IF NOT EXISTS tasks_by_request ON tasks (owner, request_key, created_at DESC);
 CREATE INDEX IF NOT EXISTS tasks_by_model ON tasks (model, created_at DESC) WHERE finished_by IS NOT NULL;
 """  # 473c78f to 83b02cb
+#: The tasks table now: leases came with migration 7.
+LEASED_SCHEMA = (
+    TODAY_SCHEMA
+    + """
+ALTER TABLE tasks ADD COLUMN lease_holder TEXT;
+ALTER TABLE tasks ADD COLUMN lease_until TEXT;
+CREATE INDEX tasks_pending ON tasks (created_at) WHERE status = 'pending';
+"""
+)
 
 FOX_ID = "65a1b2c3d4e5f60718293a4b"
 # What dabe035 wrote for a finished task: `created_at.isoformat()` in the column, its TaskRecord as JSON.
@@ -325,7 +334,7 @@ def test_every_history_ends_at_todays_schema(tmp_path: Path, build: str) -> None
         migrate(db)
         migrated = schema(db)
     with raw(tmp_path / "today.db") as db:
-        db.executescript(TODAY_SCHEMA)
+        db.executescript(LEASED_SCHEMA)
         assert migrated == schema(db)
 
 

@@ -20,6 +20,7 @@ from mcp_types import CallToolResult
 
 from gptunnel_mcp import load_settings
 from gptunnel_mcp._exceptions import ConfigError, StorageError
+from gptunnel_mcp._migrations import POSTGRES_LATEST
 from gptunnel_mcp._postgres import PostgresStore
 from gptunnel_mcp._records import TaskRecord
 from gptunnel_mcp._sqlite import SQLiteStore
@@ -330,6 +331,84 @@ async def test_replicas_asking_first_at_once_share_one_secret(backend: Backend) 
 # --- PostgreSQL: schema, settings, failures ---------------------------------------------------
 
 
+# --- leases -----------------------------------------------------------------------------------
+
+
+async def test_a_lease_is_one_holders_until_it_runs_out(backend: Backend) -> None:
+    async with backend.open() as one, backend.open() as two:
+        await one.put(task(1, created_at=datetime.now(timezone.utc)))
+        first = await one.claim(f"{1:024x}", "", "a", seconds=60)
+        assert first is not None and first.held and first.record.task_id == f"{1:024x}"
+        # Another holder, on another replica, is refused while it lasts; the holder renews it.
+        refused = await two.claim(f"{1:024x}", "", "b", seconds=60)
+        assert refused is not None and not refused.held and refused.record == first.record
+        renewed = await two.claim(f"{1:024x}", "", "a", seconds=0)
+        assert renewed is not None and renewed.held
+        # Run out (renewed for no time at all): anyone may take it.
+        taken = await two.claim(f"{1:024x}", "", "b", seconds=60)
+        assert taken is not None and taken.held
+        assert await one.claim(f"{2:024x}", "", "a", seconds=60) is None
+        assert await one.claim(f"{1:024x}", "alice", "a", seconds=60) is None
+
+
+async def test_a_finished_task_is_never_leased(backend: Backend) -> None:
+    async with backend.open() as store:
+        await store.put(task(1, status="failed", created_at=datetime.now(timezone.utc)))
+        claim = await store.claim(f"{1:024x}", "", "a", seconds=60)
+        assert claim is not None and not claim.held and claim.record.status == "failed"
+
+
+async def test_leases_renew_the_holders_and_adopt_the_dead_ones_orphans(backend: Backend) -> None:
+    now = datetime.now(timezone.utc)
+    recent = {"created_at": now - timedelta(minutes=5)}
+    async with backend.open() as store:
+        await store.put(task(1, **recent))  # held by "a"
+        await store.put(task(2, **recent))  # held by "dead", run out
+        await store.put(task(3, **recent))  # held by "alive"
+        await store.put(task(4, **recent))  # never held
+        await store.put(task(5, owner="alice", **recent))  # a user whose key "a" does not have
+        await store.put(task(6, **recent, cancelled_at=now))
+        await store.put(task(7, created_at=now - timedelta(days=3)))  # past any link's life
+        await store.put(task(8, status="failed", **recent))
+        for n, holder, seconds in ((1, "a", 60), (2, "dead", 0), (3, "alive", 60), (5, "dead", 0)):
+            assert (
+                await store.claim(f"{n:024x}", "alice" if n == 5 else "", holder, seconds=seconds)
+            ) is not None
+        since = now - timedelta(days=2)
+        held = await store.leases("a", seconds=60, adopt=10, owners=[""], made_since=since)
+        assert sorted(int(r.task_id, 16) for r in held) == [1, 2, 4]
+        # Adopted tasks are held now: "alive" cannot take them, "a" keeps them.
+        stolen = await store.claim(f"{2:024x}", "", "alive", seconds=60)
+        assert stolen is not None and not stolen.held
+        # At most `adopt` orphans at a time, the held ones always.
+        assert [
+            int(r.task_id, 16)
+            for r in await store.leases("b", seconds=60, adopt=0, owners=[""], made_since=since)
+        ] == []
+        again = await store.leases("a", seconds=60, adopt=0, owners=["", "alice"], made_since=since)
+        assert sorted(int(r.task_id, 16) for r in again) == [1, 2, 4]
+        with_alice = await store.leases("a", seconds=60, adopt=1, owners=["", "alice"], made_since=since)
+        assert sorted(int(r.task_id, 16) for r in with_alice) == [1, 2, 4, 5]
+
+
+async def test_two_replicas_adopting_at_once_share_the_orphans(backend: Backend) -> None:
+    now = datetime.now(timezone.utc)
+    async with backend.open() as one, backend.open() as two:
+        for n in range(1, 21):
+            await one.put(task(n, created_at=now))
+        since = now - timedelta(days=2)
+        found: dict[str, list[TaskRecord]] = {}
+
+        async def adopt(store: TaskStore, holder: str) -> None:
+            found[holder] = await store.leases(holder, seconds=60, adopt=15, owners=[""], made_since=since)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(adopt, one, "a")
+            group.start_soon(adopt, two, "b")
+        mine, theirs = {r.task_id for r in found["a"]}, {r.task_id for r in found["b"]}
+        assert not mine & theirs and len(mine | theirs) == 20
+
+
 async def test_replicas_starting_together_migrate_once(postgres_url: str) -> None:
     stores: list[TaskStore] = []
 
@@ -349,7 +428,7 @@ async def test_replicas_starting_together_migrate_once(postgres_url: str) -> Non
                 "WHERE table_name = 'tasks' AND column_name IN ('created_at', 'record')"
             )
         ).fetchall()
-    assert rows == [(1,), (2,)]
+    assert rows == [(version,) for version in range(1, POSTGRES_LATEST + 1)]
     assert dict(kinds) == {"created_at": "timestamp with time zone", "record": "jsonb"}
 
 
@@ -357,7 +436,9 @@ async def test_a_database_of_a_newer_version_is_refused(postgres_url: str) -> No
     await (await PostgresStore.open(postgres_url)).close()
     async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as conn:
         await conn.execute("INSERT INTO schema_version (version) VALUES (99)")
-    with pytest.raises(StorageError, match=r"newer gptunnel-mcp \(schema 99; this version reads up to 2\)"):
+    with pytest.raises(
+        StorageError, match=rf"newer gptunnel-mcp \(schema 99; this version reads up to {POSTGRES_LATEST}\)"
+    ):
         await PostgresStore.open(postgres_url)
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -37,11 +39,19 @@ from ._exceptions import (
 )
 from ._files import ImageFolder
 from ._images import Preview, make_preview
-from ._records import StoredFile, TaskRecord, check_task_id, is_task_id, utcnow
+from ._records import (
+    SOURCE_URL_LIFETIME,
+    StoredFile,
+    TaskRecord,
+    TaskStatus,
+    check_task_id,
+    is_task_id,
+    utcnow,
+)
 from ._request import ImageRequest, check_public_hosts
 from ._schedule import Backoff, PollPlan, PollSchedule, Timing
 from ._settings import Settings
-from ._store import Admission, Cap, Settlement, TaskStore
+from ._store import Admission, Cap, ChangeFeed, Settlement, TaskStore
 from ._upstream import Balance, GPTunnelClient, UpstreamTask
 
 logger = logging.getLogger("gptunnel_mcp")
@@ -55,6 +65,9 @@ _IN_FLIGHT_POLL = 0.1
 _TIMING_SAMPLES = 10
 #: Failed downloads of one task's image, over all calls, after which the task ends as failed.
 MAX_DOWNLOAD_FAILURES = 5
+#: Tasks a follower takes over from dead replicas at one look, and follows at once at most.
+_ADOPT_BATCH = 50
+_FOLLOW_AT_ONCE = 8
 
 
 class JobEvents(Protocol):
@@ -102,9 +115,27 @@ class Engine:
         default_factory=lambda: anyio.CapacityLimiter(os.cpu_count() or 2), repr=False
     )
     _read_slots: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(2), repr=False)
+    #: Whether this engine follows the tasks it holds leases on to the end, without a caller
+    #: (replicas on a shared database: `follow`); else only callers poll.
+    follows: bool = False
+    #: Names this engine in the leases it holds; unique, so that a restarted replica is another.
+    holder: str = field(
+        default_factory=lambda: f"{socket.gethostname()[:40]}:{os.getpid()}:{secrets.token_hex(4)}"
+    )
     _create_locks: WeakValueDictionary[tuple[str, str], anyio.Lock] = field(
         default_factory=WeakValueDictionary, repr=False
     )
+    #: One poll of a task at a time in this process, whoever asks (a caller, the follower).
+    _poll_locks: WeakValueDictionary[tuple[str, str], anyio.Lock] = field(
+        default_factory=WeakValueDictionary, repr=False
+    )
+    #: Waiters for a task to finish, woken by this process's work or another's notice.
+    _finish_events: WeakValueDictionary[tuple[str, str], anyio.Event] = field(
+        default_factory=WeakValueDictionary, repr=False
+    )
+    _image_hooks: list[Callable[[str], Awaitable[None]]] = field(default_factory=list, repr=False)
+    #: The accounts whose tasks the follower can poll: each caller's, as they call.
+    _accounts_seen: dict[str, Account] = field(default_factory=dict, repr=False)
 
     # --- starting a task -------------------------------------------------------------------
 
@@ -225,6 +256,15 @@ class Engine:
                 f"GPTunnel started it, but it could not be recorded ({exc.reason})", task_id=record.task_id
             ) from None
         logger.info("created task %s (model %s)", record.task_id, record.model)
+        if self.follows:
+            # This replica follows it, whether or not the caller waits for it.
+            self._accounts_seen[account.owner] = account
+            try:
+                await self.store.claim(
+                    record.task_id, record.owner, self.holder, seconds=self.settings.lease_seconds
+                )
+            except StorageError as exc:
+                logger.warning("task %s: not leased (%s); a follower adopts it", record.task_id, exc.reason)
         return record
 
     async def _settle(self, ticket: str, outcome: Settlement) -> None:
@@ -272,7 +312,7 @@ class Engine:
                 if record is None and last_error is not None:
                     raise last_error
                 break
-            await anyio.sleep(delay)
+            await self._nap(account.owner, task_id, delay)
             try:
                 record = await self._step(
                     task_id, account, record, events, attempts=1, keep_quiet_polls=False, deadline=deadline
@@ -324,10 +364,8 @@ class Engine:
             return record, 0.0
         plan = await self._plan(record)
         origin = record.submitted_at or record.created_at
-        last = record.last_polled_at
-        due = last is None or _age(origin) >= plan.next_age((last - origin).total_seconds())
         retry_in: float | None = None
-        if due:
+        if _due(record, plan):
             try:
                 deadline = time.monotonic() + self.settings.wait_timeout
                 record = await self._step(task_id, account, record, SILENT, attempts=1, deadline=deadline)
@@ -371,8 +409,45 @@ class Engine:
     ) -> TaskRecord:
         """One upstream poll; the download when the image is ready; neither past the monotonic
         `deadline`. Every change is recorded; a poll that changed nothing is too, unless
-        `keep_quiet_polls` is off (a wait that holds the record in memory needs no write per poll)."""
+        `keep_quiet_polls` is off (a wait that holds the record in memory needs no write per poll).
+
+        Where several processes follow tasks (`follows`), a known task is polled only under its
+        lease, and not again when someone polled it since `record` was read: the caller gets
+        the stored record instead, which the holder keeps up to date."""
         key = _key(account)
+        async with self._poll_locks.setdefault((account.owner, task_id), anyio.Lock()):
+            if self.follows and record is not None:
+                self._accounts_seen[account.owner] = account
+                claim = await self.store.claim(
+                    task_id, account.owner, self.holder, seconds=self.settings.lease_seconds
+                )
+                if claim is not None:
+                    stored = claim.record
+                    if not claim.held or _polled_since(stored, record) or self._finished(stored):
+                        return stored
+            return await self._poll(
+                task_id,
+                account,
+                key,
+                record,
+                events,
+                attempts=attempts,
+                deadline=deadline,
+                keep_quiet_polls=keep_quiet_polls,
+            )
+
+    async def _poll(
+        self,
+        task_id: str,
+        account: Account,
+        key: str,
+        record: TaskRecord | None,
+        events: JobEvents,
+        *,
+        attempts: int,
+        deadline: float,
+        keep_quiet_polls: bool,
+    ) -> TaskRecord:
         upstream: UpstreamTask | None = None
         try:
             with anyio.move_on_after(_left(deadline)):
@@ -385,6 +460,7 @@ class Engine:
             record.status, record.updated_at = "failed", utcnow()
             record.error = "GPTunnel no longer knows this task (code 4); make the image again"
             await self.store.put(record)
+            await self._announce(record)
             return record
         if upstream is None:
             # The call's time ran out before GPTunnel answered: nothing is known that was not before.
@@ -418,6 +494,8 @@ class Engine:
             return await self._fetch_image(record, link, events, deadline=deadline)
         if keep_quiet_polls or record.upstream_status != status_before:
             await self.store.put(record)
+        if record.status == "failed":
+            await self._announce(record)
         return record
 
     async def _fetch_image(
@@ -446,6 +524,7 @@ class Engine:
         await self.store.put(record)
         logger.info("task %s stored as %s", task_id, stored.file_name)
         await events.image_stored(record)
+        await self._announce(record)
         return record
 
     async def _download_failed(self, record: TaskRecord, exc: DownloadError | FlakyLinkError) -> TaskRecord:
@@ -458,6 +537,7 @@ class Engine:
             record.status = "failed"
             record.error = "the image's link expired (48 hours) before it could be downloaded"
             await self.store.put(record)
+            await self._announce(record)
             return record
         record.download_failures += 1
         failures = record.download_failures
@@ -469,6 +549,7 @@ class Engine:
             )
             await self.store.put(record)
             logger.warning("task %s failed: %s", record.task_id, record.error)
+            await self._announce(record)
             return record
         await self.store.put(record)
         if isinstance(exc, FlakyLinkError):
@@ -478,6 +559,99 @@ class Engine:
             "ends as failed).",
             task_id=record.task_id,
         ) from None
+
+    # --- following tasks across processes --------------------------------------------------
+
+    def on_image_stored(self, hook: Callable[[str], Awaitable[None]]) -> None:
+        """Call `hook(owner)` whenever an image of `owner` is kept, by this process or, on a
+        store with a change feed, by another."""
+        self._image_hooks.append(hook)
+
+    async def _announce(self, record: TaskRecord) -> None:
+        """The task finished here: wake its waiters, and tell who wants to know of new images."""
+        await self._heard(record.owner, record.task_id, record.status)
+
+    async def _heard(self, owner: str, task_id: str, status: TaskStatus) -> None:
+        if status == "pending":
+            return
+        event = self._finish_events.pop((owner, task_id), None)
+        if event is not None:
+            event.set()
+        if status == "done":
+            for hook in self._image_hooks:
+                try:
+                    await hook(owner)
+                except Exception:  # a listener's failure is not the job's
+                    logger.exception("an image-stored listener failed")
+
+    async def _nap(self, owner: str, task_id: str, seconds: float) -> None:
+        """Sleep `seconds`, or less when the task finishes meanwhile (here or elsewhere)."""
+        if seconds <= 0:
+            return
+        event = self._finish_events.setdefault((owner, task_id), anyio.Event())
+        with anyio.move_on_after(seconds):
+            await event.wait()
+
+    async def follow(self) -> None:
+        """Run for the engine's life where several processes share the store (`follows`): every
+        lease/3 s, renew this process's leases, adopt the tasks of processes that died (their
+        lease ran out), and poll each task held when its plan says so, downloading its image
+        when ready. So every task is finished by somebody, with nobody asking."""
+        lease = self.settings.lease_seconds
+        slots = anyio.CapacityLimiter(_FOLLOW_AT_ONCE)
+        busy: set[tuple[str, str]] = set()
+        if self.accounts.default.api_key is not None:
+            self._accounts_seen.setdefault(self.accounts.default.owner, self.accounts.default)
+
+        async def step(record: TaskRecord, account: Account) -> None:
+            try:
+                async with slots:
+                    await self._step(
+                        record.task_id,
+                        account,
+                        record,
+                        SILENT,
+                        attempts=1,
+                        deadline=time.monotonic() + self.settings.wait_timeout,
+                    )
+            except GPTunnelMCPError as exc:
+                logger.info("following task %s: %s", record.task_id, exc)
+            except Exception:
+                logger.exception("following task %s failed", record.task_id)
+            finally:
+                busy.discard((record.owner, record.task_id))
+
+        async with anyio.create_task_group() as group:
+            if isinstance(self.store, ChangeFeed):
+                group.start_soon(self.store.listen, self._heard)
+            while True:
+                try:
+                    # Finished rather than cut off by a stop: psycopg gives up a connection whose
+                    # statement was cancelled, with a warning.
+                    with anyio.CancelScope(shield=True):
+                        held = await self.store.leases(
+                            self.holder,
+                            seconds=lease,
+                            adopt=_ADOPT_BATCH,
+                            owners=list(self._accounts_seen),
+                            made_since=utcnow() - SOURCE_URL_LIFETIME,
+                        )
+                except StorageError as exc:
+                    logger.warning("cannot renew this replica's leases: %s", exc.reason)
+                    held = []
+                plans: dict[str, PollPlan] = {}
+                for record in held:
+                    task = (record.owner, record.task_id)
+                    account = self._accounts_seen.get(record.owner)
+                    polling = self._poll_locks.get(task)
+                    if task in busy or account is None or (polling is not None and polling.locked()):
+                        continue
+                    if record.model not in plans:
+                        plans[record.model] = await self._plan(record)
+                    if _due(record, plans[record.model]):
+                        busy.add(task)
+                        group.start_soon(step, record, account)
+                await anyio.sleep(lease / 3)
 
     def _finished(self, record: TaskRecord) -> bool:
         if record.status == "failed":
@@ -594,6 +768,19 @@ def _time_finish(record: TaskRecord, previous_poll: datetime | None) -> None:
     record.finished_by = (record.completed_at - record.submitted_at).total_seconds()
     if previous_poll is not None and previous_poll > record.submitted_at:
         record.finished_after = (previous_poll - record.submitted_at).total_seconds()
+
+
+def _polled_since(stored: TaskRecord, mine: TaskRecord) -> bool:
+    """Whether someone polled the task after the poll `mine` knows of."""
+    return stored.last_polled_at is not None and (
+        mine.last_polled_at is None or stored.last_polled_at > mine.last_polled_at
+    )
+
+
+def _due(record: TaskRecord, plan: PollPlan) -> bool:
+    origin = record.submitted_at or record.created_at
+    last = record.last_polled_at
+    return last is None or _age(origin) >= plan.next_age((last - origin).total_seconds())
 
 
 def _stale(record: TaskRecord) -> bool:

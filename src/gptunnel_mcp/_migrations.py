@@ -164,6 +164,14 @@ def _m006_server_state(db: sqlite3.Connection) -> None:
     db.execute("CREATE TABLE server_state (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
 
 
+def _m007_leases(db: sqlite3.Connection) -> None:
+    """Who follows a pending task, and until when (`TaskStore.claim`): outside the record, so
+    that writing a record never changes who holds it."""
+    db.execute("ALTER TABLE tasks ADD COLUMN lease_holder TEXT")
+    db.execute("ALTER TABLE tasks ADD COLUMN lease_until TEXT")
+    db.execute("CREATE INDEX tasks_pending ON tasks (created_at) WHERE status = 'pending'")
+
+
 SQLITE_MIGRATIONS: Sequence[Migration] = (
     _m001_tasks,
     _m002_request_key,
@@ -171,6 +179,7 @@ SQLITE_MIGRATIONS: Sequence[Migration] = (
     _m004_finish_bracket,
     _m005_creates,
     _m006_server_state,
+    _m007_leases,
 )
 LATEST = len(SQLITE_MIGRATIONS)
 
@@ -209,6 +218,11 @@ POSTGRES_MIGRATIONS: Sequence[Sequence[str]] = (
     ),
     # SQLite's 6: the server secret, shared by every replica.
     ("CREATE TABLE server_state (key text PRIMARY KEY, value text NOT NULL)",),
+    # SQLite's 7: leases on the tasks being followed.
+    (
+        "ALTER TABLE tasks ADD COLUMN lease_holder text, ADD COLUMN lease_until timestamptz",
+        "CREATE INDEX tasks_pending ON tasks (created_at) WHERE status = 'pending'",
+    ),
 )
 POSTGRES_LATEST = len(POSTGRES_MIGRATIONS)
 

@@ -8,20 +8,23 @@ only when GPTUNNEL_MCP_DATABASE_URL is set, so the driver is an optional depende
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 import re
 import secrets
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 import anyio
+import anyio.lowlevel
 
 from ._exceptions import ConfigError, StorageError
 from ._migrations import POSTGRES_LATEST, POSTGRES_MIGRATIONS
-from ._records import TaskRecord
+from ._records import TaskRecord, TaskStatus
 from ._settings import mask_password
-from ._store import Admission, Cap, LedgerEntry, Settlement
+from ._store import Admission, Cap, Claim, LedgerEntry, Settlement
 
 try:
     import psycopg
@@ -34,6 +37,7 @@ except ImportError as exc:
         "install it with pip install 'gptunnel-mcp[postgres]'"
     ) from None
 
+logger = logging.getLogger("gptunnel_mcp")
 _T = TypeVar("_T")
 Connection = psycopg.AsyncConnection[TupleRow]
 
@@ -56,6 +60,10 @@ def _lock_key(scope: str) -> int:
 
 
 _MIGRATION_LOCK = _lock_key("migrate")
+#: Where replicas tell each other of changed tasks.
+_CHANNEL = "gptunnel_mcp_tasks"
+#: The longest a stop of the listener waits for its current wait to end.
+_LISTEN_WAIT = 0.2
 
 
 class PostgresStore:
@@ -65,6 +73,8 @@ class PostgresStore:
     def __init__(self, pool: AsyncConnectionPool[Connection], where: str) -> None:
         self._pool = pool
         self._where = where
+        #: Names this store's notices, so that it does not hear its own.
+        self._origin = secrets.token_hex(8)
 
     @classmethod
     async def open(cls, url: str) -> PostgresStore:
@@ -116,14 +126,14 @@ class PostgresStore:
         except psycopg.Error as exc:
             raise StorageError(f"the history database {self._where} failed: {_one_line(exc)}") from None
 
-    async def _all(self, query: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+    async def _all(self, query: str, params: Sequence[Any] | Mapping[str, Any]) -> list[tuple[Any, ...]]:
         async def fetch(conn: Connection) -> list[tuple[Any, ...]]:
             return await (await conn.execute(query, params)).fetchall()
 
         return await self._run(fetch)
 
     async def put(self, record: TaskRecord) -> None:
-        await self._run(lambda conn: _put(conn, record))
+        await self._run(lambda conn: _put(conn, record, self._origin))
 
     async def get(self, task_id: str, owner: str = "") -> TaskRecord | None:
         rows = await self._all(
@@ -233,13 +243,85 @@ class PostgresStore:
                     await conn.execute("DELETE FROM creates WHERE ticket = %s", (ticket,))
                     return
                 if record is not None:
-                    await _put(conn, record)
+                    await _put(conn, record, self._origin)
                 await conn.execute(
                     "UPDATE creates SET state = %s, task_id = %s WHERE ticket = %s",
                     (outcome, None if record is None else _text(record.task_id), ticket),
                 )
 
         await self._run(close)
+
+    async def claim(self, task_id: str, owner: str, holder: str, *, seconds: float) -> Claim | None:
+        # One statement: the outer SELECT reads the row as it was before the UPDATE, whose
+        # lease columns it does not return anyway. The database's clock, not the replicas'.
+        rows = await self._all(
+            """WITH took AS (
+                   UPDATE tasks SET lease_holder = %(holder)s,
+                          lease_until = now() + %(seconds)s * interval '1 second'
+                   WHERE owner = %(owner)s AND task_id = %(task)s AND status = 'pending'
+                   AND (lease_holder IS NULL OR lease_holder = %(holder)s OR lease_until < now())
+                   RETURNING 1)
+               SELECT record::text, EXISTS (SELECT 1 FROM took) FROM tasks
+               WHERE owner = %(owner)s AND task_id = %(task)s""",
+            {"holder": holder, "seconds": seconds, "owner": _text(owner), "task": _text(task_id)},
+        )
+        return Claim(TaskRecord.model_validate_json(rows[0][0]), bool(rows[0][1])) if rows else None
+
+    async def leases(
+        self, holder: str, *, seconds: float, adopt: int, owners: Sequence[str], made_since: datetime
+    ) -> list[TaskRecord]:
+        # One statement: the holder's own tasks first, then as many orphans as `adopt` allows.
+        # SKIP LOCKED: two replicas adopting at once split the orphans rather than queue.
+        rows = await self._all(
+            """UPDATE tasks SET lease_holder = %(holder)s,
+                      lease_until = now() + %(seconds)s * interval '1 second'
+               WHERE (owner, task_id) IN (
+                   SELECT owner, task_id FROM tasks
+                   WHERE status = 'pending' AND record->>'cancelled_at' IS NULL AND created_at >= %(since)s
+                   AND (lease_holder = %(holder)s
+                        OR (owner = ANY(%(owners)s) AND (lease_holder IS NULL OR lease_until < now())))
+                   ORDER BY lease_holder IS NOT DISTINCT FROM %(holder)s DESC, created_at
+                   LIMIT (SELECT count(*) FROM tasks WHERE lease_holder = %(holder)s AND status = 'pending')
+                         + %(adopt)s
+                   FOR UPDATE SKIP LOCKED)
+               RETURNING record::text""",
+            {
+                "holder": holder,
+                "seconds": seconds,
+                "since": _utc(made_since),
+                "owners": [_text(owner) for owner in owners],
+                "adopt": adopt,
+            },
+        )
+        return [TaskRecord.model_validate_json(r[0]) for r in rows]
+
+    async def listen(self, heard: Callable[[str, str, TaskStatus], Awaitable[None]]) -> None:
+        url = self._pool.conninfo
+        assert isinstance(url, str)  # `open` gives the pool its URL as text
+        pause = 1.0
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+                    with anyio.CancelScope(shield=True):
+                        await conn.execute(f"LISTEN {_CHANNEL}")
+                    pause = 1.0
+                    while True:
+                        # Shielded, as every statement here, in short waits: cancelled mid-way,
+                        # psycopg gives up the connection with a warning. Cancellation is
+                        # noticed between waits.
+                        with anyio.CancelScope(shield=True):
+                            async for notice in conn.notifies(timeout=_LISTEN_WAIT):
+                                origin, owner, task_id, status = json.loads(notice.payload)
+                                if origin != self._origin:
+                                    await heard(owner, task_id, status)
+                        await anyio.lowlevel.checkpoint()
+            except psycopg.Error as exc:
+                # Meanwhile waiters learn of changes by reading again, as on SQLite.
+                logger.warning(
+                    "not hearing other replicas' changes (%s); retrying in %.0f s", _one_line(exc), pause
+                )
+            await anyio.sleep(pause)
+            pause = min(pause * 2, 30.0)
 
     async def import_tasks(self, records: Sequence[TaskRecord]) -> int:
         """Take in tasks another store kept (`migrate`), as one transaction; how many were new
@@ -355,11 +437,20 @@ _UPSERT_TASK = """INSERT INTO tasks
    WHERE """
 
 
-async def _put(conn: Connection, record: TaskRecord) -> None:
-    await conn.execute(
-        _UPSERT_TASK + "tasks.status <> 'done' OR excluded.status = 'done'",
-        _row(record),
-    )
+#: A done task is replaced only by a done one, so that two processes finishing one task in a
+#: different order cannot undo each other's work.
+_PUT_TASK = (
+    "WITH written AS ("  # noqa: S608 - this module's own constants, no input
+    + _UPSERT_TASK
+    + "tasks.status <> 'done' OR excluded.status = 'done' RETURNING 1) SELECT pg_notify(%s, %s) FROM written"
+)
+
+
+async def _put(conn: Connection, record: TaskRecord, origin: str) -> None:
+    """Store `record` and tell the other replicas, in one statement: the notice goes out only if
+    the row was written, and only when the transaction commits."""
+    notice = json.dumps([origin, record.owner, record.task_id, record.status])
+    await conn.execute(_PUT_TASK, (*_row(record), _CHANNEL, notice))
 
 
 def _row(record: TaskRecord) -> tuple[Any, ...]:

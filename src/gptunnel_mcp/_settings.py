@@ -66,6 +66,14 @@ class Settings(BaseSettings):
         description="A PostgreSQL database for the history, shared by every replica that names it "
         "(postgresql://user:password@host:port/database); unset: SQLite in GPTUNNEL_MCP_HOME.",
     )
+    lease_seconds: float = Field(
+        default=10.0,
+        ge=1,
+        le=300,
+        validation_alias="GPTUNNEL_MCP_LEASE_SECONDS",
+        description="How long a replica's claim on a pending task outlives it: another replica "
+        "adopts the task that much (and a third of it) after the first died.",
+    )
     default_model: str = Field(
         default=DEFAULT_MODEL, min_length=1, description="Model used when none is named."
     )
@@ -196,6 +204,7 @@ _ENV_NAMES = {
     "base_url": "GPTUNNEL_BASE_URL",
     "home": "GPTUNNEL_MCP_HOME",
     "database_url": "GPTUNNEL_MCP_DATABASE_URL",
+    "lease_seconds": "GPTUNNEL_MCP_LEASE_SECONDS",
     "default_model": "GPTUNNEL_DEFAULT_MODEL",
     "wait_timeout": "GPTUNNEL_WAIT_TIMEOUT",
     "preview_max_px": "GPTUNNEL_PREVIEW_MAX_PX",

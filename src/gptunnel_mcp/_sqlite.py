@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TypeVar
 
@@ -16,8 +17,8 @@ import anyio
 
 from ._exceptions import StorageError
 from ._migrations import immediate_transaction, migrate
-from ._records import TaskRecord
-from ._store import Admission, Cap, LedgerEntry, Settlement
+from ._records import TaskRecord, utcnow
+from ._store import Admission, Cap, Claim, LedgerEntry, Settlement
 
 _T = TypeVar("_T")
 
@@ -198,6 +199,55 @@ class SQLiteStore:
             )
 
         await self._run(lambda db: _immediately(db, close))
+
+    async def claim(self, task_id: str, owner: str, holder: str, *, seconds: float) -> Claim | None:
+        def take(db: sqlite3.Connection) -> Claim | None:
+            now = utcnow()
+            taken = db.execute(
+                """UPDATE tasks SET lease_holder = ?, lease_until = ?
+                   WHERE owner = ? AND task_id = ? AND status = 'pending'
+                   AND (lease_holder IS NULL OR lease_holder = ? OR lease_until < ?)""",
+                (holder, _iso(now + timedelta(seconds=seconds)), owner, task_id, holder, _iso(now)),
+            ).rowcount
+            row = db.execute(
+                "SELECT record FROM tasks WHERE owner = ? AND task_id = ?", (owner, task_id)
+            ).fetchone()
+            return None if row is None else Claim(TaskRecord.model_validate_json(row[0]), taken > 0)
+
+        return await self._run(lambda db: _immediately(db, take))
+
+    async def leases(
+        self, holder: str, *, seconds: float, adopt: int, owners: Sequence[str], made_since: datetime
+    ) -> list[TaskRecord]:
+        def hold(db: sqlite3.Connection) -> list[TaskRecord]:
+            now = utcnow()
+            # Unique to this call, so the rows it leased are found by it.
+            until = _iso(now + timedelta(seconds=seconds))
+            db.execute(
+                """UPDATE tasks SET lease_holder = :holder, lease_until = :until WHERE rowid IN (
+                       SELECT rowid FROM tasks
+                       WHERE status = 'pending' AND json_extract(record, '$.cancelled_at') IS NULL
+                       AND created_at >= :since
+                       AND (lease_holder = :holder OR (owner IN (SELECT value FROM json_each(:owners))
+                            AND (lease_holder IS NULL OR lease_until < :now)))
+                       ORDER BY lease_holder IS :holder DESC, created_at
+                       LIMIT (SELECT count(*) FROM tasks WHERE lease_holder = :holder AND status = 'pending')
+                             + :adopt)""",
+                {
+                    "holder": holder,
+                    "until": until,
+                    "since": _iso(made_since),
+                    "owners": json.dumps(list(owners)),
+                    "now": _iso(now),
+                    "adopt": adopt,
+                },
+            )
+            rows = db.execute(
+                "SELECT record FROM tasks WHERE lease_holder = ? AND lease_until = ?", (holder, until)
+            )
+            return [TaskRecord.model_validate_json(r[0]) for r in rows]
+
+        return await self._run(lambda db: _immediately(db, hold))
 
     async def task_rows(self, *, after: int, limit: int) -> list[tuple[int, TaskRecord]]:
         """Every owner's tasks in the order they were first stored, `limit` of them after position

@@ -3,12 +3,12 @@ shared PostgreSQL for several replicas) is a new class beside `SQLiteStore`, not
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
-from ._records import TaskRecord
+from ._records import TaskRecord, TaskStatus
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,15 @@ class LedgerEntry:
     task_id: str | None
 
 
+@dataclass(frozen=True)
+class Claim:
+    """A task as stored, and whether the caller holds its lease now: only the holder polls the
+    task at GPTunnel or downloads its image, so several processes on one store never do so twice."""
+
+    record: TaskRecord
+    held: bool
+
+
 class TaskStore(Protocol):
     """One record per GPTunnel task, scoped by `owner` ("" for a single-user server), and the
     ledger of create requests that caps and reuse are decided on."""
@@ -99,6 +108,21 @@ class TaskStore(Protocol):
         "refused" frees the slot; "unknown" keeps it (the request may have cost money)."""
         ...
 
+    async def claim(self, task_id: str, owner: str, holder: str, *, seconds: float) -> Claim | None:
+        """Lease the pending task to `holder` for `seconds` (by the store's clock), when nobody
+        holds it, its lease has run out, or `holder` holds it already (then it is renewed);
+        None when the task is not stored."""
+        ...
+
+    async def leases(
+        self, holder: str, *, seconds: float, adopt: int, owners: Sequence[str], made_since: datetime
+    ) -> list[TaskRecord]:
+        """The tasks `holder` follows to the end, in one transaction: renew its leases on those
+        still pending, not cancelled and made since `made_since`; take up to `adopt` more of
+        `owners`' such tasks that nobody holds or whose holder let the lease run out (it died);
+        return every one it holds now."""
+        ...
+
     async def server_secret(self, adopt: bytes | None = None) -> bytes:
         """The server's secret (32 bytes), made on first use and the same for every process on
         this store: of several asking first at once, one writes it and all read that one.
@@ -111,3 +135,15 @@ class TaskStore(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class ChangeFeed(Protocol):
+    """A store that tells every process on it when one of them changed a task (PostgreSQL's
+    LISTEN/NOTIFY). Without one, a process learns of others' changes by reading again."""
+
+    async def listen(self, heard: Callable[[str, str, TaskStatus], Awaitable[None]]) -> None:
+        """Until cancelled, call `heard(owner, task_id, status)` for each task another process on
+        the store wrote ("done": its image is kept). Reconnects by itself after the database was
+        away."""
+        ...

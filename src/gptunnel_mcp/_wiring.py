@@ -108,9 +108,24 @@ async def open_engine(
         accounts=Accounts(Account(owner="", api_key=key), secret, multi_user=settings.multi_user),
         schedule=schedule or PollSchedule(),
         backoff=backoff or Backoff(),
+        # Replicas on one database finish every task between them; a process of its own polls
+        # only for its callers.
+        follows=settings.database_url is not None,
     )
+    failure: Exception | None = None
     try:
-        yield engine
+        async with anyio.create_task_group() as background:
+            if engine.follows:
+                background.start_soon(engine.follow)
+            try:
+                yield engine
+            except Exception as exc:
+                # Raised after the group, as itself: a task group would wrap it in a group.
+                failure = exc
+            finally:
+                background.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
     finally:
         with anyio.CancelScope(shield=True):
             await client.aclose()

@@ -52,6 +52,8 @@ def build_server(
     @asynccontextmanager
     async def lifespan(_: MCPServer[Engine]) -> AsyncIterator[Engine]:
         async with open_engine(settings, schedule=schedule, backoff=backoff) as engine:
+            # Images kept by any process on the store, on 2026-07-28 clients' listen streams.
+            engine.on_image_stored(listeners.resources_changed)
             slot.engine = engine
             try:
                 yield engine
@@ -71,7 +73,7 @@ def build_server(
     check_sdk(server)
     listeners = AccountListeners()
     listeners.install(server)
-    register_tools(server, settings, listeners)
+    register_tools(server, settings)
     register_resources(server)
     register_prompts(server)
     advertise_resource_list_changes(server)

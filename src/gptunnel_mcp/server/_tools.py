@@ -16,7 +16,6 @@ from .._exceptions import GPTunnelMCPError
 from .._records import TaskRecord
 from .._settings import Settings
 from ._arguments import ImageArguments, NoArguments, TaskArguments, takes
-from ._listeners import AccountListeners
 from ._presentation import ImageResult, error_result, tool_result
 
 ToolContext = Context[Engine, Any]
@@ -40,19 +39,22 @@ class BalanceResult(BaseModel):
 class _ToolEvents(JobEvents):
     """Progress notifications and list-changed notices for the tool call that runs the job."""
 
-    def __init__(self, ctx: ToolContext, listeners: AccountListeners) -> None:
+    def __init__(self, ctx: ToolContext) -> None:
         self._ctx = ctx
-        self._listeners = listeners
+        self._sent = -1.0
 
     async def progress(self, progress: float, total: float | None, message: str) -> None:
-        await self._ctx.report_progress(
-            round(progress, 1), None if total is None else round(total, 1), message
-        )
+        # Sent in tenths: two reports within a tenth would repeat a value, and the protocol
+        # wants each notice's progress above the last.
+        shown = round(progress, 1)
+        if shown <= self._sent:
+            return
+        self._sent = shown
+        await self._ctx.report_progress(shown, None if total is None else round(total, 1), message)
 
     async def image_stored(self, record: TaskRecord) -> None:
-        # 2026-07-28 clients hear it on their subscriptions/listen stream; 2025-11-25 clients on
-        # their session (the SDK drops the session notice on 2026-07-28 connections).
-        await self._listeners.resources_changed(record.owner)
+        # A 2025-11-25 client hears it on its session (the SDK drops the session notice on
+        # 2026-07-28 connections, whose subscriptions/listen streams the engine's hook tells).
         await self._ctx.session.send_resource_list_changed()
 
 
@@ -64,7 +66,7 @@ def account_of(ctx: ToolContext) -> Account:
     return engine_of(ctx).accounts.for_headers(ctx.headers)
 
 
-def register_tools(server: MCPServer[Engine], settings: Settings, listeners: AccountListeners) -> None:
+def register_tools(server: MCPServer[Engine], settings: Settings) -> None:
 
     @server.tool(
         title="Start an image (returns at once)",
@@ -95,7 +97,7 @@ def register_tools(server: MCPServer[Engine], settings: Settings, listeners: Acc
     async def get_result(ctx: ToolContext, args: TaskArguments) -> ToolResult:
         engine = engine_of(ctx)
         try:
-            record = await engine.refresh(args.task_id, account_of(ctx), _ToolEvents(ctx, listeners))
+            record = await engine.refresh(args.task_id, account_of(ctx), _ToolEvents(ctx))
             return await tool_result(engine, record)
         except GPTunnelMCPError as exc:
             return error_result(exc)
@@ -115,7 +117,7 @@ def register_tools(server: MCPServer[Engine], settings: Settings, listeners: Acc
         engine = engine_of(ctx)
         try:
             request = args.request(engine.settings.default_model)
-            events = _ToolEvents(ctx, listeners)
+            events = _ToolEvents(ctx)
             outcome = await engine.generate(request, account_of(ctx), events, new_image=args.new_image)
             return await tool_result(engine, outcome.record, reused=outcome.reused)
         except GPTunnelMCPError as exc:

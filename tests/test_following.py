@@ -1,0 +1,127 @@
+"""Replicas on one PostgreSQL follow each task once between them: the replica holding a task's
+lease polls it and downloads its image, the others read what it stored, and when it dies another
+adopts its tasks and finishes them with nobody asking. In process: each `connect` is a replica."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import anyio
+import psycopg
+import pytest
+
+from .conftest import ServerLauncher, structured, text_of
+from .standin import StandIn
+
+pytestmark = [pytest.mark.anyio, pytest.mark.standin(generation_seconds=600, image_size=(64, 64))]
+
+
+def replica(server: ServerLauncher, url: str, home: Path, **env: str) -> Any:
+    settings = {"GPTUNNEL_WAIT_TIMEOUT": "3", **env}
+    return server.connect(GPTUNNEL_MCP_DATABASE_URL=url, GPTUNNEL_MCP_HOME=str(home), **settings)
+
+
+async def stored_status(url: str, task_id: str) -> tuple[str, str | None]:
+    async with await psycopg.AsyncConnection.connect(url) as conn:
+        row = await (
+            await conn.execute("SELECT status, lease_holder FROM tasks WHERE task_id = %s", (task_id,))
+        ).fetchone()
+    assert row is not None
+    return row[0], row[1]
+
+
+async def until_stored(url: str, task_id: str, status: str, seconds: float) -> str | None:
+    """The task's lease holder once the database shows `status`, within `seconds`."""
+    with anyio.fail_after(seconds):
+        while True:
+            found, holder = await stored_status(url, task_id)
+            if found == status:
+                return holder
+            await anyio.sleep(0.05)
+
+
+async def test_a_replica_without_the_lease_reads_the_history_instead_of_polling(
+    memory_server: ServerLauncher, standin: StandIn, postgres_url: str, tmp_path: Path
+) -> None:
+    # One home for both: the image files are not what this is about.
+    async with replica(memory_server, postgres_url, tmp_path, GPTUNNEL_MCP_LEASE_SECONDS="300") as first:
+        made = structured(await first.call_tool("create_image", {"prompt": "a fox held by one replica"}))
+    task_id = made["task_id"]
+    polls = standin.stats.result_calls_by_task.get(task_id, 0)
+    # The first replica has stopped; its lease has not run out.
+    async with replica(memory_server, postgres_url, tmp_path, GPTUNNEL_MCP_LEASE_SECONDS="300") as second:
+        for _ in range(3):
+            result = await second.call_tool("get_result", {"task_id": task_id})
+            assert not result.is_error, text_of(result)
+            assert structured(result)["status"] == "pending"
+        waited = structured(
+            await second.call_tool("generate_and_wait", {"prompt": "a fox held by one replica"})
+        )
+    assert waited["task_id"] == task_id and waited["status"] == "pending"
+    assert standin.stats.result_calls_by_task.get(task_id, 0) == polls
+    assert standin.stats.create_calls == 1
+
+
+async def test_a_dead_replicas_task_is_adopted_and_finished_with_nobody_asking(
+    memory_server: ServerLauncher, standin: StandIn, postgres_url: str, tmp_path: Path
+) -> None:
+    lease = {"GPTUNNEL_MCP_LEASE_SECONDS": "1"}
+    async with replica(memory_server, postgres_url, tmp_path, **lease) as first:
+        made = structured(await first.call_tool("create_image", {"prompt": "an orphaned owl"}))
+    task_id = made["task_id"]
+    first_holder = (await stored_status(postgres_url, task_id))[1]
+    assert first_holder is not None
+    async with replica(memory_server, postgres_url, tmp_path, **lease):
+        # Nobody calls anything: the survivor takes the lease once it runs out...
+        holder = first_holder
+        with anyio.fail_after(1 + 1 / 3 + 3):
+            while holder == first_holder:
+                await anyio.sleep(0.05)
+                holder = (await stored_status(postgres_url, task_id))[1]
+        # ... and downloads the image when GPTunnel has it.
+        standin.finish(task_id)
+        await until_stored(postgres_url, task_id, "done", 10)
+    assert standin.stats.download_calls == 1 and standin.stats.create_calls == 1
+    async with replica(memory_server, postgres_url, tmp_path, **lease) as third:
+        result = structured(await third.call_tool("get_result", {"task_id": task_id}))
+    assert result["status"] == "done"
+    assert Path(result["file_path"]).read_bytes() == standin.image_bytes(task_id)
+
+
+async def test_the_holder_finishes_a_task_whose_caller_left(
+    memory_server: ServerLauncher, standin: StandIn, postgres_url: str, tmp_path: Path
+) -> None:
+    async with replica(memory_server, postgres_url, tmp_path) as only:
+        made = structured(await only.call_tool("create_image", {"prompt": "a heron nobody waits for"}))
+        standin.finish(made["task_id"])
+        # No get_result: the replica's follower sees it done and keeps the image.
+        await until_stored(postgres_url, made["task_id"], "done", 10)
+    assert standin.stats.download_calls == 1
+
+
+async def test_a_waiter_on_another_replica_hears_the_image_and_so_do_its_subscribers(
+    memory_server: ServerLauncher, standin: StandIn, postgres_url: str, tmp_path: Path
+) -> None:
+    prompt = {"prompt": "a crane seen from two replicas"}
+    async with (
+        replica(memory_server, postgres_url, tmp_path, GPTUNNEL_WAIT_TIMEOUT="20") as holder,
+        replica(memory_server, postgres_url, tmp_path, GPTUNNEL_WAIT_TIMEOUT="20") as other,
+    ):
+        made = structured(await holder.call_tool("create_image", prompt))
+        async with other.listen(resources_list_changed=True) as subscription:
+            async with anyio.create_task_group() as group:
+                waited: dict[str, Any] = {}
+
+                async def wait() -> None:
+                    # The identical request: the other replica waits on the holder's task.
+                    waited.update(structured(await other.call_tool("generate_and_wait", prompt)))
+
+                group.start_soon(wait)
+                await anyio.sleep(0.5)
+                standin.finish(made["task_id"])
+            with anyio.fail_after(5):
+                event = await subscription.__anext__()
+    assert waited["task_id"] == made["task_id"] and waited["status"] == "done"
+    assert "resources" in type(event).__name__.lower() or "list_changed" in str(event)
+    assert standin.stats.download_calls == 1 and standin.stats.create_calls == 1
