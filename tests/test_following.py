@@ -17,9 +17,13 @@ from .standin import StandIn
 pytestmark = [pytest.mark.anyio, pytest.mark.standin(generation_seconds=600, image_size=(64, 64))]
 
 
-def replica(server: ServerLauncher, url: str, home: Path, **env: str) -> Any:
-    settings = {"GPTUNNEL_WAIT_TIMEOUT": "3", **env}
-    return server.connect(GPTUNNEL_MCP_DATABASE_URL=url, GPTUNNEL_MCP_HOME=str(home), **settings)
+def replica(server: ServerLauncher, url: str, home: Path, *, wait: str = "3", lease: str = "10") -> Any:
+    return server.connect(
+        GPTUNNEL_MCP_DATABASE_URL=url,
+        GPTUNNEL_MCP_HOME=str(home),
+        GPTUNNEL_WAIT_TIMEOUT=wait,
+        GPTUNNEL_MCP_LEASE_SECONDS=lease,
+    )
 
 
 async def stored_status(url: str, task_id: str) -> tuple[str, str | None]:
@@ -45,12 +49,12 @@ async def test_a_replica_without_the_lease_reads_the_history_instead_of_polling(
     memory_server: ServerLauncher, standin: StandIn, postgres_url: str, tmp_path: Path
 ) -> None:
     # One home for both: the image files are not what this is about.
-    async with replica(memory_server, postgres_url, tmp_path, GPTUNNEL_MCP_LEASE_SECONDS="300") as first:
+    async with replica(memory_server, postgres_url, tmp_path, lease="300") as first:
         made = structured(await first.call_tool("create_image", {"prompt": "a fox held by one replica"}))
     task_id = made["task_id"]
     polls = standin.stats.result_calls_by_task.get(task_id, 0)
     # The first replica has stopped; its lease has not run out.
-    async with replica(memory_server, postgres_url, tmp_path, GPTUNNEL_MCP_LEASE_SECONDS="300") as second:
+    async with replica(memory_server, postgres_url, tmp_path, lease="300") as second:
         for _ in range(3):
             result = await second.call_tool("get_result", {"task_id": task_id})
             assert not result.is_error, text_of(result)
@@ -66,15 +70,14 @@ async def test_a_replica_without_the_lease_reads_the_history_instead_of_polling(
 async def test_a_dead_replicas_task_is_adopted_and_finished_with_nobody_asking(
     memory_server: ServerLauncher, standin: StandIn, postgres_url: str, tmp_path: Path
 ) -> None:
-    lease = {"GPTUNNEL_MCP_LEASE_SECONDS": "1"}
-    async with replica(memory_server, postgres_url, tmp_path, **lease) as first:
+    async with replica(memory_server, postgres_url, tmp_path, lease="1") as first:
         made = structured(await first.call_tool("create_image", {"prompt": "an orphaned owl"}))
     task_id = made["task_id"]
     first_holder = (await stored_status(postgres_url, task_id))[1]
     assert first_holder is not None
-    async with replica(memory_server, postgres_url, tmp_path, **lease):
+    async with replica(memory_server, postgres_url, tmp_path, lease="1"):
         # Nobody calls anything: the survivor takes the lease once it runs out...
-        holder = first_holder
+        holder: str | None = first_holder
         with anyio.fail_after(1 + 1 / 3 + 3):
             while holder == first_holder:
                 await anyio.sleep(0.05)
@@ -83,7 +86,7 @@ async def test_a_dead_replicas_task_is_adopted_and_finished_with_nobody_asking(
         standin.finish(task_id)
         await until_stored(postgres_url, task_id, "done", 10)
     assert standin.stats.download_calls == 1 and standin.stats.create_calls == 1
-    async with replica(memory_server, postgres_url, tmp_path, **lease) as third:
+    async with replica(memory_server, postgres_url, tmp_path, lease="1") as third:
         result = structured(await third.call_tool("get_result", {"task_id": task_id}))
     assert result["status"] == "done"
     assert Path(result["file_path"]).read_bytes() == standin.image_bytes(task_id)
@@ -105,8 +108,8 @@ async def test_a_waiter_on_another_replica_hears_the_image_and_so_do_its_subscri
 ) -> None:
     prompt = {"prompt": "a crane seen from two replicas"}
     async with (
-        replica(memory_server, postgres_url, tmp_path, GPTUNNEL_WAIT_TIMEOUT="20") as holder,
-        replica(memory_server, postgres_url, tmp_path, GPTUNNEL_WAIT_TIMEOUT="20") as other,
+        replica(memory_server, postgres_url, tmp_path, wait="20") as holder,
+        replica(memory_server, postgres_url, tmp_path, wait="20") as other,
     ):
         made = structured(await holder.call_tool("create_image", prompt))
         async with other.listen(resources_list_changed=True) as subscription:
