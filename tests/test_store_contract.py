@@ -20,6 +20,7 @@ from mcp_types import CallToolResult
 
 from gptunnel_mcp import load_settings
 from gptunnel_mcp._exceptions import ConfigError, StorageError
+from gptunnel_mcp._migrations import POSTGRES_LATEST
 from gptunnel_mcp._postgres import PostgresStore
 from gptunnel_mcp._records import TaskRecord
 from gptunnel_mcp._sqlite import SQLiteStore
@@ -349,7 +350,7 @@ async def test_replicas_starting_together_migrate_once(postgres_url: str) -> Non
                 "WHERE table_name = 'tasks' AND column_name IN ('created_at', 'record')"
             )
         ).fetchall()
-    assert rows == [(1,), (2,)]
+    assert rows == [(version,) for version in range(1, POSTGRES_LATEST + 1)]
     assert dict(kinds) == {"created_at": "timestamp with time zone", "record": "jsonb"}
 
 
@@ -357,7 +358,9 @@ async def test_a_database_of_a_newer_version_is_refused(postgres_url: str) -> No
     await (await PostgresStore.open(postgres_url)).close()
     async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as conn:
         await conn.execute("INSERT INTO schema_version (version) VALUES (99)")
-    with pytest.raises(StorageError, match=r"newer gptunnel-mcp \(schema 99; this version reads up to 2\)"):
+    with pytest.raises(
+        StorageError, match=rf"newer gptunnel-mcp \(schema 99; this version reads up to {POSTGRES_LATEST}\)"
+    ):
         await PostgresStore.open(postgres_url)
 
 
