@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import stat
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from gptunnel_mcp import DownloadError
+from gptunnel_mcp import DownloadError, StorageError
 from gptunnel_mcp._files import ImageFolder
 from gptunnel_mcp._images import make_preview, pixel_size, sniff_mime
 
@@ -33,6 +34,24 @@ def test_commit_stores_the_bytes_under_the_task_id_with_their_facts(tmp_path: Pa
     assert stored.sha256 == hashlib.sha256(data).hexdigest() and stored.size_bytes == len(data)
     assert folder.exists(stored)
     assert [p.name for p in tmp_path.iterdir()] == [stored.file_name]
+
+
+def test_restore_puts_the_recorded_image_back_privately_and_refuses_other_bytes(tmp_path: Path) -> None:
+    # Made under one folder (a user's, on a multi-user server), restored into another one.
+    data = png()
+    with ImageFolder(tmp_path / "made").open_temporary("f" * 24, owner="alice") as partial:
+        partial.write(data)
+        stored = partial.commit()
+    folder = ImageFolder(tmp_path / "cache")
+    damaged = data[:-1] + bytes([data[-1] ^ 1])
+    with pytest.raises(StorageError, match=f"copy of the image alice/{'f' * 24}.png is damaged"):
+        folder.restore(stored, damaged)
+    assert not (tmp_path / "cache").exists()
+
+    folder.restore(stored, data)
+    assert folder.read_bytes(stored) == data and folder.path(stored).parent == tmp_path / "cache" / "alice"
+    assert stat.S_IMODE(folder.path(stored).stat().st_mode) == 0o600
+    assert [p.name for p in folder.path(stored).parent.iterdir()] == [stored.name]
 
 
 @pytest.mark.parametrize("data", [b"", b"<html>expired</html>", b"\x89PNG\r\n\x1a\n" + b"\0" * 64])

@@ -1,6 +1,7 @@
 """Replicas on one PostgreSQL follow each task once between them: the replica holding a task's
 lease polls it and downloads its image, the others read what it stored, and when it dies another
-adopts its tasks and finishes them with nobody asking. In process: each `connect` is a replica."""
+adopts its tasks and finishes them with nobody asking. In process: each `connect` is a replica,
+with a home of its own."""
 
 from __future__ import annotations
 
@@ -48,13 +49,12 @@ async def until_stored(url: str, task_id: str, status: str, seconds: float) -> s
 async def test_a_replica_without_the_lease_reads_the_history_instead_of_polling(
     memory_server: ServerLauncher, standin: StandIn, postgres_url: str, tmp_path: Path
 ) -> None:
-    # One home for both: the image files are not what this is about.
-    async with replica(memory_server, postgres_url, tmp_path, lease="300") as first:
+    async with replica(memory_server, postgres_url, tmp_path / "r1", lease="300") as first:
         made = structured(await first.call_tool("create_image", {"prompt": "a fox held by one replica"}))
     task_id = made["task_id"]
     polls = standin.stats.result_calls_by_task.get(task_id, 0)
     # The first replica has stopped; its lease has not run out.
-    async with replica(memory_server, postgres_url, tmp_path, lease="300") as second:
+    async with replica(memory_server, postgres_url, tmp_path / "r2", lease="300") as second:
         for _ in range(3):
             result = await second.call_tool("get_result", {"task_id": task_id})
             assert not result.is_error, text_of(result)
@@ -70,12 +70,12 @@ async def test_a_replica_without_the_lease_reads_the_history_instead_of_polling(
 async def test_a_dead_replicas_task_is_adopted_and_finished_with_nobody_asking(
     memory_server: ServerLauncher, standin: StandIn, postgres_url: str, tmp_path: Path
 ) -> None:
-    async with replica(memory_server, postgres_url, tmp_path, lease="1") as first:
+    async with replica(memory_server, postgres_url, tmp_path / "r3", lease="1") as first:
         made = structured(await first.call_tool("create_image", {"prompt": "an orphaned owl"}))
     task_id = made["task_id"]
     first_holder = (await stored_status(postgres_url, task_id))[1]
     assert first_holder is not None
-    async with replica(memory_server, postgres_url, tmp_path, lease="1"):
+    async with replica(memory_server, postgres_url, tmp_path / "r4", lease="1"):
         # Nobody calls anything: the survivor takes the lease once it runs out...
         holder: str | None = first_holder
         with anyio.fail_after(1 + 1 / 3 + 3):
@@ -86,7 +86,7 @@ async def test_a_dead_replicas_task_is_adopted_and_finished_with_nobody_asking(
         standin.finish(task_id)
         await until_stored(postgres_url, task_id, "done", 10)
     assert standin.stats.download_calls == 1 and standin.stats.create_calls == 1
-    async with replica(memory_server, postgres_url, tmp_path, lease="1") as third:
+    async with replica(memory_server, postgres_url, tmp_path / "r5", lease="1") as third:
         result = structured(await third.call_tool("get_result", {"task_id": task_id}))
     assert result["status"] == "done"
     assert Path(result["file_path"]).read_bytes() == standin.image_bytes(task_id)
@@ -95,7 +95,7 @@ async def test_a_dead_replicas_task_is_adopted_and_finished_with_nobody_asking(
 async def test_the_holder_finishes_a_task_whose_caller_left(
     memory_server: ServerLauncher, standin: StandIn, postgres_url: str, tmp_path: Path
 ) -> None:
-    async with replica(memory_server, postgres_url, tmp_path) as only:
+    async with replica(memory_server, postgres_url, tmp_path / "r6") as only:
         made = structured(await only.call_tool("create_image", {"prompt": "a heron nobody waits for"}))
         standin.finish(made["task_id"])
         # No get_result: the replica's follower sees it done and keeps the image.
@@ -108,8 +108,8 @@ async def test_a_waiter_on_another_replica_hears_the_image_and_so_do_its_subscri
 ) -> None:
     prompt = {"prompt": "a crane seen from two replicas"}
     async with (
-        replica(memory_server, postgres_url, tmp_path, wait="20") as holder,
-        replica(memory_server, postgres_url, tmp_path, wait="20") as other,
+        replica(memory_server, postgres_url, tmp_path / "r7", wait="20") as holder,
+        replica(memory_server, postgres_url, tmp_path / "r8", wait="20") as other,
     ):
         made = structured(await holder.call_tool("create_image", prompt))
         async with other.listen(resources_list_changed=True) as subscription:

@@ -104,9 +104,10 @@ async def test_a_history_made_on_sqlite_is_served_from_postgresql_with_its_caps(
     async with memory_server.connect() as client:
         done = structured(await client.call_tool("generate_and_wait", {"prompt": "a fox before the move"}))
     assert done["status"] == "done"
-    # Another user's task on the same file, made as the engine makes one.
+    # Another user's task on the same file, made as the engine makes one, its image file since lost.
     store = SQLiteStore(home / "history.sqlite3")
-    alices = task(1, owner="alice", status="done")
+    lost = {"file_name": f"alice/{1:024x}.png", "mime_type": "image/png", "size_bytes": 3}
+    alices = task(1, owner="alice", status="done", file={**lost, "sha256": "0" * 64, "width": 1, "height": 1})
     await made(store, alices, now=datetime.now(timezone.utc))
     await store.close()
 
@@ -115,7 +116,13 @@ async def test_a_history_made_on_sqlite_is_served_from_postgresql_with_its_caps(
     assert ran.out.splitlines()[0] == (
         f"copied 2 tasks and 2 ledger entries from {home / 'history.sqlite3'} to {postgres_url}"
     )
-    assert f"image files stay in {home / 'images'}" in ran.out and ran.err == ""
+    # Alice's task is done, but its image is not in the home: counted, and the copy goes on.
+    assert ran.out.splitlines()[1:] == [
+        "1 images are in the database, for every replica to serve",
+        f"1 done tasks have no image in {home / 'images'} as recorded (deleted or damaged): the "
+        "replicas download those again while GPTunnel's link lasts",
+    ]
+    assert ran.err == ""
 
     # A server on the database, on the same home: it knows the task, serves the same bytes without
     # asking GPTunnel, and counts the create made before the move against the cap.
@@ -138,6 +145,35 @@ async def test_a_history_made_on_sqlite_is_served_from_postgresql_with_its_caps(
         assert await shared.get(alices.task_id, "alice") == alices
     finally:
         await shared.close()
+
+
+async def test_the_images_go_along_so_a_replica_with_a_fresh_home_serves_them(
+    memory_server: ServerLauncher,
+    standin: StandIn,
+    home: Path,
+    tmp_path: Path,
+    postgres_url: str,
+    migrate: Migrate,
+) -> None:
+    standin.behaviour.generation_seconds = 0.1
+    async with memory_server.connect() as client:
+        done = structured(await client.call_tool("generate_and_wait", {"prompt": "a fox before the move"}))
+    # Again, as a copy that stopped half-way is finished: the image is there once.
+    for _ in range(2):
+        ran = await migrate("--to", postgres_url)
+        assert (
+            ran.code == 0
+            and ran.out.splitlines()[-1] == "1 images are in the database, for every replica to serve"
+        )
+    assert await rows(postgres_url, "SELECT sha256 FROM images") == [(done["sha256"],)]
+
+    fresh = ServerLauncher(standin, tmp_path / "fresh")
+    async with fresh.connect(GPTUNNEL_MCP_DATABASE_URL=postgres_url) as client:
+        image = await client.read_resource(f"gptunnel://images/{done['task_id']}/file")
+    blob = image.contents[0]
+    assert isinstance(blob, BlobResourceContents)
+    assert base64.b64decode(blob.blob) == standin.image_bytes(done["task_id"])
+    assert standin.stats.download_calls == 1
 
 
 async def test_migrating_again_copies_only_what_changed_and_never_undoes_newer_work(

@@ -51,7 +51,7 @@ from ._records import (
 from ._request import ImageRequest, check_public_hosts
 from ._schedule import Backoff, PollPlan, PollSchedule, Timing
 from ._settings import Settings
-from ._store import Admission, Cap, ChangeFeed, Settlement, TaskStore
+from ._store import Admission, Cap, ChangeFeed, ImageShelf, Settlement, TaskStore
 from ._upstream import Balance, GPTunnelClient, UpstreamTask
 
 logger = logging.getLogger("gptunnel_mcp")
@@ -109,6 +109,9 @@ class Engine:
     #: Who may call, and as whom: one account, or one per GPTunnel key in multi-user mode.
     accounts: Accounts
     downloader: ImageDownloader
+    #: Where every replica on a shared store finds the images (PostgreSQL): `folder` is then a
+    #: cache in front of it. None: the folder is where the images live (SQLite).
+    shelf: ImageShelf | None = None
     schedule: PollSchedule = field(default_factory=PollSchedule)
     backoff: Backoff = field(default_factory=Backoff)
     _preview_slots: anyio.CapacityLimiter = field(
@@ -281,7 +284,7 @@ class Engine:
         """The task's state now: from the history if it is finished, else asked of GPTunnel once
         (with quick retries), downloading the image when it is ready."""
         record = await self._known(task_id, account)
-        if record is not None and self._finished(record):
+        if record is not None and await self._have(record):
             return record
         deadline = time.monotonic() + self.settings.wait_timeout
         return await self._step(task_id, account, record, events, attempts=_QUICK_ATTEMPTS, deadline=deadline)
@@ -307,7 +310,7 @@ class Engine:
         failures = 0
         last_error: TransientUpstreamError | None = None
         delay = 0.0 if poll_now else max(0.0, plan.next_age(_age(origin)) - _age(origin))
-        while record is None or not self._finished(record):
+        while record is None or not await self._have(record):
             if time.monotonic() + delay > deadline:
                 if record is None and last_error is not None:
                     raise last_error
@@ -328,7 +331,7 @@ class Engine:
                 state = f"retrying after a transient error ({exc})"
                 logger.info("task %s: %s", task_id, state)
             age = _age(origin)
-            if record is not None and self._finished(record):
+            if record is not None and await self._have(record):
                 await events.progress(age, age, f"{state}, {age:.0f} s elapsed")
             else:
                 await self._report(events, age, plan.timing, state)
@@ -360,7 +363,7 @@ class Engine:
         say in how many seconds to ask again. For callers that poll us (the MCP tasks
         extension): the plan, not the caller's pace, decides what GPTunnel sees."""
         record = await self.lookup(task_id, account.owner)
-        if self._finished(record) or record.cancelled_at is not None:
+        if await self._have(record) or record.cancelled_at is not None:
             return record, 0.0
         plan = await self._plan(record)
         origin = record.submitted_at or record.created_at
@@ -379,7 +382,7 @@ class Engine:
         """Stop following a task. GPTunnel has no cancel call, so the image may still be made:
         the task stays in the history and get_result can still fetch it."""
         record = await self.lookup(task_id, account.owner)
-        if record.cancelled_at is None and not self._finished(record):
+        if record.cancelled_at is None and not await self._have(record):
             record.cancelled_at = utcnow()
             await self.store.put(record)
         return record
@@ -423,7 +426,11 @@ class Engine:
                 )
                 if claim is not None:
                     stored = claim.record
-                    if not claim.held or _polled_since(stored, record) or self._finished(stored):
+                    if await self._have(stored):
+                        return stored
+                    # A done task whose image is in no home and not in the database is polled
+                    # again for its link, by whoever asks: a repair, not the usual way.
+                    if stored.status == "pending" and (not claim.held or _polled_since(stored, record)):
                         return stored
             return await self._poll(
                 task_id,
@@ -518,6 +525,8 @@ class Engine:
         if stored is None:
             logger.info("task %s: the call's time ran out during the download; it stays pending", task_id)
             return record
+        if self.shelf is not None:
+            await self._shelve(task_id, stored, self.shelf)
         record.file = stored
         record.status = "done"
         record.updated_at = utcnow()
@@ -526,6 +535,18 @@ class Engine:
         await events.image_stored(record)
         await self._announce(record)
         return record
+
+    async def _shelve(self, task_id: str, stored: StoredFile, shelf: ImageShelf) -> None:
+        """Put a download on the shelf before its task is recorded as done, so that no replica
+        sees the task done without the image to serve. Until then the task stays pending, and a
+        later poll downloads it again."""
+        try:
+            data = await anyio.to_thread.run_sync(self.folder.read_bytes, stored)
+            if data is None:
+                raise StorageError(f"the image {stored.file_name} changed in the folder before it was kept")
+            await shelf.keep_image(stored, data)
+        except StorageError as exc:
+            raise StorageError(exc.reason, task_id=task_id) from None
 
     async def _download_failed(self, record: TaskRecord, exc: DownloadError | FlakyLinkError) -> TaskRecord:
         """Count a failed download; the `MAX_DOWNLOAD_FAILURES`th ends the task, as does a link
@@ -653,10 +674,23 @@ class Engine:
                         group.start_soon(step, record, account)
                 await anyio.sleep(lease / 3)
 
-    def _finished(self, record: TaskRecord) -> bool:
+    async def _have(self, record: TaskRecord) -> bool:
+        """Whether the task is finished: failed, or done with its image in the folder, where an
+        image another replica downloaded is restored now from the shelf. Raises `StorageError`
+        when the shelf cannot be read or its copy is not the recorded image."""
         if record.status == "failed":
             return True
-        return record.status == "done" and record.file is not None and self.folder.exists(record.file)
+        stored = record.file
+        if record.status != "done" or stored is None:
+            return False
+        if self.folder.exists(stored):
+            return True
+        data = None if self.shelf is None else await self.shelf.image_bytes(stored.sha256)
+        if data is None:
+            return False
+        await anyio.to_thread.run_sync(self.folder.restore, stored, data)
+        logger.info("task %s: image restored into the folder from the shared store", record.task_id)
+        return True
 
     # --- reading the history ---------------------------------------------------------------
 
@@ -687,7 +721,7 @@ class Engine:
     async def image_base64(self, record: TaskRecord) -> str:
         """The stored image as base64 text. A read holds about 2.7 times the image's size until it
         is sent, so only a few run at once; the rest queue instead of growing memory."""
-        if record.file is None or not self._finished(record):
+        if record.file is None or not await self._have(record):
             raise ImageNotReadyError(record.task_id)
         stored = record.file
         return await anyio.to_thread.run_sync(self.folder.read_base64, stored, limiter=self._read_slots)

@@ -144,15 +144,51 @@ class ImageFolder:
         the other's image. Owner "" (a single user) keeps the images folder itself."""
         if not _NAME.fullmatch(task_id) or (owner and not _NAME.fullmatch(owner)):
             raise StorageError(f"{task_id[:80]!r} cannot name an image in {self.root}")
-        stem = f"{owner}/{task_id}" if owner else task_id
-        folder = self.locate(stem).parent
+        return self._partial(f"{owner}/{task_id}" if owner else task_id)
+
+    def _partial(self, stem: str) -> PartialFile:
+        """A new temporary file beside where the image `stem` (its name without extension) goes."""
+        place = self.locate(stem)
         try:
             # Private whatever the umask: images are their user's alone.
-            for each in (self.root, folder):
+            for each in (self.root, place.parent):
                 each.mkdir(mode=0o700, parents=True, exist_ok=True)
-            return PartialFile(self, stem, folder / f".{task_id}.{secrets.token_hex(4)}{_TEMP_SUFFIX}")
+            return PartialFile(
+                self, stem, place.with_name(f".{place.name}.{secrets.token_hex(4)}{_TEMP_SUFFIX}")
+            )
         except OSError as exc:
-            raise StorageError(_cannot_write(folder, exc)) from None
+            raise StorageError(_cannot_write(place.parent, exc)) from None
+
+    def read_bytes(self, stored: StoredFile) -> bytes | None:
+        """The stored image's bytes, or None when the folder has no file that is the recorded image
+        (never downloaded into this folder, deleted, or damaged)."""
+        try:
+            data = self.path(stored).read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StorageError(f"cannot read the stored image {stored.file_name}: {exc.strerror}") from None
+        return data if _is_recorded(stored, data) else None
+
+    def restore(self, stored: StoredFile, data: bytes) -> None:
+        """Put the shared database's copy of an image where its record names it, whole or not at
+        all, as a download is put there: the folder is a cache in front of the database. Bytes
+        that are not the recorded image (by size and SHA-256) are refused with `StorageError`,
+        and nothing is written."""
+        path = self.path(stored)
+        if not _is_recorded(stored, data):
+            raise StorageError(
+                f"the database's copy of the image {stored.file_name} is damaged (its size or SHA-256 "
+                "is not the one recorded at its download), so it is not served; deleting its row from "
+                "the table images has it downloaded again, while GPTunnel's link lasts"
+            )
+        with self._partial(path.relative_to(self.root).with_suffix("").as_posix()) as partial:
+            partial.write(data)
+            partial.place(path)
+
+
+def _is_recorded(stored: StoredFile, data: bytes) -> bool:
+    return len(data) == stored.size_bytes and hashlib.sha256(data).hexdigest() == stored.sha256
 
 
 def _create_private(path: Path) -> BinaryIO:
@@ -228,9 +264,7 @@ class PartialFile:
                 "try again later, or create the image anew if this persists."
             )
         try:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
+            self._seal()
             size = pixel_size(self._path)
             check_pixels(size, self._folder.max_pixels)
         except ImageTooLargeError as exc:
@@ -240,10 +274,7 @@ class PartialFile:
         except OSError as exc:
             raise StorageError(_cannot_write(self._folder.root, exc)) from None
         final_name = f"{self._stem}{EXTENSIONS[mime]}"
-        try:
-            os.replace(self._path, self._folder.locate(final_name))
-        except OSError as exc:
-            raise StorageError(_cannot_write(self._folder.root, exc)) from None
+        self._move(self._folder.locate(final_name))
         return StoredFile(
             file_name=final_name,
             mime_type=mime,
@@ -252,3 +283,22 @@ class PartialFile:
             width=size[0],
             height=size[1],
         )
+
+    def place(self, path: Path) -> None:
+        """Make the bytes durable and move them to `path` as they are: for bytes checked already."""
+        try:
+            self._seal()
+        except OSError as exc:
+            raise StorageError(_cannot_write(self._folder.root, exc)) from None
+        self._move(path)
+
+    def _seal(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+
+    def _move(self, path: Path) -> None:
+        try:
+            os.replace(self._path, path)
+        except OSError as exc:
+            raise StorageError(_cannot_write(self._folder.root, exc)) from None

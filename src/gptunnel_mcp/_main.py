@@ -141,11 +141,11 @@ def _parser() -> argparse.ArgumentParser:
         "migrate",
         parents=[common],
         help="copy the history into PostgreSQL, for replicas",
-        description="Copy every task (of every user) and the ledger of creates the caps count from this "
-        "home's SQLite history into a PostgreSQL database. Safe to run again: nothing is copied twice, "
-        "and nothing the database holds in a newer version is overwritten. The image files stay in the "
-        "home. Exit codes: 0 copied, 1 the copy failed (run it again to finish it), 2 bad usage or "
-        "configuration, or a history that cannot be opened.",
+        description="Copy every task (of every user), the ledger of creates the caps count and the "
+        "images of the done tasks from this home into a PostgreSQL database. Safe to run again: nothing "
+        "is copied twice, and nothing the database holds in a newer version is overwritten. Exit codes: "
+        "0 copied, 1 the copy failed (run it again to finish it), 2 bad usage or configuration, or a history "
+        "that cannot be opened.",
     )
     migrate.add_argument(
         "--to",

@@ -3,8 +3,8 @@
 Migration N takes the schema from version N-1 to N; the version is kept in `PRAGMA user_version`.
 A migration, once released, is never edited, because files in the field have already run it: a
 change to the schema is a new migration at the end. PostgreSQL keeps a list of its own beside
-it (`POSTGRES_MIGRATIONS`), with the same tables and columns: a change to the schema is a new
-migration at the end of both lists.
+it (`POSTGRES_MIGRATIONS`), with the same tables and columns, and one of its own (the images
+every replica serves): a change to the schema is a new migration at the end of both lists.
 """
 
 from __future__ import annotations
@@ -222,6 +222,17 @@ POSTGRES_MIGRATIONS: Sequence[Sequence[str]] = (
     (
         "ALTER TABLE tasks ADD COLUMN lease_holder text, ADD COLUMN lease_until timestamptz",
         "CREATE INDEX tasks_pending ON tasks (created_at) WHERE status = 'pending'",
+    ),
+    # PostgreSQL's own, with no SQLite counterpart (a SQLite server's images are its home folder's):
+    # the images, by their SHA-256, so a replica serves an image another one downloaded.
+    (
+        """CREATE TABLE images (
+               sha256     text PRIMARY KEY,
+               mime_type  text NOT NULL,
+               size_bytes bigint NOT NULL,
+               data       bytea NOT NULL,
+               kept_at    timestamptz NOT NULL DEFAULT now()
+           )""",
     ),
 )
 POSTGRES_LATEST = len(POSTGRES_MIGRATIONS)

@@ -22,7 +22,7 @@ import anyio.lowlevel
 
 from ._exceptions import ConfigError, StorageError
 from ._migrations import POSTGRES_LATEST, POSTGRES_MIGRATIONS
-from ._records import TaskRecord, TaskStatus
+from ._records import StoredFile, TaskRecord, TaskStatus
 from ._settings import mask_password
 from ._store import Admission, Cap, Claim, LedgerEntry, Settlement
 
@@ -67,8 +67,9 @@ _LISTEN_WAIT = 0.2
 
 
 class PostgresStore:
-    """`TaskStore` on PostgreSQL. Every replica's `admit` for one owner runs under one advisory
-    lock, so reuse and the caps are decided one call at a time across all of them."""
+    """`TaskStore` and `ImageShelf` on PostgreSQL. Every replica's `admit` for one owner runs
+    under one advisory lock, so reuse and the caps are decided one call at a time across all of
+    them."""
 
     def __init__(self, pool: AsyncConnectionPool[Connection], where: str) -> None:
         self._pool = pool
@@ -322,6 +323,25 @@ class PostgresStore:
                 )
             await anyio.sleep(pause)
             pause = min(pause * 2, 30.0)
+
+    async def keep_image(self, stored: StoredFile, data: bytes) -> None:
+        async def keep(conn: Connection) -> None:
+            # Asked first so that bytes kept already (another replica's download, a second
+            # migrate) do not cross the network again just to be dropped by the insert.
+            known = "SELECT 1 FROM images WHERE sha256 = %s"
+            if await (await conn.execute(known, (stored.sha256,))).fetchone() is not None:
+                return
+            await conn.execute(
+                """INSERT INTO images (sha256, mime_type, size_bytes, data) VALUES (%s, %s, %s, %s)
+                   ON CONFLICT (sha256) DO NOTHING""",
+                (stored.sha256, _text(stored.mime_type), len(data), data),
+            )
+
+        await self._run(keep)
+
+    async def image_bytes(self, sha256: str) -> bytes | None:
+        rows = await self._all("SELECT data FROM images WHERE sha256 = %s", (_text(sha256),))
+        return bytes(rows[0][0]) if rows else None
 
     async def import_tasks(self, records: Sequence[TaskRecord]) -> int:
         """Take in tasks another store kept (`migrate`), as one transaction; how many were new

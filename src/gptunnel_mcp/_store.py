@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal, Protocol, runtime_checkable
 
-from ._records import TaskRecord, TaskStatus
+from ._records import StoredFile, TaskRecord, TaskStatus
 
 
 @dataclass(frozen=True)
@@ -146,4 +146,20 @@ class ChangeFeed(Protocol):
         """Until cancelled, call `heard(owner, task_id, status)` for each task another process on
         the store wrote ("done": its image is kept). Reconnects by itself after the database was
         away."""
+        ...
+
+
+@runtime_checkable
+class ImageShelf(Protocol):
+    """The images themselves, kept where every replica on a shared store can read them, by their
+    SHA-256. A store whose images live in one home folder (SQLite) is no shelf: the folder is."""
+
+    async def keep_image(self, stored: StoredFile, data: bytes) -> None:
+        """Keep `data`, the bytes `stored` describes, under `stored.sha256`. Bytes kept already
+        are not written again."""
+        ...
+
+    async def image_bytes(self, sha256: str) -> bytes | None:
+        """The bytes kept under `sha256`, or None when there are none. As kept: the caller checks
+        them against its record before trusting them."""
         ...

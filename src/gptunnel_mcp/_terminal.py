@@ -368,6 +368,7 @@ def _migrate(settings: Settings, *, from_flag: bool) -> int:
 
     async def main() -> int:
         from ._accounts import legacy_server_secret
+        from ._files import ImageFolder
         from ._sqlite import SQLiteStore
         from ._transfer import copy_history
 
@@ -382,7 +383,10 @@ def _migrate(settings: Settings, *, from_flag: bool) -> int:
             except GPTunnelMCPError as exc:
                 return _fail(in_our_words(exc), EXIT_USAGE)
             try:
-                done = await copy_history(source, target, legacy_secret=legacy_server_secret(settings.home))
+                images = ImageFolder(settings.images_dir, max_pixels=settings.max_image_pixels)
+                done = await copy_history(
+                    source, target, images, legacy_secret=legacy_server_secret(settings.home)
+                )
             except ConfigError as exc:
                 return _fail(in_our_words(exc), EXIT_USAGE)
             except GPTunnelMCPError as exc:
@@ -394,10 +398,12 @@ def _migrate(settings: Settings, *, from_flag: bool) -> int:
         there = (done.tasks_read - done.tasks_copied, done.ledger_read - done.ledger_copied)
         if any(there):
             print(f"({there[0]} tasks and {there[1]} ledger entries were there already, as new or newer)")
-        print(
-            f"The image files stay in {settings.images_dir}: every replica needs this home as its "
-            "GPTUNNEL_MCP_HOME (a shared volume) to serve them."
-        )
+        print(f"{done.images_kept} images are in the database, for every replica to serve")
+        if done.images_missing:
+            print(
+                f"{done.images_missing} done tasks have no image in {settings.images_dir} as recorded "
+                "(deleted or damaged): the replicas download those again while GPTunnel's link lasts"
+            )
         return EXIT_OK
 
     try:

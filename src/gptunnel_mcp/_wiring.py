@@ -16,7 +16,7 @@ from ._files import ImageFolder
 from ._schedule import Backoff, PollSchedule
 from ._settings import Settings
 from ._sqlite import SQLiteStore
-from ._store import TaskStore
+from ._store import ImageShelf, TaskStore
 from ._upstream import GPTunnelClient
 
 logger = logging.getLogger("gptunnel_mcp")
@@ -105,6 +105,7 @@ async def open_engine(
         folder=folder,
         client=client,
         downloader=downloader,
+        shelf=store if isinstance(store, ImageShelf) else None,
         accounts=Accounts(Account(owner="", api_key=key), secret, multi_user=settings.multi_user),
         schedule=schedule or PollSchedule(),
         backoff=backoff or Backoff(),
