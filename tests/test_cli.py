@@ -405,3 +405,36 @@ def test_help_and_version(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--version"])
     assert ended.value.code == 0
     assert capsys.readouterr().out.strip() == f"gptunnel-mcp {gptunnel_mcp.__version__}"
+
+
+def test_on_postgresql_doctor_checks_the_database_and_history_says_where_images_are(
+    gptunnel: Gptunnel,
+    standin: StandIn,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    postgres_url: str,
+    tmp_path: Path,
+) -> None:
+    monkeypatch.setenv("GPTUNNEL_MCP_DATABASE_URL", postgres_url)
+    made = gptunnel("generate", "a fox on a shared database")
+    assert made.code == 0, made.err
+    healthy = gptunnel("doctor")
+    assert healthy.code == 0, healthy.out
+    assert "history in the PostgreSQL database" in healthy.out and "it has 1 task(s)" in healthy.out
+    listed = gptunnel("history")
+    assert made.out.strip() in listed.out
+    # Another machine's home: the image is in the database, not here yet, and `result` fetches it.
+    elsewhere = ["--base-url", standin.url, "--home", str(tmp_path / "elsewhere")]
+    (task_id,) = standin.task_ids()
+    with pytest.raises(SystemExit):
+        main([*elsewhere, "history"])
+    assert f"(in the database: `gptunnel-mcp result {task_id}` copies it here)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as fetched:
+        main([*elsewhere, "result", task_id])
+    assert fetched.value.code == 0
+    assert Path(capsys.readouterr().out.strip()).read_bytes() == standin.image_bytes(task_id)
+    assert standin.stats.download_calls == 1
+
+    monkeypatch.setenv("GPTUNNEL_MCP_DATABASE_URL", "postgresql://nobody@127.0.0.1:1/none")
+    broken = gptunnel("doctor")
+    assert broken.code != 0 and "127.0.0.1:1" in broken.out + broken.err

@@ -118,9 +118,9 @@ class Engine:
         default_factory=lambda: anyio.CapacityLimiter(os.cpu_count() or 2), repr=False
     )
     _read_slots: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(2), repr=False)
-    #: Whether this engine follows the tasks it holds leases on to the end, without a caller
-    #: (replicas on a shared database: `follow`); else only callers poll.
-    follows: bool = False
+    #: Whether several processes follow tasks on this store (replicas on one database): then a
+    #: task is polled only under its lease, and a server's `follow` finishes every task.
+    shared: bool = False
     #: Names this engine in the leases it holds; unique, so that a restarted replica is another.
     holder: str = field(
         default_factory=lambda: f"{socket.gethostname()[:40]}:{os.getpid()}:{secrets.token_hex(4)}"
@@ -259,8 +259,8 @@ class Engine:
                 f"GPTunnel started it, but it could not be recorded ({exc.reason})", task_id=record.task_id
             ) from None
         logger.info("created task %s (model %s)", record.task_id, record.model)
-        if self.follows:
-            # This replica follows it, whether or not the caller waits for it.
+        if self.shared:
+            # This process follows it, whether or not the caller waits for it.
             self._accounts_seen[account.owner] = account
             try:
                 await self.store.claim(
@@ -414,12 +414,12 @@ class Engine:
         `deadline`. Every change is recorded; a poll that changed nothing is too, unless
         `keep_quiet_polls` is off (a wait that holds the record in memory needs no write per poll).
 
-        Where several processes follow tasks (`follows`), a known task is polled only under its
+        Where several processes follow tasks (`shared`), a known task is polled only under its
         lease, and not again when someone polled it since `record` was read: the caller gets
         the stored record instead, which the holder keeps up to date."""
         key = _key(account)
         async with self._poll_locks.setdefault((account.owner, task_id), anyio.Lock()):
-            if self.follows and record is not None:
+            if self.shared and record is not None:
                 self._accounts_seen[account.owner] = account
                 claim = await self.store.claim(
                     task_id, account.owner, self.holder, seconds=self.settings.lease_seconds
@@ -614,7 +614,7 @@ class Engine:
             await event.wait()
 
     async def follow(self) -> None:
-        """Run for the engine's life where several processes share the store (`follows`): every
+        """Run for a server's life where several processes share the store (`shared`): every
         lease/3 s, renew this process's leases, adopt the tasks of processes that died (their
         lease ran out), and poll each task held when its plan says so, downloading its image
         when ready. So every task is finished by somebody, with nobody asking."""

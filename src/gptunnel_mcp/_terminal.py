@@ -21,15 +21,13 @@ from importlib.metadata import version as package_version
 from pathlib import Path
 from types import TracebackType
 
-import anyio
-
 from ._engine import Engine
 from ._exceptions import ConfigError, GPTunnelMCPError, InputError, StorageError, TaskNotFoundError
 from ._records import StoredFile, TaskRecord
 from ._request import parse_image_request
 from ._settings import Settings, mask_password
 from ._version import __version__
-from ._wiring import open_engine
+from ._wiring import open_engine, run_async
 
 #: Exit codes a script can rely on.
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PENDING = 0, 1, 2, 3
@@ -56,7 +54,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
             return await command(engine)
 
     try:
-        return anyio.run(main)
+        return run_async(settings, main)
     except (InputError, ConfigError) as exc:
         return _fail(explain(exc), EXIT_USAGE)
     except GPTunnelMCPError as exc:
@@ -280,22 +278,35 @@ def _convert(source: Path, target: Path, fmt: str) -> None:
         converted.save(target, format=fmt, **options)
 
 
+def _history_place(settings: Settings) -> str:
+    if settings.database_url is None:
+        return str(settings.home)
+    return f"the PostgreSQL database {mask_password(settings.database_url.get_secret_value())}"
+
+
 async def _history(engine: Engine, limit: int, *, as_json: bool) -> int:
     owner = engine.accounts.default.owner
     total, records = await engine.count(owner), await engine.history(owner, limit=limit)
+    # On a shared database, an image another replica downloaded is not in this home yet.
+    here = {r.task_id: engine.folder.path(r.file) for r in records if r.file and engine.folder.exists(r.file)}
     if as_json:
         rows = [
-            {**r.model_dump(mode="json"), "file_path": str(engine.folder.path(r.file)) if r.file else None}
+            {**r.model_dump(mode="json"), "file_path": str(here[r.task_id]) if r.task_id in here else None}
             for r in records
         ]
         print(json.dumps(rows, indent=2, ensure_ascii=False))
         return EXIT_OK
     if not records:
-        print(f"No tasks yet. History lives in {engine.settings.home}.")
+        print(f"No tasks yet. History lives in {_history_place(engine.settings)}.")
         return EXIT_OK
     for r in records:
         prompt = r.prompt if len(r.prompt) <= 50 else r.prompt[:49] + "…"
-        where = str(engine.folder.path(r.file)) if r.file else (r.error or "")
+        if r.task_id in here:
+            where = str(here[r.task_id])
+        elif r.file:
+            where = f"(in the database: `gptunnel-mcp result {r.task_id}` copies it here)"
+        else:
+            where = r.error or ""
         print(f"{r.created_at:%Y-%m-%d %H:%M}  {r.status:<7}  {r.task_id}  {r.model:<20}  {prompt}  {where}")
     if total > len(records):
         print(f"({len(records)} of {total}; --limit N for more)")
@@ -313,13 +324,25 @@ async def _doctor(engine: Engine) -> int:
     versions = f"gptunnel-mcp {__version__}, mcp {package_version('mcp')}, Python {platform.python_version()}"
     report(True, f"versions: {versions}")
     probe = settings.images_dir / ".doctor-probe"
+    shared = settings.database_url is not None
     try:
         probe.write_bytes(b"ok")
         probe.unlink()
-        total = await engine.count(engine.accounts.default.owner)
-        report(True, f"data folder {settings.home} is writable; history has {total} task(s)")
+        if shared:
+            report(True, f"image cache {settings.home} is writable")
+        else:
+            total = await engine.count(engine.accounts.default.owner)
+            report(True, f"data folder {settings.home} is writable; history has {total} task(s)")
     except (OSError, GPTunnelMCPError) as exc:
         report(False, f"data folder {settings.home}: {exc}; set GPTUNNEL_MCP_HOME to a writable folder")
+    if shared:
+        try:
+            await engine.store.ping()
+            total = await engine.count(engine.accounts.default.owner)
+        except GPTunnelMCPError as exc:
+            report(False, f"history: {exc}")
+        else:
+            report(True, f"history in {_history_place(settings)} answers; it has {total} task(s)")
     if settings.sandbox:
         report(True, "sandbox mode: no GPTunnel key is needed, and GPTunnel is not contacted")
         upstream, answered = "the sandbox's stand-in GPTunnel", "answers (its balance is play money)"
@@ -407,6 +430,6 @@ def _migrate(settings: Settings, *, from_flag: bool) -> int:
         return EXIT_OK
 
     try:
-        return anyio.run(main)
+        return run_async(settings, main)
     except KeyboardInterrupt:
         return 130

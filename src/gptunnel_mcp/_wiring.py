@@ -3,9 +3,12 @@ HTTP clients (or, in sandbox mode, the in-process stand-in behind them), closed 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 import anyio
 
@@ -20,6 +23,21 @@ from ._store import ImageShelf, TaskStore
 from ._upstream import GPTunnelClient
 
 logger = logging.getLogger("gptunnel_mcp")
+_T = TypeVar("_T")
+
+
+def loop_factory(settings: Settings) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop to run on, where the default will not do: psycopg's async connections
+    cannot use Windows' default (proactor) loop. None: the default."""
+    if sys.platform == "win32" and settings.database_url is not None:
+        return asyncio.SelectorEventLoop
+    return None
+
+
+def run_async(settings: Settings, main: Callable[[], Awaitable[_T]]) -> _T:
+    """`anyio.run(main)` on the event loop `settings` need."""
+    factory = loop_factory(settings)
+    return anyio.run(main, backend_options={} if factory is None else {"loop_factory": factory})
 
 
 async def open_store(settings: Settings) -> TaskStore:
@@ -41,7 +59,7 @@ def check_store(settings: Settings) -> None:
         legacy_server_secret(settings.home)
         await (await open_store(settings)).close()
 
-    anyio.run(check)
+    run_async(settings, check)
 
 
 async def _open_history(settings: Settings) -> tuple[TaskStore, bytes]:
@@ -67,9 +85,14 @@ async def _open_history(settings: Settings) -> tuple[TaskStore, bytes]:
 
 @contextlib.asynccontextmanager
 async def open_engine(
-    settings: Settings, *, schedule: PollSchedule | None = None, backoff: Backoff | None = None
+    settings: Settings,
+    *,
+    follow: bool = False,
+    schedule: PollSchedule | None = None,
+    backoff: Backoff | None = None,
 ) -> AsyncIterator[Engine]:
-    """`schedule` and `backoff` replace the built-in poll timing (tests make it quick)."""
+    """`follow`: a server's engine, which follows tasks in the background on a shared store.
+    `schedule` and `backoff` replace the built-in poll timing (tests make it quick)."""
     folder = ImageFolder(settings.images_dir, max_pixels=settings.max_image_pixels)
     removed = folder.remove_stray_temporaries()
     if removed:
@@ -109,14 +132,14 @@ async def open_engine(
         accounts=Accounts(Account(owner="", api_key=key), secret, multi_user=settings.multi_user),
         schedule=schedule or PollSchedule(),
         backoff=backoff or Backoff(),
-        # Replicas on one database finish every task between them; a process of its own polls
-        # only for its callers.
-        follows=settings.database_url is not None,
+        shared=settings.database_url is not None,
     )
     failure: Exception | None = None
     try:
         async with anyio.create_task_group() as background:
-            if engine.follows:
+            if follow and engine.shared:
+                # Replicas on one database finish every task between them; a terminal command
+                # comes and goes, and leaves that to them.
                 background.start_soon(engine.follow)
             try:
                 yield engine

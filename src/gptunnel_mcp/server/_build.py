@@ -51,7 +51,7 @@ def build_server(
 
     @asynccontextmanager
     async def lifespan(_: MCPServer[Engine]) -> AsyncIterator[Engine]:
-        async with open_engine(settings, schedule=schedule, backoff=backoff) as engine:
+        async with open_engine(settings, follow=True, schedule=schedule, backoff=backoff) as engine:
             # Images kept by any process on the store, on 2026-07-28 clients' listen streams.
             engine.on_image_stored(listeners.resources_changed)
             slot.engine = engine

@@ -17,6 +17,7 @@ import anyio
 
 from .._exceptions import ConfigError
 from .._settings import Settings
+from .._wiring import loop_factory, run_async
 
 if TYPE_CHECKING:
     from mcp.server import MCPServer
@@ -38,7 +39,7 @@ def serve(settings: Settings, log_level: str) -> int:
         return _serve_http(settings, log_level)
     from ._build import build_server
 
-    return _serve_stdio(build_server(settings))
+    return _serve_stdio(settings, build_server(settings))
 
 
 # --- HTTP -------------------------------------------------------------------------------------
@@ -50,7 +51,12 @@ def _serve_http(settings: Settings, log_level: str) -> int:
     # Bound here rather than by uvicorn, which reports a busy port with the exit code 3 (here:
     # "still pending") after the whole app has started.
     with _listen(settings.host, settings.port) as sock:
-        server = http_server(settings, build_http_app(settings), log_level=log_level.lower(), log_config=None)
+        # uvicorn takes the loop as "module:factory"; psycopg needs one on Windows (`loop_factory`).
+        factory = loop_factory(settings)
+        loop = "auto" if factory is None else f"{factory.__module__}:{factory.__qualname__}"
+        server = http_server(
+            settings, build_http_app(settings), log_level=log_level.lower(), log_config=None, loop=loop
+        )
         host = f"[{settings.host}]" if ":" in settings.host else settings.host
         port = sock.getsockname()[1]
         logger.info("serving MCP at http://%s:%d%s (health: /healthz)", host, port, MCP_PATH)
@@ -88,7 +94,7 @@ def _listen(host: str, port: int) -> socket.socket:
 # --- stdio ------------------------------------------------------------------------------------
 
 
-def _serve_stdio(server: MCPServer[Any]) -> int:
+def _serve_stdio(settings: Settings, server: MCPServer[Any]) -> int:
     """Serve on stdin/stdout until stdin ends (the client is gone) or Ctrl-C.
 
     The SDK reads stdin in a worker thread, and a cancelled event loop waits for that thread,
@@ -102,7 +108,7 @@ def _serve_stdio(server: MCPServer[Any]) -> int:
     """
     if os.name == "nt":
         # The event loop cannot take signals on Windows: the SDK's own handling of Ctrl-C.
-        server.run("stdio")
+        run_async(settings, server.run_stdio_async)
         return 0
     wire = os.dup(0)
     sink, source = socket.socketpair()
@@ -115,7 +121,7 @@ def _serve_stdio(server: MCPServer[Any]) -> int:
     saved_stdin, sys.stdin = sys.stdin, io.TextIOWrapper(source.makefile("rb"), encoding="utf-8")
     interrupted = False
 
-    async def run() -> None:
+    async def serve_until_stopped() -> None:
         async with anyio.create_task_group() as tasks:
 
             async def stop_on_ctrl_c() -> None:
@@ -131,7 +137,7 @@ def _serve_stdio(server: MCPServer[Any]) -> int:
             tasks.cancel_scope.cancel()
 
     try:
-        anyio.run(run)
+        run_async(settings, serve_until_stopped)
     finally:
         sys.stdin = saved_stdin
         os.dup2(wire, 0)
