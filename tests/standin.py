@@ -136,6 +136,8 @@ class Behaviour:
     image_size: tuple[int, int] = (1024, 1024)
     #: Non-zero: /v1/media/create answers HTTP 200 {"code": N, "error": ...} (code 3 with "issues").
     create_code: int = 0
+    #: Codes for the next creates, one each, in the order they arrive (0: made), before create_code.
+    create_codes: list[int] = field(default_factory=list)
     #: The same for /v1/media/result.
     result_code: int = 0
     #: The status a task ends in: "done", or "failed"/"error" (then with an "error" field and no url).
@@ -724,8 +726,9 @@ class StandIn:
         if not self._authorized(request):
             return _code_error(2)
         behaviour = self.behaviour
-        if behaviour.create_code:
-            return _code_error(behaviour.create_code, [_issue(["prompt"], "the stand-in was told to refuse")])
+        code = behaviour.create_codes.pop(0) if behaviour.create_codes else behaviour.create_code
+        if code:
+            return _code_error(code, [_issue(["prompt"], "the stand-in was told to refuse")])
         if problem is not None or not isinstance(body, dict):
             message = problem or f"Expected object, received {_type_name(body)}"
             return _code_error(3, [_issue([], message)])

@@ -84,8 +84,8 @@ def task(n: int, **fields: object) -> TaskRecord:
 
 async def made(store: SQLiteStore | PostgresStore, record: TaskRecord, *, now: datetime = T0) -> str:
     """`record` entered as the engine enters a task: a ticket in the ledger, settled with it."""
-    admission = await store.admit(
-        record.owner, record.request_key, now=now, reuse_since=None, in_flight_since=now, caps=()
+    (admission,) = await store.admit(
+        record.owner, [record.request_key], now=now, reuse_since=None, in_flight_since=now, caps=()
     )
     assert admission.ticket is not None
     await store.settle(admission.ticket, "created", record)
@@ -183,7 +183,7 @@ async def test_migrating_again_copies_only_what_changed_and_never_undoes_newer_w
     source = SQLiteStore(home / "history.sqlite3")
     await made(source, task(1))  # pending when first copied, then finished by a replica
     await made(source, task(2, status="done"))
-    on_its_way = await source.admit("", "key 3", now=T0, reuse_since=None, in_flight_since=T0, caps=())
+    (on_its_way,) = await source.admit("", ["key 3"], now=T0, reuse_since=None, in_flight_since=T0, caps=())
     assert on_its_way.ticket is not None
 
     first = await migrate("--to", postgres_url)

@@ -189,7 +189,9 @@ def today_record(task_id: str = "75a1b2c3d4e5f60718293a4b", **fields: object) ->
 async def reusable(store: SQLiteStore, request_key: str, since: datetime) -> TaskRecord | None:
     """The task the store would answer an identical request with."""
     now = datetime.now(timezone.utc)
-    admission = await store.admit("", request_key, now=now, reuse_since=since, in_flight_since=now, caps=[])
+    (admission,) = await store.admit(
+        "", [request_key], now=now, reuse_since=since, in_flight_since=now, caps=[]
+    )
     return admission.reuse
 
 
@@ -458,12 +460,12 @@ async def test_tasks_made_before_the_ledger_count_for_the_caps(tmp_path: Path) -
     try:
         hour = Cap(limit=1, span=timedelta(hours=1), unit="hour", setting="GPTUNNEL_MAX_IMAGES_PER_HOUR")
         day = Cap(limit=3, span=timedelta(days=1), unit="day", setting="GPTUNNEL_MAX_IMAGES_PER_DAY")
-        refused = await store.admit(
-            "", "new request", now=now, reuse_since=None, in_flight_since=now, caps=[hour]
+        (refused,) = await store.admit(
+            "", ["new request"], now=now, reuse_since=None, in_flight_since=now, caps=[hour]
         )
         assert refused.cap == hour and refused.made == 1
-        admitted = await store.admit(
-            "", "new request", now=now, reuse_since=None, in_flight_since=now, caps=[day]
+        (admitted,) = await store.admit(
+            "", ["new request"], now=now, reuse_since=None, in_flight_since=now, caps=[day]
         )
         assert admitted.ticket is not None, "the adopted task was counted as a create"
     finally:

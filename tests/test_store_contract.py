@@ -78,24 +78,30 @@ def task(n: int, **fields: Any) -> TaskRecord:
     return TaskRecord(**values)
 
 
-async def admit(
+async def admit_all(
     store: TaskStore,
-    key: str = "k",
+    keys: list[str],
     *,
     owner: str = "",
     now: datetime = T0,
     reuse_window: timedelta | None = timedelta(minutes=10),
     in_flight_for: timedelta = timedelta(minutes=2),
     caps: tuple[Cap, ...] = (),
-) -> Admission:
+) -> list[Admission]:
     return await store.admit(
         owner,
-        key,
+        keys,
         now=now,
         reuse_since=None if reuse_window is None else now - reuse_window,
         in_flight_since=now - in_flight_for,
         caps=caps,
     )
+
+
+async def admit(store: TaskStore, key: str = "k", **options: Any) -> Admission:
+    """One create's admission, as a call for one image asks."""
+    (admission,) = await admit_all(store, [key], **options)
+    return admission
 
 
 async def created(store: TaskStore, record: TaskRecord, *, now: datetime | None = None) -> None:
@@ -242,6 +248,37 @@ async def test_a_cap_of_zero_refuses_everything(backend: Backend) -> None:
         assert (await admit(store, "a", caps=(none,))) == Admission(cap=none, made=0, frees_at=None)
         await admit(store, "a")
         assert (await admit(store, "b", caps=(none,))) == Admission(cap=none, made=1, frees_at=None)
+
+
+async def test_a_call_for_several_images_is_admitted_whole_or_not_at_all(backend: Backend) -> None:
+    async with backend.open() as store:
+        assert (await admit(store, "k0", caps=(HOUR,))).ticket is not None
+        # Room for 2 more of 3: a call for three is refused whole, and takes no slot.
+        refused = await admit_all(store, ["a0", "a1", "a2"], now=T0 + timedelta(minutes=1), caps=(HOUR,))
+        assert all(a.cap == HOUR and a.made == 1 for a in refused)
+        assert refused[0].frees_at == T0 + timedelta(hours=1)
+        two = await admit_all(store, ["b0", "b1"], now=T0 + timedelta(minutes=2), caps=(HOUR,))
+        assert all(a.ticket for a in two) and len({a.ticket for a in two}) == 2
+        # More than the cap allows at all: never, said so.
+        (too_many, *_) = await admit_all(
+            store, ["c0", "c1", "c2", "c3"], now=T0 + timedelta(hours=5), caps=(HOUR,)
+        )
+        assert too_many.cap == HOUR and too_many.frees_at is None
+
+
+async def test_each_image_of_a_call_is_reused_on_its_own(backend: Backend) -> None:
+    async with backend.open() as store:
+        await created(store, task(1, request_key="p0"))
+        # The first image is the earlier one; only the second needs a create, and the cap
+        # counts only that one.
+        first, second = await admit_all(store, ["p0", "p1"], now=T0 + timedelta(seconds=5), caps=(HOUR,))
+        assert first.reuse is not None and first.reuse.task_id == f"{1:024x}"
+        assert second.ticket is not None
+        # An identical create on its way holds the whole call back, to be asked again.
+        assert (
+            await admit_all(store, ["p1", "p2"], now=T0 + timedelta(seconds=6))
+            == [Admission(in_flight=True)] * 2
+        )
 
 
 async def test_settling_frees_a_refused_slot_and_keeps_the_others(backend: Backend) -> None:

@@ -55,17 +55,22 @@ async def test_tools_are_listed_with_schemas_and_truthful_annotations(memory_ser
     for name in ("create_image", "generate_and_wait"):
         schema = tools[name].input_schema
         assert schema["required"] == ["prompt"]
-        assert set(schema["properties"]) == {"prompt", "model", "aspect_ratio", "images", "new_image"}
+        arguments = {"prompt", "model", "aspect_ratio", "images", "new_image", "count"}
+        assert set(schema["properties"]) == arguments
         annotations = tools[name].annotations
         assert annotations is not None
         assert annotations.read_only_hint is False and annotations.idempotent_hint is False
     assert tools["get_result"].annotations is not None and tools["get_result"].annotations.read_only_hint
     assert "21:9" in json.dumps(tools["create_image"].input_schema["properties"]["aspect_ratio"])
     for tool in (tools[name] for name in ("create_image", "get_result", "generate_and_wait")):
-        assert tool.output_schema is not None
-        assert {"task_id", "status", "file_path", "resource_uri", "sha256"} <= set(
-            tool.output_schema["properties"]
-        )
+        # One image's result, or for count above 1 the batch of them: both objects.
+        schema = tool.output_schema
+        assert schema is not None and schema["type"] == "object"
+        shapes = {ref["$ref"].rpartition("/")[2] for ref in schema["anyOf"]}
+        assert shapes == {"ImageResult", "BatchResult"}
+        single, batch = schema["$defs"]["ImageResult"], schema["$defs"]["BatchResult"]
+        assert {"task_id", "status", "file_path", "resource_uri", "sha256"} <= set(single["properties"])
+        assert batch["properties"]["images"]["items"] == {"$ref": "#/$defs/ImageResult"}
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -9,6 +9,7 @@ records and exceptions that carry facts; the words for each audience are the fro
 from __future__ import annotations
 
 import logging
+import math
 import os
 import secrets
 import socket
@@ -29,6 +30,7 @@ from ._exceptions import (
     FlakyLinkError,
     GPTunnelMCPError,
     ImageNotReadyError,
+    InputError,
     MissingKeyError,
     QuotaExceededError,
     StorageError,
@@ -38,7 +40,7 @@ from ._exceptions import (
     UpstreamError,
 )
 from ._files import ImageFolder
-from ._images import Preview, make_preview
+from ._images import PREVIEW_MAX_BYTES, Preview, make_preview
 from ._records import (
     SOURCE_URL_LIFETIME,
     StoredFile,
@@ -65,6 +67,8 @@ _IN_FLIGHT_POLL = 0.1
 _TIMING_SAMPLES = 10
 #: Failed downloads of one task's image, over all calls, after which the task ends as failed.
 MAX_DOWNLOAD_FAILURES = 5
+#: Images one call may ask for.
+MAX_COUNT = 4
 #: Tasks a follower takes over from dead replicas at one look, and follows at once at most.
 _ADOPT_BATCH = 50
 _FOLLOW_AT_ONCE = 8
@@ -150,24 +154,55 @@ class Engine:
         Reuse and the caps are decided by the store in one transaction that also takes a slot
         for the new request, so they hold for parallel calls and for every process on the store.
         """
+        (outcome,) = await self.create_many(request, account, count=1, new_image=new_image)
+        if isinstance(outcome, GPTunnelMCPError):
+            raise outcome
+        return outcome
+
+    async def create_many(
+        self, request: ImageRequest, account: Account, *, count: int, new_image: bool = False
+    ) -> list[Outcome | GPTunnelMCPError]:
+        """`count` images of one request, as `create` makes one: each is reused or created on
+        its own (the n-th image of a request is identical only to the n-th of an identical
+        request), but the caps admit all the creates needed or none, before anything is sent.
+        The creates then go out in parallel; one that fails is its error in the answer, in its
+        place, and does not undo the others. Raises what refuses them all."""
+        if not 1 <= count <= MAX_COUNT:
+            raise InputError(
+                f"ask for 1 to {MAX_COUNT} images in one call, not {count}. Nothing was sent to GPTunnel.",
+                argument="count",
+            )
         check_options(request)
         key = _key(account)
         if request.images and not self.settings.sandbox:
             # Before the store is asked: a refused request takes no slot. (The sandbox fetches
             # nothing, and may have no network to look names up on.)
             await check_public_hosts(request)
-        request_key = request.key()
+        request_keys = [request.key(n) for n in range(count)]
         # Identical requests of this process queue here rather than asking the store in a loop.
-        lock = self._create_locks.setdefault((account.owner, request_key), anyio.Lock())
+        lock = self._create_locks.setdefault((account.owner, request_keys[0]), anyio.Lock())
+        outcomes: list[Outcome | GPTunnelMCPError | None] = [None] * count
         async with lock:
-            admission = await self._admit(account.owner, request_key, new_image=new_image)
-            if admission.reuse is not None:
-                logger.info("reusing task %s for an identical request", admission.reuse.task_id)
-                return Outcome(admission.reuse, reused=True)
-            assert admission.ticket is not None
-            return Outcome(await self._create(request, request_key, account, key, admission.ticket), False)
+            admissions = await self._admit(account.owner, request_keys, new_image=new_image)
 
-    async def _admit(self, owner: str, request_key: str, *, new_image: bool) -> Admission:
+            async def create(n: int, ticket: str) -> None:
+                try:
+                    record = await self._create(request, request_keys[n], account, key, ticket)
+                    outcomes[n] = Outcome(record, reused=False)
+                except GPTunnelMCPError as exc:
+                    outcomes[n] = exc
+
+            async with anyio.create_task_group() as group:
+                for n, admission in enumerate(admissions):
+                    if admission.reuse is not None:
+                        logger.info("reusing task %s for an identical request", admission.reuse.task_id)
+                        outcomes[n] = Outcome(admission.reuse, reused=True)
+                    else:
+                        assert admission.ticket is not None
+                        group.start_soon(create, n, admission.ticket)
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    async def _admit(self, owner: str, request_keys: list[str], *, new_image: bool) -> list[Admission]:
         window = self.settings.reuse_window
         caps = [
             Cap(limit, span, unit, setting)
@@ -188,9 +223,9 @@ class Engine:
         while True:
             now = utcnow()
             try:
-                admission = await self.store.admit(
+                admissions = await self.store.admit(
                     owner,
-                    request_key,
+                    request_keys,
                     now=now,
                     reuse_since=None if new_image or window <= 0 else now - timedelta(seconds=window),
                     in_flight_since=now - timedelta(seconds=in_flight_for),
@@ -201,17 +236,19 @@ class Engine:
                 raise StorageError(
                     f"{exc.reason}. Nothing was sent to GPTunnel and nothing was charged"
                 ) from None
-            if admission.cap is not None:
-                cap = admission.cap
+            first = admissions[0]
+            if first.cap is not None:
+                cap = first.cap
                 raise QuotaExceededError(
                     cap=cap.limit,
                     unit=cap.unit,
                     setting=cap.setting,
-                    made=admission.made,
-                    frees_at=admission.frees_at,
+                    made=first.made,
+                    frees_at=first.frees_at,
+                    asked=sum(1 for a in admissions if a.reuse is None),
                 )
-            if not admission.in_flight:
-                return admission
+            if not first.in_flight:
+                return admissions
             # Another process is creating this very request: its answer is ours to reuse.
             await anyio.sleep(_IN_FLIGHT_POLL)
 
@@ -390,14 +427,46 @@ class Engine:
     async def generate(
         self, request: ImageRequest, account: Account, events: JobEvents = SILENT, *, new_image: bool = False
     ) -> Outcome:
-        # The wait timeout bounds the whole call: creating, waiting and downloading.
+        (outcome,) = await self.generate_many(request, account, events, count=1, new_image=new_image)
+        if isinstance(outcome, GPTunnelMCPError):
+            raise outcome
+        return outcome
+
+    async def generate_many(
+        self,
+        request: ImageRequest,
+        account: Account,
+        events: JobEvents = SILENT,
+        *,
+        count: int,
+        new_image: bool = False,
+    ) -> list[Outcome | GPTunnelMCPError]:
+        """`create_many`, then wait for every image at once, as one job for `events`: its
+        progress is the sum of the images' (each grows, so the sum does). The wait timeout bounds
+        the whole call: creating, waiting and downloading."""
         deadline = time.monotonic() + self.settings.wait_timeout
-        started = await self.create(request, account, new_image=new_image)
-        record = started.record
-        what = "an identical earlier task reused" if started.reused else "created"
-        await events.progress(0.0, None, f"task {record.task_id} {what}, {record.upstream_status}")
-        record = await self.wait(record.task_id, account, events, poll_now=started.reused, deadline=deadline)
-        return Outcome(record, started.reused)
+        started = await self.create_many(request, account, count=count, new_image=new_image)
+        outcomes: list[Outcome | GPTunnelMCPError] = list(started)
+        parts = _Parts(events, len(outcomes))
+
+        async def follow(n: int, begun: Outcome) -> None:
+            record = begun.record
+            what = "an identical earlier task reused" if begun.reused else "created"
+            part = parts.part(n)
+            await part.progress(0.0, None, f"task {record.task_id} {what}, {record.upstream_status}")
+            try:
+                record = await self.wait(
+                    record.task_id, account, part, poll_now=begun.reused, deadline=deadline
+                )
+                outcomes[n] = Outcome(record, begun.reused)
+            except GPTunnelMCPError as exc:
+                outcomes[n] = exc
+
+        async with anyio.create_task_group() as group:
+            for n, begun in enumerate(started):
+                if isinstance(begun, Outcome):
+                    group.start_soon(follow, n, begun)
+        return outcomes
 
     async def _step(
         self,
@@ -726,21 +795,23 @@ class Engine:
         stored = record.file
         return await anyio.to_thread.run_sync(self.folder.read_base64, stored, limiter=self._read_slots)
 
-    async def preview(self, stored: StoredFile) -> Preview:
-        """A small copy for inline display, made once and then kept beside the image.
+    async def preview(self, stored: StoredFile, *, share: int = 1) -> Preview:
+        """A small copy for inline display, made once and then kept beside the image; `share`:
+        one of that many shown together, which share one preview's size and byte budget.
 
         Decoding a full image takes tens of MB, so only as many run at once as there are cores;
         the rest queue instead of growing memory. Raises `StorageError` for an image that cannot
         be previewed (more pixels than `max_image_pixels`, or damaged): the image itself is kept.
         """
-        max_px = self.settings.preview_max_px
-        kept = await anyio.to_thread.run_sync(self.folder.read_preview, stored, max_px)
+        max_px = max(64, round(self.settings.preview_max_px / math.sqrt(share)))
+        max_bytes = PREVIEW_MAX_BYTES // share
+        kept = await anyio.to_thread.run_sync(self.folder.read_preview, stored, max_px, max_bytes)
         if kept is not None:
             return kept
         path, max_pixels = self.folder.path(stored), self.settings.max_image_pixels
         try:
             preview = await anyio.to_thread.run_sync(
-                make_preview, path, max_px, max_pixels, limiter=self._preview_slots
+                make_preview, path, max_px, max_pixels, max_bytes, limiter=self._preview_slots
             )
         except FileNotFoundError:
             raise StorageError(f"the stored image {stored.file_name} is missing") from None
@@ -748,7 +819,7 @@ class Engine:
             raise StorageError(f"the stored image {stored.file_name} cannot be previewed: {exc}") from None
         except OSError as exc:
             raise StorageError(f"cannot read the stored image {stored.file_name}: {exc.strerror}") from None
-        await anyio.to_thread.run_sync(self.folder.keep_preview, stored, max_px, preview)
+        await anyio.to_thread.run_sync(self.folder.keep_preview, stored, max_px, max_bytes, preview)
         return preview
 
     # --- plumbing ----------------------------------------------------------------------------
@@ -779,6 +850,37 @@ class Engine:
                 logger.info("transient failure (%s); retry %d in %.1f s", exc, attempt, delay)
                 await anyio.sleep(delay)
         raise AssertionError("unreachable")
+
+
+class _Parts:
+    """One job's events for several images: progress is the sum of theirs, the message the
+    latest image's, prefixed with which image it is."""
+
+    def __init__(self, events: JobEvents, count: int) -> None:
+        self.events = events
+        self.count = count
+        self.progress = [0.0] * count
+        self.totals: list[float | None] = [None] * count
+
+    def part(self, n: int) -> JobEvents:
+        return _Part(self, n)
+
+
+class _Part:
+    def __init__(self, parts: _Parts, n: int) -> None:
+        self._parts = parts
+        self._n = n
+
+    async def progress(self, progress: float, total: float | None, message: str) -> None:
+        parts, n = self._parts, self._n
+        parts.progress[n], parts.totals[n] = progress, total
+        known = [t for t in parts.totals if t is not None]
+        prefix = f"image {n + 1} of {parts.count}: " if parts.count > 1 else ""
+        total_known = sum(known) if len(known) == parts.count else None
+        await parts.events.progress(sum(parts.progress), total_known, prefix + message)
+
+    async def image_stored(self, record: TaskRecord) -> None:
+        await self._parts.events.image_stored(record)
 
 
 def _key(account: Account) -> str:

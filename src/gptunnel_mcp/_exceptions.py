@@ -44,14 +44,20 @@ class InputError(GPTunnelMCPError):
 class QuotaExceededError(GPTunnelMCPError):
     """A configured cap on images per hour or day is reached. Raised before any upstream call."""
 
-    def __init__(self, *, cap: int, unit: str, setting: str, made: int, frees_at: datetime | None) -> None:
-        """`frees_at` is None when the cap is 0: no image may be made at all."""
+    def __init__(
+        self, *, cap: int, unit: str, setting: str, made: int, frees_at: datetime | None, asked: int = 1
+    ) -> None:
+        """`frees_at` is None when the call asks for more images than the cap allows at all
+        (`asked` of them; with a cap of 0, any)."""
         self.cap, self.unit, self.setting, self.made, self.frees_at = cap, unit, setting, made, frees_at
-        when = (
-            f"The next can be made at {frees_at:%Y-%m-%d %H:%M:%S} UTC."
-            if frees_at is not None
-            else f"With {setting}=0 no image can be made; raise or unset it."
-        )
+        self.asked = asked
+        if frees_at is not None:
+            images = "The next can" if asked == 1 else f"{asked} more images can"
+            when = f"{images} be made at {frees_at:%Y-%m-%d %H:%M:%S} UTC."
+        elif cap == 0:
+            when = f"With {setting}=0 no image can be made; raise or unset it."
+        else:
+            when = f"This call asks for {asked} images, more than the cap allows: ask for fewer."
         super().__init__(
             f"the cap of {cap} images per {unit} ({setting}) is reached: {made} made in the last {unit}. "
             f"{when} Nothing was sent to GPTunnel."

@@ -87,15 +87,15 @@ class ImageFolder:
             raise StorageError(f"cannot read the stored image {stored.file_name}: {exc.strerror}") from None
         return "".join(pieces)
 
-    def _preview_path(self, stored: StoredFile, max_px: int) -> Path:
-        # The hash ties a preview to the exact image, the size to the setting it was made for.
+    def _preview_path(self, stored: StoredFile, max_px: int, max_bytes: int) -> Path:
+        # The hash ties a preview to the exact image, the sizes to the budget it was made for.
         image = self.path(stored).relative_to(self.root)
-        return self._previews / image.with_name(f"{image.stem}-{stored.sha256[:16]}-{max_px}px")
+        return self._previews / image.with_name(f"{image.stem}-{stored.sha256[:16]}-{max_px}px-{max_bytes}b")
 
-    def read_preview(self, stored: StoredFile, max_px: int) -> Preview | None:
-        """The preview kept for this image, or None if there is none (yet)."""
+    def read_preview(self, stored: StoredFile, max_px: int, max_bytes: int) -> Preview | None:
+        """The preview kept for this image and budget, or None if there is none (yet)."""
         try:
-            data = self._preview_path(stored, max_px).read_bytes()
+            data = self._preview_path(stored, max_px, max_bytes).read_bytes()
         except OSError:
             return None
         mime, size = sniff_mime(data[:SNIFF_BYTES]), header_size(io.BytesIO(data))
@@ -103,10 +103,10 @@ class ImageFolder:
             return None
         return Preview(data, mime, *size)
 
-    def keep_preview(self, stored: StoredFile, max_px: int, preview: Preview) -> None:
+    def keep_preview(self, stored: StoredFile, max_px: int, max_bytes: int, preview: Preview) -> None:
         """Keep a preview for later results, whole or not at all. It can always be made again, so a
         disk that refuses it costs only time."""
-        path = self._preview_path(stored, max_px)
+        path = self._preview_path(stored, max_px, max_bytes)
         temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}{_TEMP_SUFFIX}")
         try:
             for each in (self._previews, path.parent):

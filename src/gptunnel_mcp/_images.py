@@ -136,9 +136,9 @@ class Preview:
     height: int
 
 
-def make_preview(path: Path, max_px: int, max_pixels: int) -> Preview:
-    """A scaled-down copy no larger than `max_px` on its long side and `PREVIEW_MAX_BYTES` in
-    size: JPEG, or for a transparent image PNG or else WebP (both keep the alpha channel).
+def make_preview(path: Path, max_px: int, max_pixels: int, max_bytes: int = PREVIEW_MAX_BYTES) -> Preview:
+    """A scaled-down copy no larger than `max_px` on its long side and `max_bytes` in size:
+    JPEG, or for a transparent image PNG or else WebP (both keep the alpha channel).
 
     Raises `ImageTooLargeError` for an image of more than `max_pixels`, checked before anything is
     decoded, and ValueError for one that cannot be decoded.
@@ -156,19 +156,19 @@ def make_preview(path: Path, max_px: int, max_pixels: int) -> Preview:
     # SyntaxError are how Pillow's decoders report damaged data.
     except (Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
         raise ValueError(f"the file is damaged or incomplete ({type(exc).__name__})") from None
-    return _fit(small, transparent)
+    return _fit(small, transparent, max_bytes)
 
 
-def _fit(image: Image.Image, transparent: bool) -> Preview:
+def _fit(image: Image.Image, transparent: bool, max_bytes: int) -> Preview:
     """The first encoding within the byte budget, shrinking the image until one is."""
     from PIL import Image
 
     while True:
         for preview in _encodings(image, transparent):
-            if len(preview.data) <= PREVIEW_MAX_BYTES:
+            if len(preview.data) <= max_bytes:
                 return preview
         # Bytes grow with the area: aim straight at the budget from the smallest attempt.
-        scale = min(_SHRINK, 0.95 * math.sqrt(PREVIEW_MAX_BYTES / len(preview.data)))
+        scale = min(_SHRINK, 0.95 * math.sqrt(max_bytes / len(preview.data)))
         size = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
         image = image.resize(size, Image.Resampling.LANCZOS)
 

@@ -167,53 +167,57 @@ class PostgresStore:
     async def admit(
         self,
         owner: str,
-        request_key: str,
+        request_keys: Sequence[str],
         *,
         now: datetime,
         reuse_since: datetime | None,
         in_flight_since: datetime,
         caps: Sequence[Cap],
-    ) -> Admission:
-        owner, request_key = _text(owner), _text(request_key)
+    ) -> list[Admission]:
+        owner, keys = _text(owner), [_text(key) for key in request_keys]
 
-        async def decide(conn: Connection) -> Admission:
+        async def reuse(conn: Connection, key: str, since: datetime) -> Admission | None:
+            # One statement, so one snapshot: a create another replica settles meanwhile is seen
+            # whole (its task and its ticket no longer sending) or not at all.
+            cursor = await conn.execute(
+                """SELECT
+                     (SELECT record::text FROM tasks WHERE owner = %(owner)s AND request_key = %(key)s
+                        AND (status = 'pending' OR (status = 'done' AND created_at >= %(since)s))
+                      ORDER BY created_at DESC, seq DESC LIMIT 1),
+                     EXISTS (SELECT 1 FROM creates WHERE owner = %(owner)s AND request_key = %(key)s
+                        AND state = 'sending' AND made_at >= %(sent_since)s)""",
+                {"owner": owner, "key": key, "since": _utc(since), "sent_since": _utc(in_flight_since)},
+            )
+            found, sending = await cursor.fetchone() or (None, False)
+            earlier = None if found is None else TaskRecord.model_validate_json(found)
+            if earlier is not None and not _lost(earlier, now):
+                return Admission(reuse=earlier)
+            return Admission(in_flight=True) if sending else None
+
+        async def decide(conn: Connection) -> list[Admission]:
             async with conn.transaction():
                 # Before anything is read: the owner's admits, on every replica, queue here, and
                 # each statement below sees the tickets of those that went before.
                 await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key(f"admit:{owner}"),))
+                found: dict[str, Admission | None] = {}
                 if reuse_since is not None:
-                    # One statement, so one snapshot: a create another replica settles meanwhile
-                    # is seen whole (its task and its ticket no longer sending) or not at all.
-                    cursor = await conn.execute(
-                        """SELECT
-                             (SELECT record::text FROM tasks WHERE owner = %(owner)s AND request_key = %(key)s
-                                AND (status = 'pending' OR (status = 'done' AND created_at >= %(since)s))
-                              ORDER BY created_at DESC, seq DESC LIMIT 1),
-                             EXISTS (SELECT 1 FROM creates WHERE owner = %(owner)s AND request_key = %(key)s
-                                AND state = 'sending' AND made_at >= %(sent_since)s)""",
-                        {
-                            "owner": owner,
-                            "key": request_key,
-                            "since": _utc(reuse_since),
-                            "sent_since": _utc(in_flight_since),
-                        },
-                    )
-                    found, sending = await cursor.fetchone() or (None, False)
-                    earlier = None if found is None else TaskRecord.model_validate_json(found)
-                    if earlier is not None and not _lost(earlier, now):
-                        return Admission(reuse=earlier)
-                    if sending:
-                        return Admission(in_flight=True)
+                    for key in keys:
+                        found[key] = await reuse(conn, key, reuse_since)
+                if any(a is not None and a.in_flight for a in found.values()):
+                    return [Admission(in_flight=True)] * len(keys)
+                new = [key for key in keys if found.get(key) is None]
                 for cap in caps:
+                    if not new:
+                        break
                     since = _utc(now - cap.span)
-                    # The cap is full when it has a `limit`-th newest create; that one leaving
-                    # the span frees a slot.
+                    # Full when the newest `limit - len(new)` creates leave no room for `new`:
+                    # the next newer one leaving the span frees enough.
                     row = None
-                    if cap.limit > 0:
+                    if cap.limit >= len(new):
                         cursor = await conn.execute(
                             "SELECT made_at FROM creates WHERE owner = %s AND made_at > %s "
                             "ORDER BY made_at DESC OFFSET %s LIMIT 1",
-                            (owner, since, cap.limit - 1),
+                            (owner, since, cap.limit - len(new)),
                         )
                         row = await cursor.fetchone()
                         if row is None:
@@ -222,18 +226,20 @@ class PostgresStore:
                         "SELECT count(*) FROM creates WHERE owner = %s AND made_at > %s", (owner, since)
                     )
                     made = await cursor.fetchone()
-                    return Admission(
+                    refusal = Admission(
                         cap=cap,
                         made=int(made[0]) if made else 0,
                         frees_at=None if row is None else row[0].astimezone(timezone.utc) + cap.span,
                     )
-                ticket = secrets.token_hex(16)
-                await conn.execute(
-                    """INSERT INTO creates (ticket, owner, request_key, made_at, state)
-                       VALUES (%s, %s, %s, %s, 'sending')""",
-                    (ticket, owner, request_key, _utc(now)),
-                )
-                return Admission(ticket=ticket)
+                    return [refusal] * len(keys)
+                tickets = {key: secrets.token_hex(16) for key in new}
+                async with conn.cursor() as cursor:
+                    await cursor.executemany(
+                        """INSERT INTO creates (ticket, owner, request_key, made_at, state)
+                           VALUES (%s, %s, %s, %s, 'sending')""",
+                        [(ticket, owner, key, _utc(now)) for key, ticket in tickets.items()],
+                    )
+                return [found.get(key) or Admission(ticket=tickets[key]) for key in keys]
 
         return await self._run(decide)
 

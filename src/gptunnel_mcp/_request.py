@@ -42,11 +42,12 @@ class ImageRequest(BaseModel):
             _check_public_form(url)
         return urls
 
-    def key(self) -> str:
-        """Identity of what was asked for: equal requests are the same image to pay for."""
-        canonical = json.dumps(
-            [self.prompt, self.model.lower(), self.aspect_ratio, sorted(self.images)], ensure_ascii=False
-        )
+    def key(self, n: int = 0) -> str:
+        """Identity of what was asked for: equal requests are the same image to pay for. `n`:
+        the n-th image of a call for several, the same image as the n-th of an identical one."""
+        fields: list[object] = [self.prompt, self.model.lower(), self.aspect_ratio, sorted(self.images)]
+        # The first image's key is the key of a call for one, as it always was.
+        canonical = json.dumps([*fields, n] if n else fields, ensure_ascii=False)
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 

@@ -137,34 +137,41 @@ class SQLiteStore:
     async def admit(
         self,
         owner: str,
-        request_key: str,
+        request_keys: Sequence[str],
         *,
         now: datetime,
         reuse_since: datetime | None,
         in_flight_since: datetime,
         caps: Sequence[Cap],
-    ) -> Admission:
-        def decide(db: sqlite3.Connection) -> Admission:
-            if reuse_since is not None:
-                row = db.execute(
-                    """SELECT record FROM tasks WHERE owner = ? AND request_key = ?
-                       AND (status = 'pending' OR (status = 'done' AND created_at >= ?))
-                       ORDER BY created_at DESC, rowid DESC LIMIT 1""",
-                    (owner, request_key, _iso(reuse_since)),
-                ).fetchone()
-                earlier = None if row is None else TaskRecord.model_validate_json(row[0])
-                expires = None if earlier is None else earlier.source_url_expires_at
-                # A pending task whose link expired before its download is no answer to anyone.
-                if earlier is not None and not (earlier.status == "pending" and expires and expires < now):
-                    return Admission(reuse=earlier)
-                sending = db.execute(
-                    """SELECT 1 FROM creates WHERE owner = ? AND request_key = ? AND state = 'sending'
-                       AND made_at >= ? LIMIT 1""",
-                    (owner, request_key, _iso(in_flight_since)),
-                ).fetchone()
-                if sending is not None:
-                    return Admission(in_flight=True)
+    ) -> list[Admission]:
+        def reuse(db: sqlite3.Connection, request_key: str, since: datetime) -> Admission | None:
+            row = db.execute(
+                """SELECT record FROM tasks WHERE owner = ? AND request_key = ?
+                   AND (status = 'pending' OR (status = 'done' AND created_at >= ?))
+                   ORDER BY created_at DESC, rowid DESC LIMIT 1""",
+                (owner, request_key, _iso(since)),
+            ).fetchone()
+            earlier = None if row is None else TaskRecord.model_validate_json(row[0])
+            expires = None if earlier is None else earlier.source_url_expires_at
+            # A pending task whose link expired before its download is no answer to anyone.
+            if earlier is not None and not (earlier.status == "pending" and expires and expires < now):
+                return Admission(reuse=earlier)
+            sending = db.execute(
+                """SELECT 1 FROM creates WHERE owner = ? AND request_key = ? AND state = 'sending'
+                   AND made_at >= ? LIMIT 1""",
+                (owner, request_key, _iso(in_flight_since)),
+            ).fetchone()
+            return None if sending is None else Admission(in_flight=True)
+
+        def decide(db: sqlite3.Connection) -> list[Admission]:
+            since = reuse_since
+            found = {key: reuse(db, key, since) for key in request_keys} if since is not None else {}
+            if any(a is not None and a.in_flight for a in found.values()):
+                return [Admission(in_flight=True)] * len(request_keys)
+            new = [key for key in request_keys if found.get(key) is None]
             for cap in caps:
+                if not new:
+                    break
                 made = [
                     _moment(r[0])
                     for r in db.execute(
@@ -172,16 +179,18 @@ class SQLiteStore:
                         (owner, _iso(now - cap.span)),
                     )
                 ]
-                if len(made) >= cap.limit:
-                    frees_at = made[len(made) - cap.limit] + cap.span if cap.limit else None
-                    return Admission(cap=cap, made=len(made), frees_at=frees_at)
-            ticket = secrets.token_hex(16)
-            db.execute(
+                if len(made) + len(new) > cap.limit:
+                    # Enough of the oldest must leave the span for all of `new` to fit.
+                    leave = len(made) + len(new) - cap.limit
+                    frees_at = made[leave - 1] + cap.span if leave <= len(made) else None
+                    return [Admission(cap=cap, made=len(made), frees_at=frees_at)] * len(request_keys)
+            tickets = {key: secrets.token_hex(16) for key in new}
+            db.executemany(
                 """INSERT INTO creates (ticket, owner, request_key, made_at, state)
                    VALUES (?, ?, ?, ?, 'sending')""",
-                (ticket, owner, request_key, _iso(now)),
+                [(ticket, owner, key, _iso(now)) for key, ticket in tickets.items()],
             )
-            return Admission(ticket=ticket)
+            return [found.get(key) or Admission(ticket=tickets[key]) for key in request_keys]
 
         return await self._run(lambda db: _immediately(db, decide))
 

@@ -28,7 +28,8 @@ class Admission:
     caller's, in this process and in any other on the same store. Exactly one field is set:
     `ticket`, a slot taken for a new create; `reuse`, an identical request's task to answer with;
     `in_flight`, an identical create is on its way right now (ask again shortly); `cap`, the cap
-    that refuses it, with `made` creates in its span and the moment the oldest leaves it."""
+    that refuses it, with `made` creates in its span and the moment enough of them have left it
+    (None: never, the call asks for more than the cap)."""
 
     ticket: str | None = None
     reuse: TaskRecord | None = None
@@ -89,18 +90,20 @@ class TaskStore(Protocol):
     async def admit(
         self,
         owner: str,
-        request_key: str,
+        request_keys: Sequence[str],
         *,
         now: datetime,
         reuse_since: datetime | None,
         in_flight_since: datetime,
         caps: Sequence[Cap],
-    ) -> Admission:
-        """Decide one create, as one transaction: an identical request's task still pending (its
-        link not expired) or done since `reuse_since` is reused (`reuse_since` None: never); an
-        identical create sent since `in_flight_since` and not yet settled is waited for; a full
-        cap refuses; otherwise a ticket is entered in the ledger at `now`, and counts for the
-        caps until it is settled as refused."""
+    ) -> list[Admission]:
+        """Decide the creates of one call, one per request key, as one transaction: all of them
+        or none. An identical request's task still pending (its link not expired) or done since
+        `reuse_since` is reused (`reuse_since` None: never); if an identical create sent since
+        `in_flight_since` is not yet settled, every key is told to wait for it; if a cap cannot
+        take all the creates needed, every key is refused with it; otherwise each key that needs
+        a create gets a ticket, entered in the ledger at `now`, which counts for the caps until
+        it is settled as refused. The answers are in the order of `request_keys`."""
         ...
 
     async def settle(self, ticket: str, outcome: Settlement, record: TaskRecord | None = None) -> None:

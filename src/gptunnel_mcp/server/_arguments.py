@@ -15,6 +15,7 @@ from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, Field, ValidationError, WithJsonSchema
 
+from .._engine import MAX_COUNT
 from .._exceptions import InputError
 from .._records import TASK_ID_PATTERN
 from .._request import ASPECT_RATIOS, ImageRequest, parse_image_request
@@ -60,6 +61,15 @@ class ImageArguments(BaseModel):
             "in the last few minutes (by default that earlier task is returned instead).",
         ),
     ] = False
+    count: Annotated[
+        int,
+        Field(
+            description=f"How many images to make from this request, 1-{MAX_COUNT}, made in parallel and "
+            "each billed. All are checked against the caps before anything is spent. With more than one, "
+            "the result lists them under `images`.",
+            json_schema_extra={"minimum": 1, "maximum": MAX_COUNT},
+        ),
+    ] = 1
 
     def request(self, default_model: str) -> ImageRequest:
         return parse_image_request(default_model, self.prompt, self.model, self.aspect_ratio, self.images)

@@ -8,12 +8,13 @@ whichever way it reached a task.
 from __future__ import annotations
 
 import base64
+from collections.abc import Sequence
 from datetime import datetime
 
 from mcp_types import CallToolResult, ContentBlock, ImageContent, ResourceLink, TextContent
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, RootModel
 
-from .._engine import Engine
+from .._engine import Engine, Outcome
 from .._exceptions import (
     AuthenticationError,
     DownloadError,
@@ -78,6 +79,28 @@ class ImageResult(BaseModel):
         default=False,
         description="True when this call returned an earlier identical task instead of paying for a new one.",
     )
+
+
+class ImageFailure(BaseModel):
+    image: int = Field(description="Which image of the call failed to start, counting from 1.")
+    error: str = Field(description="Why, and what to do about it.")
+
+
+class BatchResult(BaseModel):
+    """The structured result of create_image and generate_and_wait with count above 1."""
+
+    message: str = Field(description="What happened to the images, and what to do next.")
+    images: list[ImageResult] = Field(description="One entry per image started (or reused), in order.")
+    failures: list[ImageFailure] = Field(
+        default_factory=list, description="The images that could not be started, each with why."
+    )
+
+
+class ToolImageResult(RootModel[ImageResult | BatchResult]):
+    """What an image tool returns: one image's result, or for count above 1, the batch."""
+
+    # An output schema's root must be an object for clients; both shapes are.
+    model_config = ConfigDict(json_schema_extra={"type": "object"})
 
 
 class HistoryEntry(BaseModel):
@@ -166,31 +189,75 @@ def describe(
 
 async def tool_result(engine: Engine, record: TaskRecord, *, reused: bool = False) -> CallToolResult:
     result = describe(engine, record, reused=reused)
-    content: list[ContentBlock] = []
     text = f"{result.message} (task_id {result.task_id}, status {result.status})"
-    if record.status == "done" and record.file is not None:
-        try:
-            preview = await engine.preview(record.file)
-            content.append(
-                ImageContent(data=base64.b64encode(preview.data).decode("ascii"), mime_type=preview.mime_type)
-            )
-        except StorageError as exc:
-            # The image is stored and its path and link stand: a missing preview is no failure.
-            text += f" {error_text(exc)}."
-        content.append(
-            ResourceLink(
-                uri=file_uri(record.task_id),
-                name=record.file.name,
-                title=shorten(record.prompt, 80),
-                description=f"Full image, {record.file.width}x{record.file.height}",
-                mime_type=record.file.mime_type,
-                size=record.file.size_bytes,
-            )
-        )
-    content.append(TextContent(text=text))
+    content, note = await _image_content(engine, record, share=1)
+    content.append(TextContent(text=text + note))
     return CallToolResult(
         content=content, structured_content=result.model_dump(mode="json"), is_error=record.status == "failed"
     )
+
+
+async def batch_result(engine: Engine, outcomes: Sequence[Outcome | GPTunnelMCPError]) -> CallToolResult:
+    """Several images of one call: each image's preview (together within one preview's budget)
+    and link, one line each in the text, and which failed and why. An error only if all did."""
+    started = [(n, o) for n, o in enumerate(outcomes, start=1) if isinstance(o, Outcome)]
+    failures = [
+        ImageFailure(image=n, error=error_text(o))
+        for n, o in enumerate(outcomes, start=1)
+        if not isinstance(o, Outcome)
+    ]
+    results = [describe(engine, o.record, reused=o.reused) for _, o in started]
+    content: list[ContentBlock] = []
+    lines: list[str] = []
+    for (n, outcome), result in zip(started, results, strict=True):
+        blocks, note = await _image_content(engine, outcome.record, share=len(outcomes))
+        content += blocks
+        lines.append(f"Image {n} (task_id {result.task_id}, status {result.status}): {result.message}{note}")
+    lines += [f"Image {f.image} was not started: {f.error}" for f in failures]
+    statuses = [r.status for r in results]
+    told = [f"{statuses.count('done')} of {len(outcomes)} images are ready"]
+    if "pending" in statuses:
+        told.append(
+            f"{statuses.count('pending')} still being made (call get_result with their task_id later)"
+        )
+    if failures or "failed" in statuses:
+        told.append(f"{len(failures) + statuses.count('failed')} failed")
+    message = ", ".join(told) + "."
+    content.append(TextContent(text="\n".join([message, *lines])))
+    batch = BatchResult(message=message, images=results, failures=failures)
+    return CallToolResult(
+        content=content,
+        structured_content=batch.model_dump(mode="json"),
+        # Failed only if no image came of it; otherwise the others are the answer.
+        is_error=all(status == "failed" for status in statuses),
+    )
+
+
+async def _image_content(engine: Engine, record: TaskRecord, *, share: int) -> tuple[list[ContentBlock], str]:
+    """A done task's preview and resource link, and a note for the text if the preview failed."""
+    if record.status != "done" or record.file is None:
+        return [], ""
+    content: list[ContentBlock] = []
+    note = ""
+    try:
+        preview = await engine.preview(record.file, share=share)
+        content.append(
+            ImageContent(data=base64.b64encode(preview.data).decode("ascii"), mime_type=preview.mime_type)
+        )
+    except StorageError as exc:
+        # The image is stored and its path and link stand: a missing preview is no failure.
+        note = f" {error_text(exc)}."
+    content.append(
+        ResourceLink(
+            uri=file_uri(record.task_id),
+            name=record.file.name,
+            title=shorten(record.prompt, 80),
+            description=f"Full image, {record.file.width}x{record.file.height}",
+            mime_type=record.file.mime_type,
+            size=record.file.size_bytes,
+        )
+    )
+    return content, note
 
 
 def error_text(exc: GPTunnelMCPError) -> str:

@@ -62,6 +62,9 @@ class TasksExtension(Extension):
         try:
             account = engine.accounts.for_headers(request_headers(ctx))
             args = parse(ImageArguments, params.arguments or {})
+            if args.count != 1:
+                # A task handle is one GPTunnel task: several images are answered in the call.
+                return await call_next(ctx)
             request = args.request(engine.settings.default_model)
             # Created before answering: the spec wants the task to exist when its handle is given.
             outcome = await engine.create(request, account, new_image=args.new_image)

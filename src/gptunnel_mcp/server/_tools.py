@@ -16,10 +16,10 @@ from .._exceptions import GPTunnelMCPError
 from .._records import TaskRecord
 from .._settings import Settings
 from ._arguments import ImageArguments, NoArguments, TaskArguments, takes
-from ._presentation import ImageResult, error_result, tool_result
+from ._presentation import ToolImageResult, batch_result, error_result, tool_result
 
 ToolContext = Context[Engine, Any]
-ToolResult = Annotated[CallToolResult, ImageResult]
+ToolResult = Annotated[CallToolResult, ToolImageResult]
 
 _SPENDS_MONEY = ToolAnnotations(
     read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=True
@@ -73,7 +73,8 @@ def register_tools(server: MCPServer[Engine], settings: Settings) -> None:
         description="Start generating an image with GPTunnel and return its task_id at once, without "
         "waiting. Then call get_result with the task_id until status is 'done'. Prefer generate_and_wait "
         "unless you want to do other work meanwhile. A new image is billed; an identical request still "
-        "running or made minutes ago is answered with that task instead (new_image=true for a fresh one).",
+        "running or made minutes ago is answered with that task instead (new_image=true for a fresh one). "
+        "count=2..4 starts that many images of the request at once (options to choose from).",
         annotations=_SPENDS_MONEY,
     )
     @takes(ImageArguments, ToolContext)
@@ -81,6 +82,11 @@ def register_tools(server: MCPServer[Engine], settings: Settings) -> None:
         engine = engine_of(ctx)
         try:
             request = args.request(engine.settings.default_model)
+            if args.count != 1:
+                started = await engine.create_many(
+                    request, account_of(ctx), count=args.count, new_image=args.new_image
+                )
+                return await batch_result(engine, started)
             outcome = await engine.create(request, account_of(ctx), new_image=args.new_image)
             return await tool_result(engine, outcome.record, reused=outcome.reused)
         except GPTunnelMCPError as exc:
@@ -109,7 +115,8 @@ def register_tools(server: MCPServer[Engine], settings: Settings) -> None:
         f"the server's wait limit (about {settings.wait_timeout:.0f} s), the result is status 'pending' "
         "with a task_id: call get_result with it later instead of generating again. A new image is "
         "billed; an identical request still running or made minutes ago is answered with that task "
-        "instead (new_image=true for a fresh one).",
+        "instead (new_image=true for a fresh one). For options to choose from, count=2..4 makes that many "
+        "in one call.",
         annotations=_SPENDS_MONEY,
     )
     @takes(ImageArguments, ToolContext)
@@ -118,6 +125,11 @@ def register_tools(server: MCPServer[Engine], settings: Settings) -> None:
         try:
             request = args.request(engine.settings.default_model)
             events = _ToolEvents(ctx)
+            if args.count != 1:
+                made = await engine.generate_many(
+                    request, account_of(ctx), events, count=args.count, new_image=args.new_image
+                )
+                return await batch_result(engine, made)
             outcome = await engine.generate(request, account_of(ctx), events, new_image=args.new_image)
             return await tool_result(engine, outcome.record, reused=outcome.reused)
         except GPTunnelMCPError as exc:
