@@ -51,7 +51,7 @@ async def history_ids(client: Client) -> list[str]:
 async def test_tools_are_listed_with_schemas_and_truthful_annotations(memory_server: ServerLauncher) -> None:
     async with memory_server.connect() as client:
         tools = {t.name: t for t in (await client.list_tools()).tools}
-    assert set(tools) == {"create_image", "get_result", "generate_and_wait", "get_balance"}
+    assert set(tools) == {"create_image", "get_result", "generate_and_wait", "get_balance", "search_images"}
     for name in ("create_image", "generate_and_wait"):
         schema = tools[name].input_schema
         assert schema["required"] == ["prompt"]
@@ -60,6 +60,17 @@ async def test_tools_are_listed_with_schemas_and_truthful_annotations(memory_ser
         assert annotations is not None
         assert annotations.read_only_hint is False and annotations.idempotent_hint is False
     assert tools["get_result"].annotations is not None and tools["get_result"].annotations.read_only_hint
+    searching = tools["search_images"].annotations
+    # It reads this server's history only: nothing outside is touched.
+    assert searching is not None and searching.read_only_hint and searching.open_world_hint is False
+    assert set(tools["search_images"].input_schema["properties"]) == {
+        "query",
+        "model",
+        "status",
+        "since",
+        "limit",
+        "cursor",
+    }
     assert "21:9" in json.dumps(tools["create_image"].input_schema["properties"]["aspect_ratio"])
     for tool in (tools[name] for name in ("create_image", "get_result", "generate_and_wait")):
         assert tool.output_schema is not None
