@@ -142,6 +142,9 @@ class Behaviour:
     result_code: int = 0
     #: The status a task ends in: "done", or "failed"/"error" (then with an "error" field and no url).
     final_status: str = "done"
+    #: The status a task reports until it ends, instead of "idle" and then "processing" (upstream's
+    #: words for "still working" vary by model: "queued", "RUNNING", "in_progress", ...).
+    working_status: str | None = None
     #: The next N requests under /v1 fail transiently; decremented per failure.
     transient_failures: int = 0
     #: How they fail: one of TRANSIENT_KINDS.
@@ -223,6 +226,7 @@ class _Task:
     created: float
     duration: float
     final_status: str
+    working_status: str | None
     image_format: str
     image_size: tuple[int, int]
     expired: bool = False
@@ -568,6 +572,11 @@ class StandIn:
         with self._lock:
             return {task_id: task.prompt for task_id, task in self._tasks.items()}
 
+    def task_models(self) -> dict[str, str]:
+        """Task id -> the model id each create named, exactly as sent, oldest first."""
+        with self._lock:
+            return {task_id: task.model for task_id, task in self._tasks.items()}
+
     def image_bytes(self, task_id: str) -> bytes:
         """The exact bytes the file URL of this task serves (without download_bytes_override)."""
         with self._lock:
@@ -591,6 +600,8 @@ class StandIn:
         """The task's status at ``now`` and whether it has ended. Call with the lock held."""
         elapsed = now - task.created
         if elapsed < task.duration:
+            if task.working_status is not None:
+                return task.working_status, False
             return ("idle" if elapsed < 0.2 * task.duration else "processing"), False
         # The moment it was due, not the moment someone asked, so latency benchmarks measure the
         # client's polling delay rather than hide it.
@@ -753,20 +764,17 @@ class StandIn:
                 created=created,
                 duration=max(0.0, duration),
                 final_status=behaviour.final_status,
+                working_status=behaviour.working_status,
                 image_format=image_format,
                 image_size=(int(behaviour.image_size[0]), int(behaviour.image_size[1])),
             )
             self._tasks[task_id] = task
         if behaviour.create_delay > 0:
             await anyio.sleep(behaviour.create_delay)
+        answer = self._task_body(task, task.working_status or "idle", False, self._base_url(request))
         if behaviour.create_id_override is not None:
-            return JSONResponse(
-                {
-                    **self._task_body(task, "idle", False, self._base_url(request)),
-                    "id": behaviour.create_id_override,
-                }
-            )
-        return JSONResponse(self._task_body(task, "idle", False, self._base_url(request)))
+            return JSONResponse({**answer, "id": behaviour.create_id_override})
+        return JSONResponse(answer)
 
     async def _result(self, request: Request) -> Response:
         task_id: Any

@@ -355,6 +355,24 @@ def test_history_lists_newest_first(gptunnel: Gptunnel, standin: StandIn) -> Non
     assert Path(rows[0]["file_path"]).read_bytes() == standin.image_bytes(second)
 
 
+def test_history_search_finds_prompts_in_any_case(gptunnel: Gptunnel, standin: StandIn) -> None:
+    snow, grass, wolf = (
+        pending_task(gptunnel, standin, p) for p in ("лиса в снегу", "Лиса на траве", "a wolf")
+    )
+    found = gptunnel("history", "--search", "ЛИСА")
+    assert found.code == 0, found.err
+    lines = found.out.strip().splitlines()
+    assert len(lines) == 2 and grass in lines[0] and snow in lines[1]
+    assert wolf not in found.out
+    newest = gptunnel("history", "--search", "лиса", "--limit", "1").out
+    assert (
+        grass in newest and snow not in newest and "(the newest 1 that match; --limit N for more)" in newest
+    )
+    rows = json.loads(gptunnel("history", "--search", "WOLF", "--json").out)
+    assert [row["task_id"] for row in rows] == [wolf]
+    assert gptunnel("history", "--search", "%").out.strip() == "No tasks match '%'."
+
+
 def test_doctor_says_what_is_fine_and_what_to_fix(
     gptunnel: Gptunnel, standin: StandIn, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -351,7 +351,7 @@ async def test_without_a_key_the_server_starts_explains_and_serves_stored_images
 
     async with memory_server.connect(GPTUNNEL_API_KEY=None) as client:
         tools = {t.name for t in (await client.list_tools()).tools}
-        assert tools == {"create_image", "get_result", "generate_and_wait", "get_balance"}
+        assert tools == {"create_image", "get_result", "generate_and_wait", "get_balance", "search_images"}
         refused = [
             await client.call_tool("create_image", {"prompt": "no key"}),
             await client.call_tool("generate_and_wait", {"prompt": "no key"}),
@@ -360,6 +360,7 @@ async def test_without_a_key_the_server_starts_explains_and_serves_stored_images
         listed = await history(client)
         blob = await read_blob(client, earlier["resource_uri"])
         stored = await client.call_tool("get_result", {"task_id": earlier["task_id"]})
+        found = await client.call_tool("search_images", {"query": "WITH A KEY"})
     for result in refused:
         text = text_of(result)
         assert result.is_error, text
@@ -367,6 +368,7 @@ async def test_without_a_key_the_server_starts_explains_and_serves_stored_images
     assert [t["task_id"] for t in listed["tasks"]] == [earlier["task_id"]]
     assert blob == standin.image_bytes(earlier["task_id"])
     assert not stored.is_error and structured(stored)["sha256"] == earlier["sha256"]
+    assert [t["task_id"] for t in structured(found)["tasks"]] == [earlier["task_id"]]
     after = (standin.stats.create_calls, standin.stats.result_calls, standin.stats.balance_calls)
     assert after == before, "a call without a key reached GPTunnel"
 

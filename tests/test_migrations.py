@@ -17,7 +17,7 @@ from gptunnel_mcp._exceptions import StorageError
 from gptunnel_mcp._migrations import LATEST, SQLITE_MIGRATIONS, UNVERSIONED_SHAPES, migrate
 from gptunnel_mcp._records import TaskRecord
 from gptunnel_mcp._sqlite import SQLiteStore
-from gptunnel_mcp._store import Cap
+from gptunnel_mcp._store import Cap, Search
 
 pytestmark = pytest.mark.anyio
 
@@ -91,6 +91,8 @@ ALTER TABLE tasks ADD COLUMN lease_until TEXT;
 CREATE INDEX tasks_pending ON tasks (created_at) WHERE status = 'pending';
 """
 )
+#: The tasks table now: each prompt in the form it is searched in came with migration 8.
+SEARCH_SCHEMA = LEASED_SCHEMA + "ALTER TABLE tasks ADD COLUMN search_text TEXT NOT NULL DEFAULT '';\n"
 
 FOX_ID = "65a1b2c3d4e5f60718293a4b"
 # What dabe035 wrote for a finished task: `created_at.isoformat()` in the column, its TaskRecord as JSON.
@@ -336,7 +338,7 @@ def test_every_history_ends_at_todays_schema(tmp_path: Path, build: str) -> None
         migrate(db)
         migrated = schema(db)
     with raw(tmp_path / "today.db") as db:
-        db.executescript(LEASED_SCHEMA)
+        db.executescript(SEARCH_SCHEMA)
         assert migrated == schema(db)
 
 
@@ -470,3 +472,27 @@ async def test_tasks_made_before_the_ledger_count_for_the_caps(tmp_path: Path) -
         assert admitted.ticket is not None, "the adopted task was counted as a create"
     finally:
         await store.close()
+
+
+async def test_prompts_stored_before_search_are_found_in_any_case(tmp_path: Path) -> None:
+    """Migration 8 folds the prompts already stored, Russian ones too, as new ones are."""
+    path = tmp_path / "history.db"
+    fox = today_record("75a1b2c3d4e5f60718000001", prompt="Лиса в СНЕГУ")
+    wolf = today_record("75a1b2c3d4e5f60718000002", prompt="a grey wolf")
+    with raw(path) as db:
+        db.executescript(LEASED_SCHEMA)
+        for record in (fox, wolf):
+            db.execute(
+                "INSERT INTO tasks (task_id, owner, status, created_at, request_key, model, record) "
+                "VALUES (?, '', 'pending', ?, ?, 'flux-pro', ?)",
+                (record.task_id, record.created_at.isoformat(), record.request_key, record.model_dump_json()),
+            )
+        db.execute("PRAGMA user_version = 7")
+    store = SQLiteStore(path)
+    try:
+        assert [r.task_id for r in await store.search("", Search(text="снегу"), limit=5)] == [fox.task_id]
+        assert [r.task_id for r in await store.search("", Search(text="ЛИСА"), limit=5)] == [fox.task_id]
+        assert [r.task_id for r in await store.search("", Search(text="Wolf"), limit=5)] == [wolf.task_id]
+    finally:
+        await store.close()
+    assert version(path) == LATEST

@@ -108,7 +108,7 @@ async def test_an_image_the_database_cannot_take_leaves_its_task_pending_until_i
 
     # Once the first replica's lease on it has run out, another replica finishes the job.
     async with b.connect(GPTUNNEL_MCP_DATABASE_URL=postgres_url, GPTUNNEL_MCP_LEASE_SECONDS="1") as client:
-        with anyio.fail_after(5):
+        with anyio.fail_after(15):
             again = structured(await client.call_tool("get_result", {"task_id": task_id}))
             while again["status"] != "done":
                 await anyio.sleep(0.2)

@@ -20,11 +20,11 @@ from mcp_types import CallToolResult
 
 from gptunnel_mcp import load_settings
 from gptunnel_mcp._exceptions import ConfigError, StorageError
-from gptunnel_mcp._migrations import POSTGRES_LATEST
+from gptunnel_mcp._migrations import POSTGRES_LATEST, POSTGRES_MIGRATIONS
 from gptunnel_mcp._postgres import PostgresStore
 from gptunnel_mcp._records import TaskRecord
 from gptunnel_mcp._sqlite import SQLiteStore
-from gptunnel_mcp._store import Admission, Cap, TaskStore
+from gptunnel_mcp._store import Admission, Cap, Position, Search, TaskStore
 from gptunnel_mcp._wiring import open_store
 
 from .conftest import API_KEY, ServerLauncher, environment, structured, text_of
@@ -178,6 +178,80 @@ async def test_text_with_nul_characters_is_stored(backend: Backend) -> None:
         assert kept is not None
         nul = "\x00" if backend.name == "sqlite" else "\ufffd"
         assert (kept.prompt, kept.model, kept.error) == (f"a{nul}b", f"m{nul}", f'\\u0000 and "{nul}"')
+
+
+async def found(store: TaskStore, owner: str = "", *, limit: int = 50, **search: Any) -> list[int]:
+    """The numbers (as `task` gives them) of the tasks a search finds, in its order."""
+    return [int(r.task_id, 16) for r in await store.search(owner, Search(**search), limit=limit)]
+
+
+async def test_search_finds_text_in_any_case_and_script_newest_first(backend: Backend) -> None:
+    prompts = ["лиса в снегу", "ЛИСА на траве", "A red Fox", "ёлка в лесу", "Straße", "wolf"]
+    async with backend.open() as store:
+        for n, prompt in enumerate(prompts, start=1):
+            await store.put(task(n, prompt=prompt, created_at=T0 + timedelta(minutes=n)))
+        await store.put(task(9, owner="alice", prompt="лиса alice", created_at=T0 + timedelta(hours=1)))
+        assert await found(store, text="Лиса") == [2, 1]
+        assert await found(store, text="лИСА НА") == [2]
+        assert await found(store, text="fox") == await found(store, text="FOX") == [3]
+        # Russian writers use е for ё, and the other way round.
+        assert await found(store, text="елка") == await found(store, text="Ёлка") == [4]
+        assert await found(store, text="STRASSE") == [5]
+        assert await found(store, text="лиса в снегу!") == []
+        assert await found(store) == [6, 5, 4, 3, 2, 1]
+        # Another owner's tasks are never found, whatever the search.
+        assert await found(store, "alice", text="лиса") == [9]
+        assert await found(store, "bob") == []
+
+
+async def test_search_takes_wildcards_and_escapes_literally(backend: Backend) -> None:
+    prompts = ["100% cotton", "100 percent", "snake_case", "snakeXcase", r"C:\path", "a'b\"c"]
+    async with backend.open() as store:
+        for n, prompt in enumerate(prompts, start=1):
+            await store.put(task(n, prompt=prompt, created_at=T0 + timedelta(minutes=n)))
+        assert await found(store, text="%") == [1]
+        assert await found(store, text="0%") == [1]
+        assert await found(store, text="_") == [3]
+        assert await found(store, text="e_c") == [3]
+        assert await found(store, text="\\") == [5]
+        assert await found(store, text="'b\"") == [6]
+
+
+async def test_search_filters_by_model_status_and_time(backend: Backend) -> None:
+    async with backend.open() as store:
+        await store.put(task(1, model="flux-dev", status="done", created_at=T0))
+        await store.put(task(2, model="FLUX-DEV", status="failed", created_at=T0 + timedelta(hours=1)))
+        await store.put(task(3, model="gpt-image-1-low", status="done", created_at=T0 + timedelta(hours=2)))
+        await store.put(task(4, model="flux-dev", prompt="flux fox", created_at=T0 + timedelta(hours=3)))
+        assert await found(store, model="Flux-Dev") == [4, 2, 1]
+        assert await found(store, status="done") == [3, 1]
+        assert await found(store, model="flux-dev", status="pending") == [4]
+        # `since` includes its own moment, in whatever zone it is given.
+        at_one = (T0 + timedelta(hours=1)).astimezone(timezone(timedelta(hours=3)))
+        assert await found(store, since=at_one) == [4, 3, 2]
+        assert await found(store, since=at_one, model="flux-dev", text="FOX") == [4]
+        assert await found(store, model="flux") == []
+
+
+async def test_search_pages_stay_put_while_tasks_arrive(backend: Backend) -> None:
+    async with backend.open() as store:
+        # 3, 4 and 5 in one moment (GPTunnel's whole seconds): the task id orders them.
+        for n, minute in ((1, 0), (2, 1), (3, 2), (4, 2), (5, 2), (6, 3)):
+            await store.put(task(n, created_at=T0 + timedelta(minutes=minute)))
+        first = await store.search("", Search(), limit=2)
+        assert [int(r.task_id, 16) for r in first] == [6, 5]
+        # Newer tasks, one in the very moment the page ended at, and one in the past.
+        await store.put(task(7, created_at=T0 + timedelta(minutes=9)))
+        await store.put(task(8, created_at=T0 + timedelta(minutes=2)))
+        pages, after = [], Position(first[-1].created_at, first[-1].task_id)
+        while page := await store.search("", Search(), after=after, limit=2):
+            pages.append([int(r.task_id, 16) for r in page])
+            after = Position(page[-1].created_at, page[-1].task_id)
+        # Nothing shown twice, nothing skipped: 8 sorts before 5 (the same moment, a larger id),
+        # where the pages have passed already, so they go on with 4; a search from the newest
+        # finds it in its place.
+        assert pages == [[4, 3], [2, 1]]
+        assert [int(r.task_id, 16) for r in await store.search("", Search(), limit=3)] == [7, 6, 8]
 
 
 # --- admission --------------------------------------------------------------------------------
@@ -467,6 +541,35 @@ async def test_replicas_starting_together_migrate_once(postgres_url: str) -> Non
         ).fetchall()
     assert rows == [(version,) for version in range(1, POSTGRES_LATEST + 1)]
     assert dict(kinds) == {"created_at": "timestamp with time zone", "record": "jsonb"}
+
+
+async def test_prompts_stored_before_search_are_found_in_any_case(postgres_url: str) -> None:
+    """PostgreSQL's migration that folds the prompts already stored does it in Python: the test
+    database's locale is "C", whose lower() leaves Cyrillic as it is."""
+    fox, wolf = task(1, prompt="Лиса в СНЕГУ"), task(2, prompt="a grey wolf")
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE schema_version "
+            "(version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        for version, steps in enumerate(POSTGRES_MIGRATIONS[:4], start=1):
+            for step in steps:
+                assert isinstance(step, str)
+                conn.execute(step)
+            conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
+        for record in (fox, wolf):
+            conn.execute(
+                "INSERT INTO tasks (task_id, owner, status, created_at, model, record) "
+                "VALUES (%s, '', 'pending', %s, %s, %s)",
+                (record.task_id, record.created_at, record.model, record.model_dump_json()),
+            )
+    store = await PostgresStore.open(postgres_url)
+    try:
+        assert [r.task_id for r in await store.search("", Search(text="снегу"), limit=5)] == [fox.task_id]
+        assert [r.task_id for r in await store.search("", Search(text="ЛИСА"), limit=5)] == [fox.task_id]
+        assert [r.task_id for r in await store.search("", Search(text="Wolf"), limit=5)] == [wolf.task_id]
+    finally:
+        await store.close()
 
 
 async def test_a_database_of_a_newer_version_is_refused(postgres_url: str) -> None:

@@ -51,7 +51,7 @@ async def history_ids(client: Client) -> list[str]:
 async def test_tools_are_listed_with_schemas_and_truthful_annotations(memory_server: ServerLauncher) -> None:
     async with memory_server.connect() as client:
         tools = {t.name: t for t in (await client.list_tools()).tools}
-    assert set(tools) == {"create_image", "get_result", "generate_and_wait", "get_balance"}
+    assert set(tools) == {"create_image", "get_result", "generate_and_wait", "get_balance", "search_images"}
     for name in ("create_image", "generate_and_wait"):
         schema = tools[name].input_schema
         assert schema["required"] == ["prompt"]
@@ -61,14 +61,25 @@ async def test_tools_are_listed_with_schemas_and_truthful_annotations(memory_ser
         assert annotations is not None
         assert annotations.read_only_hint is False and annotations.idempotent_hint is False
     assert tools["get_result"].annotations is not None and tools["get_result"].annotations.read_only_hint
+    searching = tools["search_images"].annotations
+    # It reads this server's history only: nothing outside is touched.
+    assert searching is not None and searching.read_only_hint and searching.open_world_hint is False
+    assert set(tools["search_images"].input_schema["properties"]) == {
+        "query",
+        "model",
+        "status",
+        "since",
+        "limit",
+        "cursor",
+    }
     assert "21:9" in json.dumps(tools["create_image"].input_schema["properties"]["aspect_ratio"])
     for tool in (tools[name] for name in ("create_image", "get_result", "generate_and_wait")):
         # One image's result, or for count above 1 the batch of them: both objects.
-        schema = tool.output_schema
-        assert schema is not None and schema["type"] == "object"
-        shapes = {ref["$ref"].rpartition("/")[2] for ref in schema["anyOf"]}
+        output = tool.output_schema
+        assert output is not None and output["type"] == "object"
+        shapes = {ref["$ref"].rpartition("/")[2] for ref in output["anyOf"]}
         assert shapes == {"ImageResult", "BatchResult"}
-        single, batch = schema["$defs"]["ImageResult"], schema["$defs"]["BatchResult"]
+        single, batch = output["$defs"]["ImageResult"], output["$defs"]["BatchResult"]
         assert {"task_id", "status", "file_path", "resource_uri", "sha256"} <= set(single["properties"])
         assert batch["properties"]["images"]["items"] == {"$ref": "#/$defs/ImageResult"}
 

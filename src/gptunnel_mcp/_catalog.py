@@ -1,7 +1,8 @@
 """What the server knows of GPTunnel's image models, and the option checks that follow from it.
 
-Model ids are free strings: an id not listed here is passed to GPTunnel unchecked. For a
-listed model, an option it does not take is refused before anything is sent (and paid for).
+Model ids are free strings: GPTunnel adds models often, so an id not listed here is passed to
+GPTunnel unchecked. A listed one is known in any case and sent in the spelling listed; an option
+it does not take is refused before anything is sent (and paid for).
 """
 
 from __future__ import annotations
@@ -68,11 +69,21 @@ MODELS: tuple[ModelInfo, ...] = (
         reference_images=False,
     ),
 )
-_BY_ID = {m.id: m for m in MODELS}
+_BY_ID = {m.id.lower(): m for m in MODELS}
 
 
 def find_model(model_id: str) -> ModelInfo | None:
+    """The listed model `model_id` names, in any case."""
     return _BY_ID.get(model_id.lower())
+
+
+def catalogue_spelling(request: ImageRequest) -> ImageRequest:
+    """`request` with a listed model named as listed, the spelling GPTunnel is known to take: a
+    person or an agent types "FLUX-DEV" as readily as "flux-dev"."""
+    info = find_model(request.model)
+    if info is None or info.id == request.model:
+        return request
+    return request.model_copy(update={"model": info.id})
 
 
 def check_options(request: ImageRequest) -> None:

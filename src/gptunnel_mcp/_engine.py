@@ -23,7 +23,7 @@ from weakref import WeakValueDictionary
 import anyio
 
 from ._accounts import Account, Accounts
-from ._catalog import check_options
+from ._catalog import catalogue_spelling, check_options
 from ._download import ImageDownloader, keepable_link
 from ._exceptions import (
     DownloadError,
@@ -52,8 +52,9 @@ from ._records import (
 )
 from ._request import ImageRequest, check_public_hosts
 from ._schedule import Backoff, PollPlan, PollSchedule, Timing
+from ._search import SearchPage, next_cursor, read_cursor, scope
 from ._settings import Settings
-from ._store import Admission, Cap, ChangeFeed, ImageShelf, Settlement, TaskStore
+from ._store import Admission, Cap, ChangeFeed, ImageShelf, Search, Settlement, TaskStore
 from ._upstream import Balance, GPTunnelClient, UpstreamTask
 
 logger = logging.getLogger("gptunnel_mcp")
@@ -172,6 +173,7 @@ class Engine:
                 f"ask for 1 to {MAX_COUNT} images in one call, not {count}. Nothing was sent to GPTunnel.",
                 argument="count",
             )
+        request = catalogue_spelling(request)
         check_options(request)
         key = _key(account)
         if request.images and not self.settings.sandbox:
@@ -559,7 +561,7 @@ class Engine:
         status_before = record.upstream_status if previous_poll is not None else None
         _apply(record, upstream)
         link = upstream.url
-        if record.upstream_status.lower() == "done" and link:
+        if upstream.outcome == "done" and link:
             # GPTunnel's word: a link too long to be one, or with credentials, is not kept.
             record.source_url = link if keepable_link(link) else None
             if record.completed_at is None:
@@ -787,6 +789,19 @@ class Engine:
     async def count(self, owner: str) -> int:
         return await self.store.count(owner)
 
+    async def search(
+        self, owner: str, search: Search, *, limit: int, cursor: str | None = None
+    ) -> SearchPage:
+        """A page of the owner's tasks that `search` finds, newest first, `limit` at most;
+        `cursor`, a page's own, continues after it. Raises `InputError` for a cursor that is not
+        one of this search's."""
+        made_for = scope(owner, search)
+        after = None if cursor is None else read_cursor(cursor, made_for)
+        # One more than asked: whether it comes says whether a next page does.
+        records = await self.store.search(owner, search, after=after, limit=limit + 1)
+        shown = records[:limit]
+        return SearchPage(shown, next_cursor(shown[-1], made_for) if len(records) > limit else None)
+
     async def image_base64(self, record: TaskRecord) -> str:
         """The stored image as base64 text. A read holds about 2.7 times the image's size until it
         is sent, so only a few run at once; the rest queue instead of growing memory."""
@@ -928,6 +943,15 @@ def _stale(record: TaskRecord) -> bool:
 
 
 def _apply(record: TaskRecord, upstream: UpstreamTask) -> None:
+    if not upstream.status_known and upstream.status != record.upstream_status:
+        # Once per change, for the operator: a new word may mean done or failed, and its tasks
+        # would then stay pending until their wait ends.
+        logger.warning(
+            "task %s: GPTunnel reports the status %r, which this server does not know; it is read as "
+            "still being made",
+            record.task_id,
+            upstream.status[:40],
+        )
     record.upstream_status = upstream.status
     record.updated_at = utcnow()
     if upstream.outcome == "failed":

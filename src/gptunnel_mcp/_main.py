@@ -127,6 +127,9 @@ def _parser() -> argparse.ArgumentParser:
         "history", parents=[common], help="list recent tasks", description="List recent tasks, newest first."
     )
     history.add_argument("--limit", type=_positive_int, default=20, help="how many (20)")
+    history.add_argument(
+        "--search", metavar="TEXT", help="only tasks whose prompt contains TEXT, in any case (Cyrillic too)"
+    )
     history.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     commands.add_parser(

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import datetime, timezone
+from typing import Any
 
 from ._exceptions import StorageError
+from ._records import searchable
 
 Migration = Callable[[sqlite3.Connection], None]
 
@@ -172,6 +174,16 @@ def _m007_leases(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX tasks_pending ON tasks (created_at) WHERE status = 'pending'")
 
 
+def _m008_search_text(db: sqlite3.Connection) -> None:
+    """Each prompt as it is searched (`searchable`), in a column of its own: folded by Python,
+    since neither database's SQL folds Cyrillic reliably. Not frozen, unlike the forms above:
+    the column must hold what the running code searches for, so a change to `searchable` is a
+    new migration that folds every prompt again."""
+    db.execute("ALTER TABLE tasks ADD COLUMN search_text TEXT NOT NULL DEFAULT ''")
+    db.create_function("searchable", 1, searchable, deterministic=True)
+    db.execute("UPDATE tasks SET search_text = searchable(COALESCE(json_extract(record, '$.prompt'), ''))")
+
+
 SQLITE_MIGRATIONS: Sequence[Migration] = (
     _m001_tasks,
     _m002_request_key,
@@ -180,14 +192,43 @@ SQLITE_MIGRATIONS: Sequence[Migration] = (
     _m005_creates,
     _m006_server_state,
     _m007_leases,
+    _m008_search_text,
 )
 LATEST = len(SQLITE_MIGRATIONS)
 
-#: PostgreSQL's history, each migration as the statements it runs (run by `_postgres`, under an
+#: What a PostgreSQL migration runs, in order: statements, and functions of the connection
+#: (psycopg's `AsyncConnection`, not named here so that SQLite needs no driver) for what SQL
+#: cannot do.
+PostgresStep = str | Callable[[Any], Awaitable[None]]
+#: Prompts folded per statement by `_p008_search_text`: a bounded share of memory.
+_FOLD_BATCH = 1000
+
+
+async def _p008_search_text(conn: Any) -> None:
+    """SQLite's 8, the folding: a database's lower() follows its locale, and folds nothing but
+    ASCII in a "C" one."""
+    last = 0
+    while True:
+        cursor = await conn.execute(
+            "SELECT seq, record->>'prompt' FROM tasks WHERE seq > %s ORDER BY seq LIMIT %s",
+            (last, _FOLD_BATCH),
+        )
+        rows = await cursor.fetchall()
+        if not rows:
+            return
+        async with conn.cursor() as update:
+            await update.executemany(
+                "UPDATE tasks SET search_text = %s WHERE seq = %s",
+                [(searchable(prompt or ""), seq) for seq, prompt in rows],
+            )
+        last = rows[-1][0]
+
+
+#: PostgreSQL's history, each migration as the steps it runs (run by `_postgres`, under an
 #: advisory lock, its version kept in the table `schema_version`). Its version 1 is SQLite's 5:
 #: the same tables and columns, times as `timestamptz` and the record as `jsonb`, and `seq` where
 #: SQLite has its implicit rowid, to order tasks created in the same second.
-POSTGRES_MIGRATIONS: Sequence[Sequence[str]] = (
+POSTGRES_MIGRATIONS: Sequence[Sequence[PostgresStep]] = (
     (
         """CREATE TABLE tasks (
                task_id     text NOT NULL,
@@ -234,6 +275,8 @@ POSTGRES_MIGRATIONS: Sequence[Sequence[str]] = (
                kept_at    timestamptz NOT NULL DEFAULT now()
            )""",
     ),
+    # SQLite's 8: prompts as they are searched.
+    ("ALTER TABLE tasks ADD COLUMN search_text text NOT NULL DEFAULT ''", _p008_search_text),
 )
 POSTGRES_LATEST = len(POSTGRES_MIGRATIONS)
 

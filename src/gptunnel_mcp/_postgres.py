@@ -22,9 +22,9 @@ import anyio.lowlevel
 
 from ._exceptions import ConfigError, StorageError
 from ._migrations import POSTGRES_LATEST, POSTGRES_MIGRATIONS
-from ._records import StoredFile, TaskRecord, TaskStatus
+from ._records import StoredFile, TaskRecord, TaskStatus, searchable
 from ._settings import mask_password
-from ._store import Admission, Cap, Claim, LedgerEntry, Settlement
+from ._store import Admission, Cap, Claim, LedgerEntry, Position, Search, Settlement
 
 try:
     import psycopg
@@ -155,6 +155,34 @@ class PostgresStore:
     async def count(self, owner: str = "") -> int:
         rows = await self._all("SELECT count(*) FROM tasks WHERE owner = %s", (_text(owner),))
         return int(rows[0][0])
+
+    async def search(
+        self, owner: str, search: Search, *, after: Position | None = None, limit: int
+    ) -> list[TaskRecord]:
+        where: list[str] = ["owner = %s"]
+        params: list[Any] = [_text(owner)]
+        if search.text:
+            where.append("strpos(search_text, %s) > 0")
+            params.append(_text(searchable(search.text)))
+        if search.model is not None:
+            # Model ids are ASCII, which lower() folds in every locale.
+            where.append("lower(model) = %s")
+            params.append(_text(search.model.lower()))
+        if search.status is not None:
+            where.append("status = %s")
+            params.append(search.status)
+        if search.since is not None:
+            where.append("created_at >= %s")
+            params.append(_utc(search.since))
+        if after is not None:
+            where.append("(created_at, task_id) < (%s, %s)")
+            params += [_utc(after.created_at), _text(after.task_id)]
+        rows = await self._all(
+            f"SELECT record::text FROM tasks WHERE {' AND '.join(where)} "  # noqa: S608 - clauses are ours
+            "ORDER BY created_at DESC, task_id DESC LIMIT %s",
+            (*params, limit),
+        )
+        return [TaskRecord.model_validate_json(r[0]) for r in rows]
 
     async def durations(self, model: str, *, limit: int) -> list[tuple[float | None, float]]:
         rows = await self._all(
@@ -455,11 +483,12 @@ class PostgresStore:
 
 #: Insert a task, or update it where the condition appended after WHERE allows.
 _UPSERT_TASK = """INSERT INTO tasks
-       (task_id, owner, status, created_at, request_key, model, finished_after, finished_by, record)
-   VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb)
+       (task_id, owner, status, created_at, request_key, model, finished_after, finished_by,
+        search_text, record)
+   VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb)
    ON CONFLICT (owner, task_id) DO UPDATE SET
        status = excluded.status, finished_after = excluded.finished_after,
-       finished_by = excluded.finished_by, record = excluded.record
+       finished_by = excluded.finished_by, search_text = excluded.search_text, record = excluded.record
    WHERE """
 
 
@@ -490,6 +519,7 @@ def _row(record: TaskRecord) -> tuple[Any, ...]:
         _text(record.model),
         record.finished_after,
         record.finished_by,
+        _text(searchable(record.prompt)),
         _json(record),
     )
 
@@ -513,9 +543,12 @@ async def _migrate(conn: Connection, where: str) -> None:
                 f"the history in the PostgreSQL database {where} was written by a newer gptunnel-mcp "
                 f"(schema {stored}; this version reads up to {POSTGRES_LATEST}): upgrade gptunnel-mcp"
             )
-        for version, statements in enumerate(POSTGRES_MIGRATIONS[stored:], start=stored + 1):
-            for statement in statements:
-                await conn.execute(statement)
+        for version, steps in enumerate(POSTGRES_MIGRATIONS[stored:], start=stored + 1):
+            for step in steps:
+                if isinstance(step, str):
+                    await conn.execute(step)
+                else:
+                    await step(conn)
             await conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
 
 

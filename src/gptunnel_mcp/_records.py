@@ -4,6 +4,7 @@ task ids and time."""
 from __future__ import annotations
 
 import re
+import unicodedata
 from datetime import datetime, timedelta, timezone
 from typing import Literal
 
@@ -35,6 +36,14 @@ def check_task_id(task_id: str) -> str:
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def searchable(text: str) -> str:
+    """`text` in the form prompts are searched in: folded to one case in every script, here
+    rather than in SQL, whose lower() folds only ASCII in SQLite and follows the database's
+    locale in PostgreSQL (none in a "C" database), while many prompts are Russian; and with "ё"
+    as "е", which Russian writers use interchangeably."""
+    return unicodedata.normalize("NFKC", text.casefold()).replace("ё", "е")
 
 
 # --- What the history keeps ------------------------------------------------------------------

@@ -17,8 +17,8 @@ import anyio
 
 from ._exceptions import StorageError
 from ._migrations import immediate_transaction, migrate
-from ._records import TaskRecord, utcnow
-from ._store import Admission, Cap, Claim, LedgerEntry, Settlement
+from ._records import TaskRecord, searchable, utcnow
+from ._store import Admission, Cap, Claim, LedgerEntry, Position, Search, Settlement
 
 _T = TypeVar("_T")
 
@@ -123,6 +123,34 @@ class SQLiteStore:
             lambda db: db.execute("SELECT COUNT(*) FROM tasks WHERE owner = ?", (owner,)).fetchone()
         )
         return int(row[0])
+
+    async def search(
+        self, owner: str, search: Search, *, after: Position | None = None, limit: int
+    ) -> list[TaskRecord]:
+        where, params = ["owner = ?"], [owner]
+        if search.text:
+            where.append("instr(search_text, ?) > 0")
+            params.append(searchable(search.text))
+        if search.model is not None:
+            # Model ids are ASCII, which SQLite's lower() folds.
+            where.append("lower(model) = ?")
+            params.append(search.model.lower())
+        if search.status is not None:
+            where.append("status = ?")
+            params.append(search.status)
+        if search.since is not None:
+            where.append("created_at >= ?")
+            params.append(_iso(search.since))
+        if after is not None:
+            where.append("(created_at, task_id) < (?, ?)")
+            params += [_iso(after.created_at), after.task_id]
+        query = f"SELECT record FROM tasks WHERE {' AND '.join(where)} "  # noqa: S608 - clauses are ours
+        rows = await self._run(
+            lambda db: db.execute(
+                query + "ORDER BY created_at DESC, task_id DESC LIMIT ?", (*params, limit)
+            ).fetchall()
+        )
+        return [TaskRecord.model_validate_json(r[0]) for r in rows]
 
     async def durations(self, model: str, *, limit: int) -> list[tuple[float | None, float]]:
         rows = await self._run(
@@ -324,11 +352,11 @@ def _put(db: sqlite3.Connection, record: TaskRecord) -> None:
     db.execute(
         """INSERT INTO tasks
                (task_id, owner, status, created_at, request_key, model,
-                finished_after, finished_by, record)
-           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                finished_after, finished_by, search_text, record)
+           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
            ON CONFLICT (owner, task_id) DO UPDATE SET
                status = excluded.status, finished_after = excluded.finished_after,
-               finished_by = excluded.finished_by,
+               finished_by = excluded.finished_by, search_text = excluded.search_text,
                record = excluded.record
            WHERE tasks.status != 'done' OR excluded.status = 'done'""",
         (
@@ -340,6 +368,7 @@ def _put(db: sqlite3.Connection, record: TaskRecord) -> None:
             record.model,
             record.finished_after,
             record.finished_by,
+            searchable(record.prompt),
             record.model_dump_json(),
         ),
     )

@@ -39,6 +39,28 @@ class Admission:
     frees_at: datetime | None = None
 
 
+@dataclass(frozen=True)
+class Search:
+    """Which of an owner's tasks `TaskStore.search` finds: each field set narrows it. `text` is
+    found anywhere in the prompt, literally (no wildcards) and in any case (`searchable`);
+    `model` in any case; `since` includes its own moment."""
+
+    text: str = ""
+    model: str | None = None
+    status: TaskStatus | None = None
+    since: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Position:
+    """A place in an owner's history, newest first: tasks are ordered by `created_at`, then by
+    `task_id` (unique per owner). Tasks made later come before every position, so a page
+    begun at one is the same however many tasks arrive meanwhile."""
+
+    created_at: datetime
+    task_id: str
+
+
 #: How a create request ended: GPTunnel made the task, refused it for sure, or may have made it.
 Settlement = Literal["created", "refused", "unknown"]
 
@@ -81,6 +103,13 @@ class TaskStore(Protocol):
         ...
 
     async def count(self, owner: str = "") -> int: ...
+
+    async def search(
+        self, owner: str, search: Search, *, after: Position | None = None, limit: int
+    ) -> list[TaskRecord]:
+        """Up to `limit` of the owner's tasks that `search` finds, newest first (as `Position`
+        orders them), from just after `after` (None: from the newest)."""
+        ...
 
     async def durations(self, model: str, *, limit: int) -> list[tuple[float | None, float]]:
         """When the newest finished tasks of `model` were done, as (finished after, finished by)

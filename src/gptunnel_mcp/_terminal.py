@@ -26,6 +26,7 @@ from ._exceptions import ConfigError, GPTunnelMCPError, InputError, StorageError
 from ._records import StoredFile, TaskRecord
 from ._request import parse_image_request
 from ._settings import Settings, mask_password
+from ._store import Search
 from ._version import __version__
 from ._wiring import open_engine, run_async
 
@@ -45,7 +46,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     command: Callable[[Engine], Awaitable[int]] = {
         "generate": lambda engine: _generate(engine, args, out),
         "result": lambda engine: _result(engine, args, out),
-        "history": lambda engine: _history(engine, args.limit, as_json=args.json),
+        "history": lambda engine: _history(engine, args.limit, as_json=args.json, text=args.search),
         "doctor": _doctor,
     }[args.command]
 
@@ -284,9 +285,15 @@ def _history_place(settings: Settings) -> str:
     return f"the PostgreSQL database {mask_password(settings.database_url.get_secret_value())}"
 
 
-async def _history(engine: Engine, limit: int, *, as_json: bool) -> int:
+async def _history(engine: Engine, limit: int, *, as_json: bool, text: str | None) -> int:
     owner = engine.accounts.default.owner
-    total, records = await engine.count(owner), await engine.history(owner, limit=limit)
+    if text is None:
+        total, records = await engine.count(owner), await engine.history(owner, limit=limit)
+        more = f"({len(records)} of {total}; --limit N for more)" if total > len(records) else None
+    else:
+        found = await engine.search(owner, Search(text=text), limit=limit)
+        records = found.records
+        more = f"(the newest {len(records)} that match; --limit N for more)" if found.cursor else None
     # On a shared database, an image another replica downloaded is not in this home yet.
     here = {r.task_id: engine.folder.path(r.file) for r in records if r.file and engine.folder.exists(r.file)}
     if as_json:
@@ -297,7 +304,10 @@ async def _history(engine: Engine, limit: int, *, as_json: bool) -> int:
         print(json.dumps(rows, indent=2, ensure_ascii=False))
         return EXIT_OK
     if not records:
-        print(f"No tasks yet. History lives in {_history_place(engine.settings)}.")
+        if text is not None:
+            print(f"No tasks match {text!r}.")
+        else:
+            print(f"No tasks yet. History lives in {_history_place(engine.settings)}.")
         return EXIT_OK
     for r in records:
         prompt = r.prompt if len(r.prompt) <= 50 else r.prompt[:49] + "…"
@@ -308,8 +318,8 @@ async def _history(engine: Engine, limit: int, *, as_json: bool) -> int:
         else:
             where = r.error or ""
         print(f"{r.created_at:%Y-%m-%d %H:%M}  {r.status:<7}  {r.task_id}  {r.model:<20}  {prompt}  {where}")
-    if total > len(records):
-        print(f"({len(records)} of {total}; --limit N for more)")
+    if more is not None:
+        print(more)
     return EXIT_OK
 
 

@@ -32,6 +32,10 @@ if TYPE_CHECKING:
     from ._httpx import httpx
 
 _FAILED_STATUSES = frozenset({"failed", "error", "cancelled", "canceled"})
+#: The texts by which GPTunnel, or a model provider behind it, says a task is still being made.
+_WORKING_STATUSES = frozenset(
+    {"idle", "processing", "running", "queued", "pending", "in_progress", "started"}
+)
 
 
 class UpstreamTask(BaseModel):
@@ -49,12 +53,24 @@ class UpstreamTask(BaseModel):
 
     @property
     def outcome(self) -> TaskStatus:
-        status = self.status.lower()
+        """What the status text means, in any case. A text not known here (GPTunnel adds models,
+        and their providers' words) is pending: polling on costs nothing, while a task called
+        failed that is in fact still being made would be asked for again, and paid for twice."""
+        status = _normal(self.status)
         if status == "done":
             return "done"
         if status in _FAILED_STATUSES:
             return "failed"
         return "pending"
+
+    @property
+    def status_known(self) -> bool:
+        return _normal(self.status) in _WORKING_STATUSES | _FAILED_STATUSES | {"done"}
+
+
+def _normal(status: str) -> str:
+    """A status text in one form: "In-Progress " is "in_progress"."""
+    return status.strip().lower().replace("-", "_").replace(" ", "_")
 
 
 class CreatePayload(BaseModel):

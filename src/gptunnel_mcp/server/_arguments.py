@@ -11,18 +11,23 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, cast, get_args
 
 from pydantic import BaseModel, Field, ValidationError, WithJsonSchema
 
 from .._engine import MAX_COUNT
 from .._exceptions import InputError
-from .._records import TASK_ID_PATTERN
+from .._records import TASK_ID_PATTERN, TaskStatus
 from .._request import ASPECT_RATIOS, ImageRequest, parse_image_request
+from .._search import parse_since
+from .._store import Search
 
 _A = TypeVar("_A", bound=BaseModel)
 _C = TypeVar("_C")
 _R = TypeVar("_R")
+#: Most tasks one search_images page lists: an agent's context pays for every row.
+SEARCH_LIMIT = 50
+_STATUSES: tuple[str, ...] = get_args(TaskStatus)
 
 
 class ImageArguments(BaseModel):
@@ -40,7 +45,8 @@ class ImageArguments(BaseModel):
         str | None,
         Field(
             description="GPTunnel model id, e.g. gpt-image-1-low, gpt-image-1-medium, gpt-image-1-high, "
-            "google-imagen-3, flux-dev, seedream-3, yandex-art. Omit for the server's default.",
+            "google-imagen-3, flux-dev, seedream-3, yandex-art (any case). Other ids GPTunnel offers are "
+            "passed on as given. Omit for the server's default.",
         ),
     ] = None
     aspect_ratio: Annotated[
@@ -85,6 +91,67 @@ class TaskArguments(BaseModel):
             json_schema_extra={"pattern": TASK_ID_PATTERN},
         ),
     ]
+
+
+class SearchArguments(BaseModel):
+    """search_images."""
+
+    query: Annotated[
+        str | None,
+        Field(
+            description='Text to find in the prompts, in any case and any script ("лиса" finds '
+            '"Лиса в снегу"), taken literally. Omit to list every task.',
+        ),
+    ] = None
+    model: Annotated[str | None, Field(description="Only tasks of this model id (any case).")] = None
+    status: Annotated[
+        Annotated[str, WithJsonSchema({"type": "string", "enum": list(_STATUSES)})] | None,
+        Field(description="Only tasks in this state."),
+    ] = None
+    since: Annotated[
+        str | None,
+        Field(
+            description="Only tasks made at or after this ISO date or date and time, e.g. 2026-03-01 or "
+            "2026-03-01T09:30:00+03:00 (UTC when no offset is given).",
+        ),
+    ] = None
+    limit: Annotated[
+        int,
+        Field(
+            description=f"Tasks per page, 1 to {SEARCH_LIMIT}.",
+            json_schema_extra={"minimum": 1, "maximum": SEARCH_LIMIT},
+        ),
+    ] = 10
+    cursor: Annotated[
+        str | None,
+        Field(
+            description="The next_cursor of the previous page, for the next (older) matches; pass the "
+            "other arguments unchanged.",
+        ),
+    ] = None
+
+    def search(self) -> tuple[Search, int]:
+        """The search and how many tasks a page holds; `InputError` names the argument at fault."""
+        status = (self.status or "").strip().lower() or None
+        if status is not None and status not in _STATUSES:
+            raise InputError(
+                f"{self.status!r} is not a status; use one of {', '.join(_STATUSES)}, or leave it out",
+                argument="status",
+            )
+        if not 1 <= self.limit <= SEARCH_LIMIT:
+            raise InputError(
+                f"{self.limit} tasks a page is not possible; ask for 1 to {SEARCH_LIMIT}, and for more "
+                "pass the page's next_cursor",
+                argument="limit",
+            )
+        since = (self.since or "").strip()
+        search = Search(
+            text=(self.query or "").strip(),
+            model=(self.model or "").strip() or None,
+            status=cast("TaskStatus | None", status),
+            since=parse_since(since) if since else None,
+        )
+        return search, self.limit
 
 
 class NoArguments(BaseModel):

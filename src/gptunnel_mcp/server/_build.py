@@ -24,8 +24,9 @@ INSTRUCTIONS = """\
 Generates images with GPTunnel (gpt-image-1, Imagen, Flux and more).
 Use generate_and_wait for an image in one call; it returns a preview, the local file path and a
 resource link. If it comes back 'pending', call get_result with its task_id later rather than
-generating again: every create is billed. Past images stay available in the resource
-gptunnel://images, also after GPTunnel's own links expire."""
+generating again: every create is billed. Find earlier images with search_images (by words
+in the prompt, model, status or date); they stay available, also after GPTunnel's own links
+expire, in the resource gptunnel://images."""
 
 
 class EngineSlot:

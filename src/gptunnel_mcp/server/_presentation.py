@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timezone
 
 from mcp_types import CallToolResult, ContentBlock, ImageContent, ResourceLink, TextContent
 from pydantic import BaseModel, ConfigDict, Field, RootModel
 
+from .._catalog import MODELS, find_model
 from .._engine import Engine, Outcome
 from .._exceptions import (
     AuthenticationError,
@@ -26,12 +27,16 @@ from .._exceptions import (
     TaskNotFoundError,
 )
 from .._records import TaskRecord, TaskStatus
+from .._search import SearchPage
+from .._store import Search
 
 HISTORY_URI = "gptunnel://images"
 MODELS_URI = "gptunnel://models"
 #: Characters of the prompt a tool result echoes; the task's record resource has all of it. Prompts
 #: may be 32,000 characters, and an agent's context pays for every echo.
 RESULT_PROMPT_CHARS = 1000
+#: Characters of each prompt in a search_images row: enough to tell tasks apart.
+SEARCH_PROMPT_CHARS = 80
 
 
 def task_uri(task_id: str) -> str:
@@ -79,6 +84,11 @@ class ImageResult(BaseModel):
         default=False,
         description="True when this call returned an earlier identical task instead of paying for a new one.",
     )
+    model_note: str | None = Field(
+        default=None,
+        description="Set when the model is not one this server knows: it went to GPTunnel unchecked. "
+        "Names the known ones.",
+    )
 
 
 class ImageFailure(BaseModel):
@@ -112,6 +122,35 @@ class HistoryEntry(BaseModel):
     created_at: datetime
     resource_uri: str
     file_uri: str | None = None
+
+
+def history_entry(record: TaskRecord, prompt_chars: int) -> HistoryEntry:
+    """A task as the history lists it, its prompt cut to `prompt_chars`."""
+    return HistoryEntry(
+        task_id=record.task_id,
+        status=record.status,
+        model=record.model,
+        prompt=shorten(record.prompt, prompt_chars),
+        prompt_truncated=len(record.prompt) > prompt_chars,
+        created_at=record.created_at,
+        resource_uri=task_uri(record.task_id),
+        file_uri=file_uri(record.task_id) if record.status == "done" else None,
+    )
+
+
+class SearchResult(BaseModel):
+    """The structured result of search_images."""
+
+    tasks: list[HistoryEntry] = Field(
+        description=f"Newest first; prompts cut to {SEARCH_PROMPT_CHARS} characters (each task's "
+        "resource_uri has its record, with the whole prompt)."
+    )
+    next_cursor: str | None = Field(
+        default=None,
+        description="Pass it as cursor, with the other arguments unchanged, for the next (older) "
+        "matches; null when there are no more.",
+    )
+    message: str
 
 
 class HistoryPage(BaseModel):
@@ -175,6 +214,11 @@ def describe(
             f"Task {record.task_id} is not finished yet (GPTunnel says '{record.upstream_status}'). "
             f"Call get_result with task_id {record.task_id} in a little while to fetch the image."
         )
+    if record.model and find_model(record.model) is None:
+        result.model_note = (
+            f"{record.model} is not a model this server knows, so it went to GPTunnel as given. "
+            f"Known models: {', '.join(m.id for m in MODELS)} (details: {MODELS_URI})."
+        )
     if engine.settings.sandbox:
         result.message = "Sandbox mode: made locally, nothing was charged. " + result.message
     if reused:
@@ -190,6 +234,8 @@ def describe(
 async def tool_result(engine: Engine, record: TaskRecord, *, reused: bool = False) -> CallToolResult:
     result = describe(engine, record, reused=reused)
     text = f"{result.message} (task_id {result.task_id}, status {result.status})"
+    if result.model_note is not None:
+        text += f" {result.model_note}"
     content, note = await _image_content(engine, record, share=1)
     content.append(TextContent(text=text + note))
     return CallToolResult(
@@ -258,6 +304,49 @@ async def _image_content(engine: Engine, record: TaskRecord, *, share: int) -> t
         )
     )
     return content, note
+
+
+def search_result(page: SearchPage, search: Search, *, continued: bool) -> CallToolResult:
+    """A page of search_images: one line per task in the text, every field in the structure.
+    `continued` when the page was asked for with a cursor."""
+    criteria = _criteria(search)
+    which = f" {criteria}" if criteria else ""
+    more = "more " if continued else ""
+    rows = [history_entry(record, SEARCH_PROMPT_CHARS) for record in page.records]
+    if not rows:
+        message = f"No {more}tasks{which}." if which or continued else "No tasks yet."
+    else:
+        message = (
+            f"{len(rows)} {more}task{'s' if len(rows) > 1 else ''}{which}, newest first. A task's record "
+            f"is {HISTORY_URI}/<task_id>; get_result with its task_id shows the image."
+        )
+        if page.cursor:
+            message += (
+                f' More match: call search_images again with the same arguments and cursor "{page.cursor}".'
+            )
+    lines = [
+        f"{row.created_at:%Y-%m-%d %H:%M} UTC  {row.status:<7}  {row.task_id}  {row.model}  {row.prompt}"
+        for row in rows
+    ]
+    result = SearchResult(tasks=rows, next_cursor=page.cursor, message=message)
+    return CallToolResult(
+        content=[TextContent(text="\n".join([*lines, message]))],
+        structured_content=result.model_dump(mode="json"),
+    )
+
+
+def _criteria(search: Search) -> str:
+    """What a search asked for, in words: 'matching "fox", of model flux-dev, that are done'."""
+    parts = []
+    if search.text:
+        parts.append(f'matching "{shorten(search.text, SEARCH_PROMPT_CHARS)}"')
+    if search.model is not None:
+        parts.append(f"of model {search.model}")
+    if search.status is not None:
+        parts.append(f"that are {search.status}")
+    if search.since is not None:
+        parts.append(f"made since {search.since.astimezone(timezone.utc):%Y-%m-%d %H:%M} UTC")
+    return ", ".join(parts)
 
 
 def error_text(exc: GPTunnelMCPError) -> str:

@@ -39,13 +39,12 @@ from .._records import TaskRecord
 from ._presentation import (
     HISTORY_URI,
     MODELS_URI,
-    HistoryEntry,
     HistoryPage,
     describe,
     error_text,
     file_uri,
+    history_entry,
     shorten,
-    task_uri,
 )
 from ._sdk import add_request_handler, request_headers
 
@@ -153,19 +152,7 @@ async def _history(engine: Engine, owner: str, page: int) -> dict[str, Any]:
     total = await engine.count(owner)
     records = await engine.history(owner, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE)
     pages = max(1, -(-total // PAGE_SIZE))
-    entries = [
-        HistoryEntry(
-            task_id=r.task_id,
-            status=r.status,
-            model=r.model,
-            prompt=shorten(r.prompt, LIST_PROMPT_CHARS),
-            prompt_truncated=len(r.prompt) > LIST_PROMPT_CHARS,
-            created_at=r.created_at,
-            resource_uri=task_uri(r.task_id),
-            file_uri=file_uri(r.task_id) if r.status == "done" else None,
-        )
-        for r in records
-    ]
+    entries = [history_entry(r, LIST_PROMPT_CHARS) for r in records]
     notes = []
     if any(e.prompt_truncated for e in entries):
         notes.append(
@@ -199,7 +186,8 @@ def _owner(ctx: RequestContext) -> str:
 def _models(engine: Engine) -> dict[str, Any]:
     return {
         "default_model": engine.settings.default_model,
-        "note": "Other GPTunnel model ids are accepted too and passed on unchecked.",
+        "note": "Ids are matched in any case and sent as listed here. Other GPTunnel model ids are "
+        "accepted too and passed on unchecked.",
         "models": [m.model_dump() for m in MODELS],
     }
 

@@ -15,8 +15,15 @@ from .._engine import Engine, JobEvents
 from .._exceptions import GPTunnelMCPError
 from .._records import TaskRecord
 from .._settings import Settings
-from ._arguments import ImageArguments, NoArguments, TaskArguments, takes
-from ._presentation import ToolImageResult, batch_result, error_result, tool_result
+from ._arguments import SEARCH_LIMIT, ImageArguments, NoArguments, SearchArguments, TaskArguments, takes
+from ._presentation import (
+    SearchResult,
+    ToolImageResult,
+    batch_result,
+    error_result,
+    search_result,
+    tool_result,
+)
 
 ToolContext = Context[Engine, Any]
 ToolResult = Annotated[CallToolResult, ToolImageResult]
@@ -26,6 +33,10 @@ _SPENDS_MONEY = ToolAnnotations(
 )
 _READS = ToolAnnotations(
     read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=True
+)
+#: Reads this server's own history, and nothing else.
+_READS_HISTORY = ToolAnnotations(
+    read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False
 )
 
 
@@ -134,6 +145,27 @@ def register_tools(server: MCPServer[Engine], settings: Settings) -> None:
             return await tool_result(engine, outcome.record, reused=outcome.reused)
         except GPTunnelMCPError as exc:
             return error_result(exc)
+
+    @server.tool(
+        title="Search earlier images",
+        description="Find images made earlier on this server (the caller's own): by text in the prompt "
+        "(any case, Russian too), model, status and date, newest first, a page of short rows with each "
+        "task_id and its record's resource URI, no image data. Use it when the user refers to an earlier "
+        "image ('the fox from last week') instead of generating it again, then get_result with the "
+        f"task_id to show it. Up to {SEARCH_LIMIT} rows a page; next_cursor continues.",
+        annotations=_READS_HISTORY,
+    )
+    @takes(SearchArguments, ToolContext)
+    async def search_images(
+        ctx: ToolContext, args: SearchArguments
+    ) -> Annotated[CallToolResult, SearchResult]:
+        engine = engine_of(ctx)
+        try:
+            search, limit = args.search()
+            page = await engine.search(account_of(ctx).owner, search, limit=limit, cursor=args.cursor)
+        except GPTunnelMCPError as exc:
+            return error_result(exc)
+        return search_result(page, search, continued=args.cursor is not None)
 
     @server.tool(
         title="GPTunnel balance",
