@@ -82,13 +82,14 @@ CREATE INDEX IF NOT EXISTS tasks_by_time ON tasks (owner, created_at DESC);
 CREATE INDEX IF NOT EXISTS tasks_by_request ON tasks (owner, request_key, created_at DESC);
 CREATE INDEX IF NOT EXISTS tasks_by_model ON tasks (model, created_at DESC) WHERE finished_by IS NOT NULL;
 """  # 473c78f to 83b02cb
-#: The tasks table now: leases came with migration 7.
+#: The tasks table now: leases came with migration 7, tasks by their id alone with 8.
 LEASED_SCHEMA = (
     TODAY_SCHEMA
     + """
 ALTER TABLE tasks ADD COLUMN lease_holder TEXT;
 ALTER TABLE tasks ADD COLUMN lease_until TEXT;
 CREATE INDEX tasks_pending ON tasks (created_at) WHERE status = 'pending';
+CREATE INDEX tasks_by_id ON tasks (task_id);
 """
 )
 

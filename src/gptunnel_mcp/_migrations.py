@@ -172,6 +172,12 @@ def _m007_leases(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX tasks_pending ON tasks (created_at) WHERE status = 'pending'")
 
 
+def _m008_tasks_by_id(db: sqlite3.Connection) -> None:
+    """A task found by its id alone, whoever's it is: for the signed links to stored images
+    (`TaskStore.done_anywhere`), which name no owner."""
+    db.execute("CREATE INDEX tasks_by_id ON tasks (task_id)")
+
+
 SQLITE_MIGRATIONS: Sequence[Migration] = (
     _m001_tasks,
     _m002_request_key,
@@ -180,6 +186,7 @@ SQLITE_MIGRATIONS: Sequence[Migration] = (
     _m005_creates,
     _m006_server_state,
     _m007_leases,
+    _m008_tasks_by_id,
 )
 LATEST = len(SQLITE_MIGRATIONS)
 
@@ -234,6 +241,8 @@ POSTGRES_MIGRATIONS: Sequence[Sequence[str]] = (
                kept_at    timestamptz NOT NULL DEFAULT now()
            )""",
     ),
+    # SQLite's 8: tasks by their id alone, for signed links to stored images.
+    ("CREATE INDEX tasks_by_id ON tasks (task_id)",),
 )
 POSTGRES_LATEST = len(POSTGRES_MIGRATIONS)
 
