@@ -164,15 +164,22 @@ def memory_server(standin: StandIn, home: Path) -> ServerLauncher:
     return ServerLauncher(standin, home)
 
 
-@contextlib.asynccontextmanager
-async def serve_http(settings: Settings) -> AsyncIterator[str]:
-    """The server's whole HTTP app (auth, Host/Origin guard, /healthz) on an in-process uvicorn
-    on a free loopback port; yields the MCP URL."""
-    app = build_http_app(settings, schedule=QUICK_POLLS, backoff=QUICK_BACKOFF)
+def loopback_socket() -> socket.socket:
+    """A TCP socket on a free loopback port, for `serve_http`: bound before the server is made,
+    so its address can be in the server's settings (GPTUNNEL_MCP_PUBLIC_URL)."""
     # IPPROTO_TCP named: asyncio sets TCP_NODELAY only on sockets that say they are TCP, and
     # without it every keep-alive request waits ~40 ms for a delayed ACK.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@contextlib.asynccontextmanager
+async def serve_http(settings: Settings, sock: socket.socket | None = None) -> AsyncIterator[str]:
+    """The server's whole HTTP app (auth, Host/Origin guard, /healthz) on an in-process uvicorn
+    on `sock`, or a free loopback port; yields the MCP URL."""
+    app = build_http_app(settings, schedule=QUICK_POLLS, backoff=QUICK_BACKOFF)
+    sock = sock or loopback_socket()
     port = sock.getsockname()[1]
     # Started as server/_serve.py starts it: with the connection guard.
     server = http_server(settings, app, log_config=None, log_level="warning", lifespan="on", access_log=False)

@@ -577,6 +577,11 @@ class StandIn:
         with self._lock:
             return {task_id: task.model for task_id, task in self._tasks.items()}
 
+    def task_images(self, task_id: str) -> list[str]:
+        """The reference image URLs the create of this task sent."""
+        with self._lock:
+            return list(self._tasks[task_id].images)
+
     def image_bytes(self, task_id: str) -> bytes:
         """The exact bytes the file URL of this task serves (without download_bytes_override)."""
         with self._lock:

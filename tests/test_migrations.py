@@ -82,7 +82,7 @@ CREATE INDEX IF NOT EXISTS tasks_by_time ON tasks (owner, created_at DESC);
 CREATE INDEX IF NOT EXISTS tasks_by_request ON tasks (owner, request_key, created_at DESC);
 CREATE INDEX IF NOT EXISTS tasks_by_model ON tasks (model, created_at DESC) WHERE finished_by IS NOT NULL;
 """  # 473c78f to 83b02cb
-#: The tasks table now: leases came with migration 7.
+#: The tasks table now: leases came with migration 7, tasks by their id alone with 8.
 LEASED_SCHEMA = (
     TODAY_SCHEMA
     + """
@@ -91,8 +91,10 @@ ALTER TABLE tasks ADD COLUMN lease_until TEXT;
 CREATE INDEX tasks_pending ON tasks (created_at) WHERE status = 'pending';
 """
 )
-#: The tasks table now: each prompt in the form it is searched in came with migration 8.
+#: Each prompt in the form it is searched in came with migration 8.
 SEARCH_SCHEMA = LEASED_SCHEMA + "ALTER TABLE tasks ADD COLUMN search_text TEXT NOT NULL DEFAULT '';\n"
+#: The tasks table now: tasks found by id alone came with migration 9.
+CURRENT_SCHEMA = SEARCH_SCHEMA + "CREATE INDEX tasks_by_id ON tasks (task_id);\n"
 
 FOX_ID = "65a1b2c3d4e5f60718293a4b"
 # What dabe035 wrote for a finished task: `created_at.isoformat()` in the column, its TaskRecord as JSON.
@@ -338,7 +340,7 @@ def test_every_history_ends_at_todays_schema(tmp_path: Path, build: str) -> None
         migrate(db)
         migrated = schema(db)
     with raw(tmp_path / "today.db") as db:
-        db.executescript(SEARCH_SCHEMA)
+        db.executescript(CURRENT_SCHEMA)
         assert migrated == schema(db)
 
 

@@ -50,6 +50,8 @@ def test_environment_is_read_and_flags_win(tmp_path: Path, monkeypatch: pytest.M
         ("GPTUNNEL_WAIT_TIMEOUT", "-3", "invalid GPTUNNEL_WAIT_TIMEOUT"),
         ("GPTUNNEL_BASE_URL", "gptunnel.ru", "invalid GPTUNNEL_BASE_URL"),
         ("GPTUNNEL_BASE_URL", "ftp://gptunnel.ru", "invalid GPTUNNEL_BASE_URL"),
+        ("GPTUNNEL_MCP_PUBLIC_URL", "mcp.example.com", "invalid GPTUNNEL_MCP_PUBLIC_URL"),
+        ("GPTUNNEL_MCP_PUBLIC_URL", "https://mcp.example.com/?via=x", "without a user name, password, query"),
     ],
 )
 def test_bad_values_give_one_line_naming_the_variable(
@@ -61,6 +63,18 @@ def test_bad_values_give_one_line_naming_the_variable(
         load_settings()
     assert words in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_the_public_url_is_a_base_for_links_and_its_password_is_never_shown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GPTUNNEL_MCP_HOME", str(tmp_path))
+    monkeypatch.setenv("GPTUNNEL_MCP_PUBLIC_URL", "https://mcp.example.com/gptunnel/")
+    assert load_settings().public_base == "https://mcp.example.com/gptunnel"
+    monkeypatch.setenv("GPTUNNEL_MCP_PUBLIC_URL", "https://user:hunter2-secret@mcp.example.com")
+    with pytest.raises(ConfigError, match="GPTUNNEL_MCP_PUBLIC_URL") as info:
+        load_settings()
+    assert "hunter2-secret" not in str(info.value)
 
 
 def test_home_that_cannot_be_made(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -254,6 +254,19 @@ async def test_search_pages_stay_put_while_tasks_arrive(backend: Backend) -> Non
         assert [int(r.task_id, 16) for r in await store.search("", Search(), limit=3)] == [7, 6, 8]
 
 
+async def test_a_done_task_is_found_by_its_id_whoever_owns_it(backend: Backend) -> None:
+    async with backend.open() as store:
+        await store.put(task(1, status="done"))
+        await store.put(task(1, owner="alice", status="done", prompt="alice's"))
+        await store.put(task(2, owner="alice"))  # pending
+        await store.put(task(3, owner="bob", status="failed"))
+        found = await store.done_anywhere(f"{1:024X}")
+        assert sorted((r.owner, r.prompt) for r in found) == [("", "prompt 1"), ("alice", "alice's")]
+        assert await store.done_anywhere(f"{2:024x}") == []
+        assert await store.done_anywhere(f"{3:024x}") == []
+        assert await store.done_anywhere(f"{4:024x}") == []
+
+
 # --- admission --------------------------------------------------------------------------------
 
 

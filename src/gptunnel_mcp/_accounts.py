@@ -83,8 +83,8 @@ class Accounts:
         size: int = 4096,
     ) -> None:
         self.default = default
-        #: The server secret: keys the users' fingerprints here, and the MCP task handles (each
-        #: with its own prefix, so neither can stand in for the other).
+        #: The server secret: keys the users' fingerprints here, the MCP task handles, and the
+        #: links to stored images (`_links`), each with its own prefix, so none can stand in for another.
         self.secret = secret
         self._multi_user = multi_user
         self._ttl = ttl

@@ -41,6 +41,7 @@ from ._exceptions import (
 )
 from ._files import ImageFolder
 from ._images import PREVIEW_MAX_BYTES, Preview, make_preview
+from ._links import check_link, signed_link
 from ._records import (
     SOURCE_URL_LIFETIME,
     StoredFile,
@@ -50,7 +51,7 @@ from ._records import (
     is_task_id,
     utcnow,
 )
-from ._request import ImageRequest, check_public_hosts
+from ._request import ImageRequest, check_public_hosts, referenced_task
 from ._schedule import Backoff, PollPlan, PollSchedule, Timing
 from ._search import SearchPage, next_cursor, read_cursor, scope
 from ._settings import Settings
@@ -70,6 +71,10 @@ _TIMING_SAMPLES = 10
 MAX_DOWNLOAD_FAILURES = 5
 #: Images one call may ask for.
 MAX_COUNT = 4
+#: GPTunnel's own link to an image is sent as a reference only while it lasts this much longer:
+#: GPTunnel fetches reference images some time after the create, and its 48 hours started
+#: before this server saw the task done.
+_LINK_MARGIN = timedelta(hours=1)
 #: Tasks a follower takes over from dead replicas at one look, and follows at once at most.
 _ADOPT_BATCH = 50
 _FOLLOW_AT_ONCE = 8
@@ -176,9 +181,10 @@ class Engine:
         request = catalogue_spelling(request)
         check_options(request)
         key = _key(account)
+        # Before the store is asked: a refused request takes no slot.
+        outgoing = await self._outgoing(request, account)
         if request.images and not self.settings.sandbox:
-            # Before the store is asked: a refused request takes no slot. (The sandbox fetches
-            # nothing, and may have no network to look names up on.)
+            # (The sandbox fetches nothing, and may have no network to look names up on.)
             await check_public_hosts(request)
         request_keys = [request.key(n) for n in range(count)]
         # Identical requests of this process queue here rather than asking the store in a loop.
@@ -189,7 +195,7 @@ class Engine:
 
             async def create(n: int, ticket: str) -> None:
                 try:
-                    record = await self._create(request, request_keys[n], account, key, ticket)
+                    record = await self._create(request, outgoing, request_keys[n], account, key, ticket)
                     outcomes[n] = Outcome(record, reused=False)
                 except GPTunnelMCPError as exc:
                     outcomes[n] = exc
@@ -255,12 +261,19 @@ class Engine:
             await anyio.sleep(_IN_FLIGHT_POLL)
 
     async def _create(
-        self, request: ImageRequest, request_key: str, account: Account, key: str, ticket: str
+        self,
+        request: ImageRequest,
+        outgoing: ImageRequest,
+        request_key: str,
+        account: Account,
+        key: str,
+        ticket: str,
     ) -> TaskRecord:
+        """Create `outgoing`, the request as GPTunnel gets it, and record `request`, as asked."""
         submitted = utcnow()
         try:
             # Only failures that prove the request was not taken on are retried (see `_upstream`).
-            upstream = await self._retry(lambda: self.client.create(request, key), attempts=_QUICK_ATTEMPTS)
+            upstream = await self._retry(lambda: self.client.create(outgoing, key), attempts=_QUICK_ATTEMPTS)
         except GPTunnelMCPError as exc:
             outcome: Settlement = "unknown" if isinstance(exc, UnknownCreateOutcomeError) else "refused"
             await self._settle(ticket, outcome)
@@ -308,6 +321,74 @@ class Engine:
             except StorageError as exc:
                 logger.warning("task %s: not leased (%s); a follower adopts it", record.task_id, exc.reason)
         return record
+
+    async def _outgoing(self, request: ImageRequest, account: Account) -> ImageRequest:
+        """The request as GPTunnel is to get it: each of the caller's own images that it names by
+        its task, as a link GPTunnel can fetch. Raises `InputError` naming `images` for a task
+        that is not the caller's, has no image, or cannot be linked to."""
+        if not any(referenced_task(image) for image in request.images):
+            return request
+        images = []
+        for image in request.images:
+            task_id = referenced_task(image)
+            images.append(image if task_id is None else await self._link_to(task_id, account))
+        # Validated already: the links are GPTunnel's own storage's, or this server's.
+        return request.model_copy(update={"images": images})
+
+    async def _link_to(self, task_id: str, account: Account) -> str:
+        """A link to the caller's image of `task_id` that works for a while yet: GPTunnel's own
+        while it lasts, else one this server signs (`GPTUNNEL_MCP_PUBLIC_URL`)."""
+        # Like every lookup of a caller's: another user's task is no task at all.
+        record = await self.lookup_or_none(task_id, account.owner)
+        if record is None:
+            problem = f"no task {task_id} in the history, so it is none of your images to refer to"
+        elif record.status == "pending":
+            problem = (
+                f"task {task_id} is not finished yet, so it has no image to refer to: wait until it is done"
+            )
+        elif record.status == "failed" or record.file is None:
+            problem = f"task {task_id} failed, so it has no image to refer to"
+        else:
+            now, expires = utcnow(), record.source_url_expires_at
+            if record.source_url is not None and expires is not None and expires - _LINK_MARGIN > now:
+                return record.source_url
+            gone = f"GPTunnel no longer keeps the image of task {task_id} (it keeps images 48 hours)"
+            base = self.settings.public_base
+            if base is None:
+                address = "the address at which GPTunnel reaches it"
+                serve = f"set GPTUNNEL_MCP_PUBLIC_URL to {address}"
+                if self.settings.transport != "http":
+                    serve = (
+                        "run this server over HTTP (GPTUNNEL_MCP_TRANSPORT=http) with "
+                        f"GPTUNNEL_MCP_PUBLIC_URL set to {address}"
+                    )
+                problem = (
+                    f"{gone}, and this server has no public address to send it from: {serve}, or pass a "
+                    "public URL of the image instead"
+                )
+            elif not await self._have(record):
+                problem = f"{gone}, nor is it stored here any more: pass a public URL of the image instead"
+            else:
+                return signed_link(self.accounts.secret, base, record.task_id, record.file, now)
+        raise InputError(f"{problem}. Nothing was sent to GPTunnel.", argument="images")
+
+    async def linked_image(
+        self, task_id: str, sha256: str, expires: str, signature: str
+    ) -> tuple[StoredFile, bytes] | None:
+        """The image a link made by `_link_to` names, from its parts as they came; None when the
+        link is expired, not one this server signed, or its image is no longer here. Raises
+        `StorageError` when the history or the image cannot be read now."""
+        if not check_link(self.accounts.secret, task_id, sha256, expires, signature, utcnow()):
+            return None
+        # Any owner's record of it will do: the signature vouches for these very bytes.
+        for record in await self.store.done_anywhere(task_id):
+            stored = record.file
+            if stored is None or stored.sha256 != sha256 or not await self._have(record):
+                continue
+            data = await anyio.to_thread.run_sync(self.folder.read_bytes, stored, limiter=self._read_slots)
+            if data is not None:
+                return stored, data
+        return None
 
     async def _settle(self, ticket: str, outcome: Settlement) -> None:
         with anyio.CancelScope(shield=True):

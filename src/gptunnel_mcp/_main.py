@@ -105,7 +105,13 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("prompt", help="what the image should show")
     generate.add_argument("--model", help="GPTunnel model id (default: GPTUNNEL_DEFAULT_MODEL)")
     generate.add_argument("--aspect-ratio", help="1:1, 16:9, 9:16, 4:3, 3:4, 21:9 or 9:21")
-    generate.add_argument("--image", action="append", default=[], metavar="URL", help="reference image URL")
+    generate.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="reference image: a public URL, or the task id of an image made earlier",
+    )
     generate.add_argument("--out", metavar="PATH", help=out_help)
     generate.add_argument(
         "--new", action="store_true", help="make a fresh image even if an identical one was just made"

@@ -184,6 +184,12 @@ def _m008_search_text(db: sqlite3.Connection) -> None:
     db.execute("UPDATE tasks SET search_text = searchable(COALESCE(json_extract(record, '$.prompt'), ''))")
 
 
+def _m009_tasks_by_id(db: sqlite3.Connection) -> None:
+    """A task found by its id alone, whoever's it is: for the signed links to stored images
+    (`TaskStore.done_anywhere`), which name no owner."""
+    db.execute("CREATE INDEX tasks_by_id ON tasks (task_id)")
+
+
 SQLITE_MIGRATIONS: Sequence[Migration] = (
     _m001_tasks,
     _m002_request_key,
@@ -193,6 +199,7 @@ SQLITE_MIGRATIONS: Sequence[Migration] = (
     _m006_server_state,
     _m007_leases,
     _m008_search_text,
+    _m009_tasks_by_id,
 )
 LATEST = len(SQLITE_MIGRATIONS)
 
@@ -277,6 +284,8 @@ POSTGRES_MIGRATIONS: Sequence[Sequence[PostgresStep]] = (
     ),
     # SQLite's 8: prompts as they are searched.
     ("ALTER TABLE tasks ADD COLUMN search_text text NOT NULL DEFAULT ''", _p008_search_text),
+    # SQLite's 9: tasks by their id alone, for signed links to stored images.
+    ("CREATE INDEX tasks_by_id ON tasks (task_id)",),
 )
 POSTGRES_LATEST = len(POSTGRES_MIGRATIONS)
 

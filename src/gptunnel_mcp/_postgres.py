@@ -143,6 +143,12 @@ class PostgresStore:
         )
         return TaskRecord.model_validate_json(rows[0][0]) if rows else None
 
+    async def done_anywhere(self, task_id: str) -> list[TaskRecord]:
+        rows = await self._all(
+            "SELECT record::text FROM tasks WHERE task_id = %s AND status = 'done'", (_text(task_id.lower()),)
+        )
+        return [TaskRecord.model_validate_json(r[0]) for r in rows]
+
     async def recent(self, owner: str = "", *, limit: int = 50, offset: int = 0) -> list[TaskRecord]:
         rows = await self._all(
             # seq breaks ties: GPTunnel's created_at counts whole seconds.

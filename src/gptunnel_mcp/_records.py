@@ -14,10 +14,14 @@ from ._exceptions import InputError
 
 TaskStatus = Literal["pending", "done", "failed"]
 
-TASK_ID_PATTERN = r"^[0-9a-fA-F]{24}$"
+TASK_ID_HEX = "[0-9a-fA-F]{24}"
+TASK_ID_PATTERN = rf"^{TASK_ID_HEX}$"
 _TASK_ID_RE = re.compile(TASK_ID_PATTERN)
 #: How long GPTunnel keeps a finished image at its URL.
 SOURCE_URL_LIFETIME = timedelta(hours=48)
+#: Where the history's tasks are named: `gptunnel://images/<task_id>` is one task, and with
+#: `/file` its image (the MCP resources; `images` takes them to name one's own earlier image).
+IMAGES_URI = "gptunnel://images"
 
 
 def is_task_id(value: str) -> bool:

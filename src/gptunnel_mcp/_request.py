@@ -12,9 +12,13 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from . import _netguard
 from ._exceptions import InputError
+from ._records import IMAGES_URI, TASK_ID_HEX
 
 AspectRatio = Literal["1:1", "16:9", "9:16", "4:3", "3:4", "21:9", "9:21"]
 ASPECT_RATIOS: tuple[str, ...] = get_args(AspectRatio)
+_REFERENCE = re.compile(
+    rf"{re.escape(IMAGES_URI)}/(?P<uri>{TASK_ID_HEX})(?:/file)?|(?P<id>{TASK_ID_HEX})", re.IGNORECASE
+)
 
 
 class ImageRequest(BaseModel):
@@ -32,23 +36,51 @@ class ImageRequest(BaseModel):
 
     @field_validator("images")
     @classmethod
-    def _public_urls(cls, urls: list[str]) -> list[str]:
-        for url in urls:
-            if not re.match(r"^https?://[^\s/]+\S*$", url):
+    def _references_or_public_urls(cls, images: list[str]) -> list[str]:
+        checked: list[str] = []
+        for image in images:
+            task_id = referenced_task(image)
+            if task_id is not None:
+                # One spelling per task, so that the request's identity (`key`) is the task's.
+                checked.append(reference(task_id))
+                continue
+            if image[:9].lower() == "gptunnel:":
                 raise ValueError(
-                    f"{url[:80]!r} is not a public http(s) URL; GPTunnel takes reference images "
-                    "by URL only, not as uploads or base64"
+                    f"{image[:80]!r} names none of your images: name one by its task id, or as "
+                    f"{IMAGES_URI}/<task_id>"
                 )
-            _check_public_form(url)
-        return urls
+            if not re.match(r"^https?://[^\s/]+\S*$", image):
+                raise ValueError(
+                    f"{image[:80]!r} is neither a public http(s) URL nor one of your images (its task id, "
+                    f"or {IMAGES_URI}/<task_id>); GPTunnel takes reference images by URL only, not as "
+                    "uploads or base64"
+                )
+            _check_public_form(image)
+            checked.append(image)
+        return checked
 
     def key(self, n: int = 0) -> str:
         """Identity of what was asked for: equal requests are the same image to pay for. `n`:
-        the n-th image of a call for several, the same image as the n-th of an identical one."""
+        the n-th image of a call for several, the same image as the n-th of an identical one.
+        One's own image counts by its task, not by the link it is sent as, which changes."""
         fields: list[object] = [self.prompt, self.model.lower(), self.aspect_ratio, sorted(self.images)]
         # The first image's key is the key of a call for one, as it always was.
         canonical = json.dumps([*fields, n] if n else fields, ensure_ascii=False)
         return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def referenced_task(image: str) -> str | None:
+    """The task id (lower-case) when `image` names one of the caller's own images: its task id,
+    or its resource `gptunnel://images/<task_id>` (or `.../file`); None for anything else."""
+    match = _REFERENCE.fullmatch(image)
+    if match is None:
+        return None
+    return (match["uri"] or match["id"]).lower()
+
+
+def reference(task_id: str) -> str:
+    """How a request names the caller's own image, whichever way the caller did."""
+    return f"{IMAGES_URI}/{task_id}"
 
 
 def _check_public_form(url: str) -> None:
@@ -79,7 +111,8 @@ async def check_public_hosts(request: ImageRequest) -> None:
     """Every reference image's host resolves, and only to public addresses: GPTunnel could fetch
     nothing else. Raises `InputError` (nothing is sent) naming the first that does not."""
     checked: set[tuple[str, int]] = set()
-    for url in request.images:
+    # One's own images are sent as links to GPTunnel's storage or to this server, not the caller's.
+    for url in (image for image in request.images if referenced_task(image) is None):
         parts = urlsplit(url)
         host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
         if (host, port) in checked:

@@ -157,12 +157,29 @@ class Settings(BaseSettings):
         validation_alias="GPTUNNEL_MCP_AUTH_FAILURES_PER_MINUTE",
         description="Refused credentials one client address may send per minute before it gets 429.",
     )
+    public_url: HttpUrl | None = Field(
+        default=None,
+        validation_alias="GPTUNNEL_MCP_PUBLIC_URL",
+        description="The address at which GPTunnel reaches this HTTP server (behind a proxy, with the "
+        "path it serves the server under): a reference to one of your own images older than GPTunnel's "
+        "48 hours is then sent as a signed link to it, which expires within the hour.",
+    )
 
     @field_validator("base_url")
     @classmethod
     def _http_only(cls, value: HttpUrl) -> HttpUrl:
         if value.scheme not in ("http", "https"):
             raise ValueError("must start with http:// or https://")
+        return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _plain_base(cls, value: HttpUrl | None) -> HttpUrl | None:
+        if value is None:
+            return None
+        # Links are made by appending a path to it: anything after the path would end up inside them.
+        if value.username is not None or value.password is not None or value.query or value.fragment:
+            raise ValueError("must be a plain base URL, without a user name, password, query or fragment")
         return value
 
     @field_validator("database_url")
@@ -188,6 +205,11 @@ class Settings(BaseSettings):
     @property
     def api_base(self) -> str:
         return str(self.base_url).rstrip("/")
+
+    @property
+    def public_base(self) -> str | None:
+        """`public_url` without its trailing slash, for links to be appended to."""
+        return None if self.public_url is None else str(self.public_url).rstrip("/")
 
     @property
     def db_path(self) -> Path:
@@ -229,6 +251,7 @@ _ENV_NAMES = {
     "session_idle_timeout": "GPTUNNEL_MCP_SESSION_IDLE_TIMEOUT",
     "max_sessions_per_user": "GPTUNNEL_MCP_MAX_SESSIONS_PER_USER",
     "auth_failures_per_minute": "GPTUNNEL_MCP_AUTH_FAILURES_PER_MINUTE",
+    "public_url": "GPTUNNEL_MCP_PUBLIC_URL",
 }
 
 
@@ -248,7 +271,7 @@ def load_settings(**overrides: Any) -> Settings:
         shown = f" (got {err.get('input')!r})"
         if name in ("GPTUNNEL_API_KEY", "GPTUNNEL_MCP_AUTH_TOKEN"):
             shown = ""
-        elif name == "GPTUNNEL_MCP_DATABASE_URL":
+        elif name in ("GPTUNNEL_MCP_DATABASE_URL", "GPTUNNEL_MCP_PUBLIC_URL"):
             shown = f" (got {mask_password(str(err.get('input')))!r})"
         raise ConfigError(f"invalid {name}: {err['msg']}{shown}") from None
     _check_combinations(settings)

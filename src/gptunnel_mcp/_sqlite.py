@@ -107,6 +107,14 @@ class SQLiteStore:
         )
         return None if row is None else TaskRecord.model_validate_json(row[0])
 
+    async def done_anywhere(self, task_id: str) -> list[TaskRecord]:
+        rows = await self._run(
+            lambda db: db.execute(
+                "SELECT record FROM tasks WHERE task_id = ? AND status = 'done'", (task_id.lower(),)
+            ).fetchall()
+        )
+        return [TaskRecord.model_validate_json(r[0]) for r in rows]
+
     async def recent(self, owner: str = "", *, limit: int = 50, offset: int = 0) -> list[TaskRecord]:
         rows = await self._run(
             lambda db: db.execute(

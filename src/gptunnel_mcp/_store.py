@@ -98,6 +98,12 @@ class TaskStore(Protocol):
 
     async def get(self, task_id: str, owner: str = "") -> TaskRecord | None: ...
 
+    async def done_anywhere(self, task_id: str) -> list[TaskRecord]:
+        """Every owner's done record of the task: one, unless two GPTunnel accounts met the same
+        id. Not scoped by owner, so only for what the server itself vouched for (a link it
+        signed); what a caller asks for is looked up with `get`, in the caller's history."""
+        ...
+
     async def recent(self, owner: str = "", *, limit: int = 50, offset: int = 0) -> list[TaskRecord]:
         """Newest first."""
         ...

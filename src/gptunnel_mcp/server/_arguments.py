@@ -56,7 +56,8 @@ class ImageArguments(BaseModel):
     images: Annotated[
         list[str] | None,
         Field(
-            description="Public http(s) URLs of reference images to edit or draw from. "
+            description="Reference images to edit or draw from: public http(s) URLs, or your own earlier "
+            "images by task_id (or their gptunnel://images/<task_id> URI), to edit a result further. "
             "GPTunnel fetches them itself: no uploads, no base64, no local paths.",
         ),
     ] = None

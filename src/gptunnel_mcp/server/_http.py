@@ -13,6 +13,10 @@ every route the same way:
    connections that jobs poll and download through;
 4. in multi-user mode, 2025-11-25 sessions: each belongs to the user who opened it, and one user
    may hold only so many, so no user can use up the SDK's limit on sessions for everyone.
+
+Two routes skip steps 2 to 4: /healthz, which load balancers probe by IP address, and the signed
+links to stored images under /reference-images, which GPTunnel fetches with no credentials and
+under whatever name the server's public address has: the signature is their only credential.
 """
 
 from __future__ import annotations
@@ -41,13 +45,14 @@ from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .._accounts import bearer_token
 from .._engine import Engine
 from .._exceptions import AuthenticationError, GPTunnelMCPError, StorageError
+from .._links import LINK_PATH
 from .._schedule import Backoff, PollSchedule
 from .._settings import Settings
 from .._version import __version__
@@ -109,6 +114,9 @@ class Gate:
         request = Request(scope)
         if scope["path"] == HEALTH_PATH:
             scope.setdefault("state", {})[_HEALTH_DETAILS] = await self._may_see_details(request)
+            await self._app(scope, receive, send)
+            return
+        if scope["path"].startswith(LINK_PATH + "/"):
             await self._app(scope, receive, send)
             return
         refusal = await self._guard.validate_request(request, is_post=request.method == "POST")
@@ -460,6 +468,25 @@ async def healthz(request: Request) -> Response:
     )
 
 
+async def linked_image(request: Request) -> Response:
+    """The stored image a signed link names (see `_links`), to whoever holds the link. A link that
+    is expired, forged or names an image no longer here gets the same answer, which says no more."""
+    engine: Engine = request.app.state.engine()
+    sha256, _, _ = request.path_params["name"].partition(".")
+    query = request.query_params
+    try:
+        found = await engine.linked_image(
+            request.path_params["task_id"], sha256, query.get("expires", ""), query.get("signature", "")
+        )
+    except StorageError as exc:
+        logger.warning("could not serve a linked image: %s", exc.reason)
+        return PlainTextResponse("temporarily unavailable", status_code=503, headers={"Retry-After": "5"})
+    if found is None:
+        return PlainTextResponse("expired or invalid link", status_code=404)
+    stored, data = found
+    return Response(data, media_type=stored.mime_type, headers={"Cache-Control": "private, no-store"})
+
+
 def build_http_app(
     settings: Settings, *, schedule: PollSchedule | None = None, backoff: Backoff | None = None
 ) -> Starlette:
@@ -468,6 +495,7 @@ def build_http_app(
     slot = EngineSlot()
     server = build_server(settings, slot, schedule=schedule, backoff=backoff)
     server.custom_route(HEALTH_PATH, methods=["GET"])(healthz)
+    server.custom_route(LINK_PATH + "/{task_id}/{name}", methods=["GET"])(linked_image)
     app = server.streamable_http_app(
         streamable_http_path=MCP_PATH,
         transport_security=transport_security(settings),
@@ -476,6 +504,7 @@ def build_http_app(
         session_idle_timeout=settings.session_idle_timeout,
     )
     app.state.settings = settings
+    app.state.engine = slot.get
     app.state.database = DatabaseHealth(slot.get)
     app.add_middleware(Gate, settings=settings, engine=slot.get)
     return app

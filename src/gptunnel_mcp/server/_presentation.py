@@ -26,11 +26,11 @@ from .._exceptions import (
     StorageError,
     TaskNotFoundError,
 )
-from .._records import TaskRecord, TaskStatus
+from .._records import IMAGES_URI, TaskRecord, TaskStatus
 from .._search import SearchPage
 from .._store import Search
 
-HISTORY_URI = "gptunnel://images"
+HISTORY_URI = IMAGES_URI
 MODELS_URI = "gptunnel://models"
 #: Characters of the prompt a tool result echoes; the task's record resource has all of it. Prompts
 #: may be 32,000 characters, and an agent's context pays for every echo.
@@ -63,7 +63,11 @@ class ImageResult(BaseModel):
         description="True when `prompt` is cut short here; gptunnel://images/{task_id} has the full text.",
     )
     aspect_ratio: str | None = None
-    images: list[str] = Field(default_factory=list, description="Reference image URLs sent with the task.")
+    images: list[str] = Field(
+        default_factory=list,
+        description="Reference images of the task, as asked: URLs, and your own earlier images as "
+        "gptunnel://images/<task_id>.",
+    )
     created_at: datetime
     completed_at: datetime | None = None
     message: str = Field(description="One sentence for the agent: what happened and what to do next.")

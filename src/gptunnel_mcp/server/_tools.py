@@ -85,7 +85,8 @@ def register_tools(server: MCPServer[Engine], settings: Settings) -> None:
         "waiting. Then call get_result with the task_id until status is 'done'. Prefer generate_and_wait "
         "unless you want to do other work meanwhile. A new image is billed; an identical request still "
         "running or made minutes ago is answered with that task instead (new_image=true for a fresh one). "
-        "count=2..4 starts that many images of the request at once (options to choose from).",
+        "count=2..4 starts that many images of the request at once (options to choose from). To change an "
+        "image made earlier, pass its task_id in images with a prompt saying what to change.",
         annotations=_SPENDS_MONEY,
     )
     @takes(ImageArguments, ToolContext)
@@ -127,7 +128,8 @@ def register_tools(server: MCPServer[Engine], settings: Settings) -> None:
         "with a task_id: call get_result with it later instead of generating again. A new image is "
         "billed; an identical request still running or made minutes ago is answered with that task "
         "instead (new_image=true for a fresh one). For options to choose from, count=2..4 makes that many "
-        "in one call.",
+        "in one call. To change an image made earlier, pass its task_id in images with a prompt saying what "
+        "to change.",
         annotations=_SPENDS_MONEY,
     )
     @takes(ImageArguments, ToolContext)
