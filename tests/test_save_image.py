@@ -398,3 +398,16 @@ async def test_a_multi_user_server_writes_only_into_export_folders_and_only_the_
     assert structured(mine)["path"] == str(exports / "hero.png")
     assert [p.name for p in exports.iterdir()] == ["hero.png"]
     assert sorted(p.name for p in project.iterdir()) == ["assets"]
+
+
+async def test_a_replica_saves_an_image_another_one_downloaded(
+    standin: StandIn, postgres_url: str, tmp_path: Path, project: Path
+) -> None:
+    a, b = ServerLauncher(standin, tmp_path / "a"), ServerLauncher(standin, tmp_path / "b")
+    async with a.connect(GPTUNNEL_MCP_DATABASE_URL=postgres_url) as client:
+        task_id = await made(client)
+    async with b.connect(GPTUNNEL_MCP_DATABASE_URL=postgres_url, list_roots=roots_of(project)) as client:
+        result = await save(client, task_id, "hero.webp")
+    assert not result.is_error, text_of(result)
+    assert (project / "hero.webp").read_bytes() == standin.image_bytes(task_id)
+    assert standin.stats.download_calls == 1

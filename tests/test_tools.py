@@ -64,14 +64,10 @@ async def test_tools_are_listed_with_schemas_and_truthful_annotations(memory_ser
     save = tools["save_image"]
     assert save.input_schema["required"] == ["task_id", "destination"]
     assert set(save.input_schema["properties"]) == {"task_id", "destination", "overwrite"}
-    assert (
-        save.annotations is not None
-        and save.annotations.destructive_hint
-        and not save.annotations.read_only_hint
-    )
-    assert save.output_schema is not None and {"path", "mime_type", "converted"} <= set(
-        save.output_schema["properties"]
-    )
+    assert save.annotations is not None
+    assert save.annotations.destructive_hint and not save.annotations.read_only_hint
+    assert save.output_schema is not None
+    assert {"path", "mime_type", "converted"} <= set(save.output_schema["properties"])
     assert "21:9" in json.dumps(tools["create_image"].input_schema["properties"]["aspect_ratio"])
     for tool in (tools[name] for name in ("create_image", "get_result", "generate_and_wait")):
         assert tool.output_schema is not None

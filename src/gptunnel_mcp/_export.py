@@ -52,11 +52,12 @@ class Destination:
 
 
 def check_destination(
-    text: str, allowed: Sequence[Path] | None = None, *, forbidden: Sequence[Path] = ()
+    text: str, allowed: Sequence[Path] | None = None, *, data_folder: Path | None = None
 ) -> Destination:
     """Where `text` (a folder, or a file whose suffix names the format) puts a copy. With
-    `allowed`, it must lie inside one of those folders and not inside any of `forbidden`, and a
-    relative path is taken from the first of them; without, anywhere, from the working folder.
+    `allowed`, it must lie inside one of those folders and not inside `data_folder` (the
+    server's history and images), and a relative path is taken from the first of them; without,
+    anywhere, from the working folder.
 
     Raises `InputError` (argument "destination") saying what is wrong.
     """
@@ -68,7 +69,7 @@ def check_destination(
     is_folder = text.endswith(_SEPARATORS) or path.is_dir()
     folder = path if is_folder else path.parent
     real = folder.resolve()
-    anchor = real if allowed is None else _anchor(text, folder, real, allowed, forbidden)
+    anchor = real if allowed is None else _anchor(text, folder, real, allowed, data_folder)
     if is_folder:
         if not real.is_dir():
             raise InputError(f"there is no folder {path}; create it first", argument=_ARGUMENT)
@@ -87,9 +88,9 @@ def check_destination(
     return Destination(real, anchor, path.name, mime_type)
 
 
-def _anchor(text: str, folder: Path, real: Path, allowed: Sequence[Path], forbidden: Sequence[Path]) -> Path:
-    """The allowed folder `real` lies in; `InputError` when it lies in none, or in a forbidden one."""
-    if any(real.is_relative_to(each.resolve()) for each in forbidden):
+def _anchor(text: str, folder: Path, real: Path, allowed: Sequence[Path], data_folder: Path | None) -> Path:
+    """The allowed folder `real` lies in; `InputError` when it lies in none, or in the data folder."""
+    if data_folder is not None and real.is_relative_to(data_folder.resolve()):
         raise InputError(
             f"{text} is inside this server's own data folder, which must not be written to",
             argument=_ARGUMENT,

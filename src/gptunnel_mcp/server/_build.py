@@ -25,7 +25,8 @@ Generates images with GPTunnel (gpt-image-1, Imagen, Flux and more).
 Use generate_and_wait for an image in one call; it returns a preview, the local file path and a
 resource link. If it comes back 'pending', call get_result with its task_id later rather than
 generating again: every create is billed. Past images stay available in the resource
-gptunnel://images, also after GPTunnel's own links expire."""
+gptunnel://images, also after GPTunnel's own links expire. To put an image into the user's
+files (their project), call save_image with its task_id and a destination."""
 
 
 class EngineSlot:

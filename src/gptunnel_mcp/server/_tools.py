@@ -156,7 +156,7 @@ def register_tools(server: MCPServer[Engine], settings: Settings) -> None:
         data_folder = settings.home.parent if settings.sandbox else settings.home
         try:
             destination = await anyio.to_thread.run_sync(
-                functools.partial(check_destination, args.destination, folders, forbidden=[data_folder])
+                functools.partial(check_destination, args.destination, folders, data_folder=data_folder)
             )
             account = account_of(ctx)
             written = await engine.export(args.task_id, account, destination, overwrite=args.overwrite)
