@@ -22,6 +22,7 @@ import httpx2
 import pytest
 from mcp import Client, StdioServerParameters
 from mcp.client.extension import ClientExtension
+from mcp.client.session import ListRootsFnT
 from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
 
@@ -129,8 +130,10 @@ class ServerLauncher:
         *,
         token: str | None = None,
         extensions: Sequence[ClientExtension] | None = None,
+        list_roots: ListRootsFnT | None = None,
         **env: str | None,
     ) -> AsyncIterator[Client]:
+        """`list_roots` answers the server's roots/list; without it, the client declares no roots."""
         settings = self.settings(**env)
         handler = _Captured(self._log)
         root = logging.getLogger()
@@ -139,10 +142,15 @@ class ServerLauncher:
         try:
             if self.transport == "memory":
                 server = build_server(settings, schedule=QUICK_POLLS, backoff=QUICK_BACKOFF)
-                async with Client(server, mode=mode, cache=None, extensions=extensions) as client:
+                async with Client(
+                    server, mode=mode, cache=None, extensions=extensions, list_roots_callback=list_roots
+                ) as client:
                     yield client
                 return
-            async with serve_http(settings) as url, mcp_client(url, token, mode, extensions) as client:
+            async with (
+                serve_http(settings) as url,
+                mcp_client(url, token, mode, extensions, list_roots) as client,
+            ):
                 yield client
         finally:
             root.removeHandler(handler)
@@ -270,6 +278,7 @@ async def mcp_client(
     token: str | None = None,
     mode: str = "auto",
     extensions: Sequence[ClientExtension] | None = None,
+    list_roots: ListRootsFnT | None = None,
 ) -> AsyncIterator[Client]:
     """The official client over streamable HTTP, sending `token` as its bearer."""
     async with (
@@ -279,6 +288,7 @@ async def mcp_client(
             mode=mode,
             cache=None,
             extensions=extensions,
+            list_roots_callback=list_roots,
         ) as client,
     ):
         yield client

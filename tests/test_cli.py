@@ -152,6 +152,21 @@ def test_result_writes_out_into_a_folder_or_as_the_named_format(
     assert standin.stats.create_calls == 1
 
 
+def test_out_never_writes_through_a_symbolic_link(
+    gptunnel: Gptunnel, standin: StandIn, home: Path, tmp_path: Path
+) -> None:
+    task_id = pending_task(gptunnel, standin, "a lighthouse")
+    theirs = tmp_path / "theirs.png"
+    theirs.write_bytes(b"someone else's file")
+    (tmp_path / "link.png").symlink_to(theirs)
+    ran = gptunnel("result", task_id, "--out", str(tmp_path / "link.png"))
+    assert ran.code == 1
+    message = ran.err.splitlines()[-1]
+    assert message.startswith("gptunnel-mcp: invalid --out: ") and "not a plain file" in message
+    assert message.endswith(f"the image is stored at {home.resolve() / 'images' / task_id}.webp")
+    assert theirs.read_bytes() == b"someone else's file" and (tmp_path / "link.png").is_symlink()
+
+
 def test_a_wait_that_ends_early_exits_3_and_result_finishes_it_later(
     gptunnel: Gptunnel, standin: StandIn
 ) -> None:

@@ -351,7 +351,14 @@ async def test_without_a_key_the_server_starts_explains_and_serves_stored_images
 
     async with memory_server.connect(GPTUNNEL_API_KEY=None) as client:
         tools = {t.name for t in (await client.list_tools()).tools}
-        assert tools == {"create_image", "get_result", "generate_and_wait", "get_balance", "search_images"}
+        assert tools == {
+            "create_image",
+            "get_result",
+            "generate_and_wait",
+            "get_balance",
+            "search_images",
+            "save_image",
+        }
         refused = [
             await client.call_tool("create_image", {"prompt": "no key"}),
             await client.call_tool("generate_and_wait", {"prompt": "no key"}),

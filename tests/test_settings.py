@@ -52,6 +52,7 @@ def test_environment_is_read_and_flags_win(tmp_path: Path, monkeypatch: pytest.M
         ("GPTUNNEL_BASE_URL", "ftp://gptunnel.ru", "invalid GPTUNNEL_BASE_URL"),
         ("GPTUNNEL_MCP_PUBLIC_URL", "mcp.example.com", "invalid GPTUNNEL_MCP_PUBLIC_URL"),
         ("GPTUNNEL_MCP_PUBLIC_URL", "https://mcp.example.com/?via=x", "without a user name, password, query"),
+        ("GPTUNNEL_EXPORT_DIRS", "/srv/images,exports", "must be an absolute path, and exports is not"),
     ],
 )
 def test_bad_values_give_one_line_naming_the_variable(
@@ -99,3 +100,10 @@ def test_the_shells_own_variables_are_never_read(tmp_path: Path, monkeypatch: py
         "stdio",
         False,
     )
+
+
+def test_export_folders_are_a_comma_separated_list(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GPTUNNEL_MCP_HOME", str(tmp_path))
+    assert load_settings().export_dirs == []
+    monkeypatch.setenv("GPTUNNEL_EXPORT_DIRS", "/srv/images, ~/Pictures ,")
+    assert load_settings().export_dirs == [Path("/srv/images"), Path.home() / "Pictures"]

@@ -51,7 +51,14 @@ async def history_ids(client: Client) -> list[str]:
 async def test_tools_are_listed_with_schemas_and_truthful_annotations(memory_server: ServerLauncher) -> None:
     async with memory_server.connect() as client:
         tools = {t.name: t for t in (await client.list_tools()).tools}
-    assert set(tools) == {"create_image", "get_result", "generate_and_wait", "get_balance", "search_images"}
+    assert set(tools) == {
+        "create_image",
+        "get_result",
+        "generate_and_wait",
+        "get_balance",
+        "search_images",
+        "save_image",
+    }
     for name in ("create_image", "generate_and_wait"):
         schema = tools[name].input_schema
         assert schema["required"] == ["prompt"]
@@ -72,6 +79,14 @@ async def test_tools_are_listed_with_schemas_and_truthful_annotations(memory_ser
         "limit",
         "cursor",
     }
+    # The roots it asks the client for are no argument the agent gives.
+    save = tools["save_image"]
+    assert save.input_schema["required"] == ["task_id", "destination"]
+    assert set(save.input_schema["properties"]) == {"task_id", "destination", "overwrite"}
+    assert save.annotations is not None
+    assert save.annotations.destructive_hint and not save.annotations.read_only_hint
+    assert save.output_schema is not None
+    assert {"path", "mime_type", "converted"} <= set(save.output_schema["properties"])
     assert "21:9" in json.dumps(tools["create_image"].input_schema["properties"]["aspect_ratio"])
     for tool in (tools[name] for name in ("create_image", "get_result", "generate_and_wait")):
         # One image's result, or for count above 1 the batch of them: both objects.

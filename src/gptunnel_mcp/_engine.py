@@ -8,6 +8,7 @@ records and exceptions that carry facts; the words for each audience are the fro
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -39,6 +40,7 @@ from ._exceptions import (
     UnknownCreateOutcomeError,
     UpstreamError,
 )
+from ._export import Destination, Written, write_image
 from ._files import ImageFolder
 from ._images import PREVIEW_MAX_BYTES, Preview, make_preview
 from ._links import check_link, signed_link
@@ -886,10 +888,28 @@ class Engine:
     async def image_base64(self, record: TaskRecord) -> str:
         """The stored image as base64 text. A read holds about 2.7 times the image's size until it
         is sent, so only a few run at once; the rest queue instead of growing memory."""
+        stored = await self._stored(record)
+        return await anyio.to_thread.run_sync(self.folder.read_base64, stored, limiter=self._read_slots)
+
+    async def export(
+        self, task_id: str, account: Account, destination: Destination, *, overwrite: bool
+    ) -> Written:
+        """Copy the caller's image of `task_id` to `destination` (see `write_image`). Converting
+        decodes the whole image, so exports share the previews' slots."""
+        record = await self.lookup(task_id, account.owner)
+        stored = await self._stored(record)
+        write = functools.partial(
+            write_image, self.folder.path(stored), stored, destination, overwrite=overwrite
+        )
+        return await anyio.to_thread.run_sync(write, limiter=self._preview_slots)
+
+    async def _stored(self, record: TaskRecord) -> StoredFile:
+        """The record's image, there in the folder; `ImageNotReadyError` when there is none."""
+        if record.status == "failed":
+            raise ImageNotReadyError(record.task_id, failed=record.error or "no reason was given")
         if record.file is None or not await self._have(record):
             raise ImageNotReadyError(record.task_id)
-        stored = record.file
-        return await anyio.to_thread.run_sync(self.folder.read_base64, stored, limiter=self._read_slots)
+        return record.file
 
     async def preview(self, stored: StoredFile, *, share: int = 1) -> Preview:
         """A small copy for inline display, made once and then kept beside the image; `share`:

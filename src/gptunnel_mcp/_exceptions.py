@@ -79,11 +79,15 @@ class TaskNotFoundError(GPTunnelMCPError):
 
 
 class ImageNotReadyError(GPTunnelMCPError):
-    """The task is known but has no stored image (yet)."""
+    """The task is known but has no stored image: not yet, or never, when it `failed` (why)."""
 
-    def __init__(self, task_id: str) -> None:
+    def __init__(self, task_id: str, *, failed: str | None = None) -> None:
         self.task_id = task_id
-        super().__init__(f"task {task_id} has no stored image yet")
+        self.failed = failed
+        if failed is None:
+            super().__init__(f"task {task_id} has no stored image yet")
+        else:
+            super().__init__(f"task {task_id} failed ({failed}), so it has no image")
 
 
 class UpstreamError(GPTunnelMCPError):

@@ -31,6 +31,7 @@ def _split_commas(value: Any) -> Any:
 
 #: A list given in one environment variable as "a,b,c" (pydantic-settings would expect JSON).
 CommaList = Annotated[list[str], NoDecode, BeforeValidator(_split_commas)]
+PathList = Annotated[list[Path], NoDecode, BeforeValidator(_split_commas)]
 
 
 def _default_home() -> Path:
@@ -104,6 +105,12 @@ class Settings(BaseSettings):
     )
     max_images_per_hour: int | None = Field(default=None, ge=0, description="Cap on images created per hour.")
     max_images_per_day: int | None = Field(default=None, ge=0, description="Cap on images created per day.")
+    export_dirs: PathList = Field(
+        default_factory=list,
+        validation_alias="GPTUNNEL_EXPORT_DIRS",
+        description="Folders save_image may write into for clients that share no roots, as absolute "
+        "paths separated by commas; a relative destination is taken from the first.",
+    )
 
     # Serving over HTTP (the MCP_ variables are about this server, not about GPTunnel).
     transport: Literal["stdio", "http"] = Field(default="stdio", validation_alias="GPTUNNEL_MCP_TRANSPORT")
@@ -189,6 +196,15 @@ class Settings(BaseSettings):
             raise ValueError("must be a PostgreSQL URL, starting with postgresql:// or postgres://")
         return value
 
+    @field_validator("export_dirs")
+    @classmethod
+    def _absolute_folders(cls, value: list[Path]) -> list[Path]:
+        # Relative to what? The server's working folder is whatever its client started it in.
+        relative = [str(path) for path in value if not path.expanduser().is_absolute()]
+        if relative:
+            raise ValueError(f"each folder must be an absolute path, and {', '.join(relative)} is not")
+        return [path.expanduser() for path in value]
+
     @field_validator("home", mode="before")
     @classmethod
     def _expand_home(cls, value: Any) -> Any:
@@ -237,6 +253,7 @@ _ENV_NAMES = {
     "reuse_window": "GPTUNNEL_REUSE_WINDOW",
     "max_images_per_hour": "GPTUNNEL_MAX_IMAGES_PER_HOUR",
     "max_images_per_day": "GPTUNNEL_MAX_IMAGES_PER_DAY",
+    "export_dirs": "GPTUNNEL_EXPORT_DIRS",
     "transport": "GPTUNNEL_MCP_TRANSPORT",
     "host": "GPTUNNEL_MCP_HOST",
     "port": "GPTUNNEL_MCP_PORT",

@@ -8,22 +8,19 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import platform
 import re
-import secrets
 import shutil
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from importlib.metadata import version as package_version
-from pathlib import Path
 from types import TracebackType
 
 from ._engine import Engine
 from ._exceptions import ConfigError, GPTunnelMCPError, InputError, StorageError, TaskNotFoundError
-from ._records import StoredFile, TaskRecord
+from ._export import Destination, check_destination, write_image
+from ._records import TaskRecord
 from ._request import parse_image_request
 from ._settings import Settings, mask_password
 from ._store import Search
@@ -40,9 +37,9 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         return _migrate(settings, from_flag=args.database_url is not None)
     try:
         # Before anything is sent: an image made and paid for deserves a place to go.
-        out = _check_out(args.out) if getattr(args, "out", None) is not None else None
+        out = check_destination(args.out) if getattr(args, "out", None) is not None else None
     except InputError as exc:
-        return _fail(explain(exc), EXIT_USAGE)
+        return _fail(f"{explain(exc)}. Nothing was sent to GPTunnel.", EXIT_USAGE)
     command: Callable[[Engine], Awaitable[int]] = {
         "generate": lambda engine: _generate(engine, args, out),
         "result": lambda engine: _result(engine, args, out),
@@ -75,7 +72,7 @@ _FLAGS = {
     "images": "--image",
     "model": "--model",
     "prompt": "the prompt",
-    "out": "--out",
+    "destination": "--out",
 }
 
 
@@ -165,7 +162,7 @@ class _ProgressLine:
         return time.monotonic() - self._started
 
 
-async def _generate(engine: Engine, args: argparse.Namespace, out: _Out | None) -> int:
+async def _generate(engine: Engine, args: argparse.Namespace, out: Destination | None) -> int:
     request = parse_image_request(
         engine.settings.default_model, args.prompt, args.model, args.aspect_ratio, args.image
     )
@@ -177,14 +174,14 @@ async def _generate(engine: Engine, args: argparse.Namespace, out: _Out | None) 
     return _finish(engine, started.record, out)
 
 
-async def _result(engine: Engine, args: argparse.Namespace, out: _Out | None) -> int:
+async def _result(engine: Engine, args: argparse.Namespace, out: Destination | None) -> int:
     with _ProgressLine() as line:
         record = await engine.wait(args.task_id, engine.accounts.default, line)
         line.finish(record)
     return _finish(engine, record, out)
 
 
-def _finish(engine: Engine, record: TaskRecord, out: _Out | None) -> int:
+def _finish(engine: Engine, record: TaskRecord, out: Destination | None) -> int:
     """Print where the image is, or why there is none, and choose the exit code."""
     if record.status == "failed":
         print(f"gptunnel-mcp: task {record.task_id} failed: {record.error}", file=sys.stderr)
@@ -198,85 +195,13 @@ def _finish(engine: Engine, record: TaskRecord, out: _Out | None) -> int:
         return EXIT_PENDING
     path = engine.folder.path(record.file).resolve()
     if out is not None:
-        path = _write_out(path, record.file, out).resolve()
+        try:
+            # Any file the user names: they asked for it by name.
+            path = write_image(path, record.file, out, overwrite=True).path
+        except InputError as exc:
+            return _fail(f"{explain(exc)}; the image is stored at {path}", EXIT_FAILED)
     print(path)
     return EXIT_OK
-
-
-# --- --out ------------------------------------------------------------------------------------
-
-#: The formats --out can write, by file name suffix.
-_OUT_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
-_PILLOW_FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP"}
-#: Image modes each format stores as they are; others are converted to RGB(A) first.
-_PILLOW_MODES = {"PNG": ("1", "L", "LA", "P", "RGB", "RGBA"), "JPEG": ("L", "RGB"), "WEBP": ("RGB", "RGBA")}
-
-
-@dataclass(frozen=True)
-class _Out:
-    """Where --out puts the image: into `folder` under the stored file's name, or as `file` in
-    the format its suffix names (`mime_type`)."""
-
-    folder: Path
-    file: Path | None = None
-    mime_type: str | None = None
-
-
-def _check_out(text: str) -> _Out:
-    path = Path(text).expanduser()
-    separators = tuple(s for s in (os.sep, os.altsep) if s)
-    if text.endswith(separators) or path.is_dir():
-        if not path.is_dir():
-            raise InputError(
-                f"there is no folder {path}; create it first. Nothing was sent to GPTunnel.", argument="out"
-            )
-        return _Out(path)
-    folder = path.parent
-    if not folder.is_dir():
-        raise InputError(
-            f"there is no folder {folder} to write {path.name} into; create it first. "
-            "Nothing was sent to GPTunnel.",
-            argument="out",
-        )
-    mime_type = _OUT_TYPES.get(path.suffix.lower())
-    if mime_type is None:
-        raise InputError(
-            f"{path.name}: the name must end in .png, .jpg, .jpeg or .webp (the format to write), "
-            "or name a folder. Nothing was sent to GPTunnel.",
-            argument="out",
-        )
-    return _Out(folder, path, mime_type)
-
-
-def _write_out(source: Path, stored: StoredFile, out: _Out) -> Path:
-    """Write the stored image where --out says, as the format the name says; the path written.
-    The file appears whole or not at all, as in the images folder."""
-    target = out.file or out.folder / stored.file_name
-    temporary = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
-    try:
-        if out.mime_type in (None, stored.mime_type):
-            shutil.copyfile(source, temporary)
-        else:
-            assert out.mime_type is not None
-            _convert(source, temporary, _PILLOW_FORMATS[out.mime_type])
-        os.replace(temporary, target)
-    except OSError as exc:
-        temporary.unlink(missing_ok=True)
-        reason = exc.strerror or str(exc)
-        raise StorageError(f"cannot write {target} ({reason}); the image is stored at {source}") from None
-    return target
-
-
-def _convert(source: Path, target: Path, fmt: str) -> None:
-    from PIL import Image
-
-    with Image.open(source) as image:
-        converted = image
-        if image.mode not in _PILLOW_MODES[fmt]:
-            alpha = "A" in image.mode or "transparency" in image.info
-            converted = image.convert("RGBA" if alpha and "RGBA" in _PILLOW_MODES[fmt] else "RGB")
-        options = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
-        converted.save(target, format=fmt, **options)
 
 
 def _history_place(settings: Settings) -> str:

@@ -155,6 +155,30 @@ class SearchArguments(BaseModel):
         return search, self.limit
 
 
+class SaveArguments(BaseModel):
+    """save_image."""
+
+    task_id: Annotated[
+        str,
+        Field(
+            description="The task_id of a finished image (24 hex characters).",
+            json_schema_extra={"pattern": TASK_ID_PATTERN},
+        ),
+    ]
+    destination: Annotated[
+        str,
+        Field(
+            description="Where to put it: a folder (the file keeps its stored name) or a file path whose "
+            "extension picks the format: .png, .jpg, .jpeg or .webp. A relative path starts in the "
+            "client's first root (or the server's first export folder); an absolute one must lie in one.",
+            json_schema_extra={"minLength": 1},
+        ),
+    ]
+    overwrite: Annotated[
+        bool, Field(description="Replace a file that is already there (by default it is left alone).")
+    ] = False
+
+
 class NoArguments(BaseModel):
     """get_balance."""
 
@@ -170,14 +194,18 @@ def parse(model: type[_A], raw: dict[str, Any]) -> _A:
 
 
 def takes(
-    model: type[_A], context: Any
+    model: type[_A], context: Any, **resolved: Any
 ) -> Callable[[Callable[[_C, _A], Awaitable[_R]]], Callable[..., Awaitable[_R]]]:
     """Turn `async def tool(ctx, args: model)` into the flat-argument function MCPServer expects:
-    one keyword parameter per field of `model`, with its type, default and description."""
+    one keyword parameter per field of `model`, with its type, default and description.
+
+    `resolved` names parameters the SDK fills itself (`Annotated[T, Resolve(fn)]`), passed on to
+    the tool as keyword arguments of those names."""
 
     def wrap(fn: Callable[[_C, _A], Awaitable[_R]]) -> Callable[..., Awaitable[_R]]:
         async def tool(ctx: _C, **raw: Any) -> _R:
-            return await fn(ctx, model.model_validate(raw))
+            filled = {name: raw.pop(name) for name in resolved}
+            return await fn(ctx, model.model_validate(raw), **filled)
 
         fields = {name: Annotated[info.annotation, info] for name, info in model.model_fields.items()}
         returns = inspect.signature(fn, eval_str=True).return_annotation
@@ -191,10 +219,14 @@ def takes(
             )
             for (name, annotation), info in zip(fields.items(), model.model_fields.values(), strict=True)
         ]
+        parameters += [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation)
+            for name, annotation in resolved.items()
+        ]
         tool.__name__ = fn.__name__
         tool.__doc__ = fn.__doc__
         tool.__signature__ = inspect.Signature(parameters, return_annotation=returns)  # type: ignore[attr-defined]
-        tool.__annotations__ = {"ctx": context, **fields, "return": returns}
+        tool.__annotations__ = {"ctx": context, **fields, **resolved, "return": returns}
         return tool
 
     return wrap

@@ -26,7 +26,8 @@ Use generate_and_wait for an image in one call; it returns a preview, the local 
 resource link. If it comes back 'pending', call get_result with its task_id later rather than
 generating again: every create is billed. Find earlier images with search_images (by words
 in the prompt, model, status or date); they stay available, also after GPTunnel's own links
-expire, in the resource gptunnel://images."""
+expire, in the resource gptunnel://images. To put an image into the user's files (their project), call
+save_image with its task_id and a destination."""
 
 
 class EngineSlot:

@@ -26,6 +26,7 @@ from .._exceptions import (
     StorageError,
     TaskNotFoundError,
 )
+from .._export import Written
 from .._records import IMAGES_URI, TaskRecord, TaskStatus
 from .._search import SearchPage
 from .._store import Search
@@ -167,6 +168,52 @@ class HistoryPage(BaseModel):
     next_page: str | None = Field(default=None, description="The URI of the next (older) page, if any.")
     tasks: list[HistoryEntry]
     note: str | None = None
+
+
+class SavedImage(BaseModel):
+    """The structured result of save_image."""
+
+    task_id: str
+    path: str = Field(description="Absolute path of the file written.")
+    mime_type: str = Field(description="The file's format.")
+    size_bytes: int
+    converted: bool = Field(description="True when it was re-encoded into the format its name asks for.")
+    message: str
+
+
+def saved(task_id: str, written: Written) -> CallToolResult:
+    how = f", converted to {_FORMAT_NAMES[written.mime_type]}" if written.converted else ""
+    result = SavedImage(
+        task_id=task_id,
+        path=str(written.path),
+        mime_type=written.mime_type,
+        size_bytes=written.size_bytes,
+        converted=written.converted,
+        message=f"Saved the image of task {task_id} as {written.path}{how}.",
+    )
+    return CallToolResult(
+        content=[TextContent(text=result.message)], structured_content=result.model_dump(mode="json")
+    )
+
+
+def nowhere_to_save(*, multi_user: bool) -> CallToolResult:
+    if multi_user:
+        text = (
+            "This server serves many users, so it writes only into folders its operator allows, and "
+            "it allows none: the operator sets GPTUNNEL_EXPORT_DIRS to absolute folders, separated by "
+            "commas. The image stays available as its resource link."
+        )
+    else:
+        text = (
+            "There is no folder to save into: this client shares no roots (the MCP roots of its "
+            "workspace) and the server allows no export folder. Set GPTUNNEL_EXPORT_DIRS to absolute "
+            "folders, separated by commas, in the MCP server's environment (your client's server "
+            "config) and restart the server, or use a client that shares its workspace as roots."
+        )
+    return CallToolResult(content=[TextContent(text=text)], is_error=True)
+
+
+_FORMAT_NAMES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WebP", "image/gif": "GIF"}
 
 
 def describe(
@@ -365,8 +412,10 @@ def error_text(exc: GPTunnelMCPError) -> str:
             text += ", as returned by create_image or generate_and_wait."
     elif isinstance(exc, TaskNotFoundError):
         text += f". List known tasks with the resource {HISTORY_URI}."
-    elif isinstance(exc, ImageNotReadyError):
+    elif isinstance(exc, ImageNotReadyError) and exc.failed is None:
         text += f": call get_result with task_id {exc.task_id} first."
+    elif isinstance(exc, ImageNotReadyError):
+        text += ". Generate the image again (with new_image=true if an identical request would be reused)."
     elif isinstance(exc, DownloadError) and exc.task_id is not None:
         text += f" The task is kept: call get_result with task_id {exc.task_id} to try the download again."
     elif isinstance(exc, StorageError) and exc.task_id is not None:

@@ -3,27 +3,43 @@ the presentation."""
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated, Any
 
+import anyio
 from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
-from mcp_types import CallToolResult, TextContent, ToolAnnotations
+from mcp.server.mcpserver.resolve import Resolve
+from mcp_types import CallToolResult, ListRootsResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field
 
 from .._accounts import Account
 from .._engine import Engine, JobEvents
 from .._exceptions import GPTunnelMCPError
+from .._export import check_destination
 from .._records import TaskRecord
 from .._settings import Settings
-from ._arguments import SEARCH_LIMIT, ImageArguments, NoArguments, SearchArguments, TaskArguments, takes
+from ._arguments import (
+    SEARCH_LIMIT,
+    ImageArguments,
+    NoArguments,
+    SaveArguments,
+    SearchArguments,
+    TaskArguments,
+    takes,
+)
 from ._presentation import (
+    SavedImage,
     SearchResult,
     ToolImageResult,
     batch_result,
     error_result,
+    nowhere_to_save,
+    saved,
     search_result,
     tool_result,
 )
+from ._roots import client_roots, root_folders
 
 ToolContext = Context[Engine, Any]
 ToolResult = Annotated[CallToolResult, ToolImageResult]
@@ -37,6 +53,10 @@ _READS = ToolAnnotations(
 #: Reads this server's own history, and nothing else.
 _READS_HISTORY = ToolAnnotations(
     read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False
+)
+#: It writes only the user's own files, and replaces one only when told to.
+_SAVES = ToolAnnotations(
+    read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False
 )
 
 
@@ -168,6 +188,38 @@ def register_tools(server: MCPServer[Engine], settings: Settings) -> None:
         except GPTunnelMCPError as exc:
             return error_result(exc)
         return search_result(page, search, continued=args.cursor is not None)
+
+    @server.tool(
+        title="Save an image into the user's files",
+        description="Copy a finished image (by task_id) into the user's files, such as their project's "
+        "assets folder: use it when the user wants the image as a file where they work. destination is "
+        "a folder or a file path; a name ending in .png, .jpg, .jpeg or .webp is written in that format "
+        "(converted if needed). Relative paths start in the client's first root (its workspace); "
+        "anything outside the client's roots, or the server's export folders for clients without "
+        "roots, is refused. An existing file is replaced only with overwrite=true.",
+        annotations=_SAVES,
+    )
+    @takes(SaveArguments, ToolContext, roots=Annotated[ListRootsResult | None, Resolve(client_roots)])
+    async def save_image(
+        ctx: ToolContext, args: SaveArguments, *, roots: ListRootsResult | None = None
+    ) -> Annotated[CallToolResult, SavedImage]:
+        engine = engine_of(ctx)
+        settings = engine.settings
+        folders = root_folders(roots) or settings.export_dirs
+        if not folders:
+            return nowhere_to_save(multi_user=engine.accounts.multi_user)
+        # The history and the images: an image saved over them would destroy them. (The sandbox
+        # keeps its own inside the real data folder.)
+        data_folder = settings.home.parent if settings.sandbox else settings.home
+        try:
+            destination = await anyio.to_thread.run_sync(
+                functools.partial(check_destination, args.destination, folders, data_folder=data_folder)
+            )
+            account = account_of(ctx)
+            written = await engine.export(args.task_id, account, destination, overwrite=args.overwrite)
+        except GPTunnelMCPError as exc:
+            return error_result(exc)
+        return saved(args.task_id, written)
 
     @server.tool(
         title="GPTunnel balance",
