@@ -11,6 +11,10 @@ from typing import Any
 import anyio
 import psycopg
 import pytest
+from mcp_types import ImageContent
+
+from gptunnel_mcp._exceptions import StorageError
+from gptunnel_mcp._postgres import PostgresStore
 
 from .conftest import ServerLauncher, structured, text_of
 from .standin import StandIn
@@ -128,3 +132,71 @@ async def test_a_waiter_on_another_replica_hears_the_image_and_so_do_its_subscri
     assert waited["task_id"] == made["task_id"] and waited["status"] == "done"
     assert "resources" in type(event).__name__.lower() or "list_changed" in str(event)
     assert standin.stats.download_calls == 1 and standin.stats.create_calls == 1
+
+
+async def test_the_follower_outlives_stray_notices_and_a_failing_look(
+    memory_server: ServerLauncher,
+    standin: StandIn,
+    postgres_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real = PostgresStore.durations
+    failures = [StorageError("the database was away for a moment")]
+
+    async def flaky(self: PostgresStore, model: str, *, limit: int) -> list[tuple[float | None, float]]:
+        if failures:
+            raise failures.pop()
+        return await real(self, model, limit=limit)
+
+    monkeypatch.setattr(PostgresStore, "durations", flaky)
+    async with replica(memory_server, postgres_url, tmp_path / "r1", lease="1") as client:
+        async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as conn:
+            for payload in (
+                "not json",
+                '["a", "b", "c", "done", "extra"]',
+                '[1, 2, 3, "done"]',
+                '["a","","x","lost"]',
+            ):
+                await conn.execute("SELECT pg_notify('gptunnel_mcp_tasks', %s)", (payload,))
+        made = structured(await client.call_tool("create_image", {"prompt": "a robin after the noise"}))
+        standin.finish(made["task_id"])
+        await until_stored(postgres_url, made["task_id"], "done", 10)
+        # The server still answers.
+        assert (
+            structured(await client.call_tool("get_result", {"task_id": made["task_id"]}))["status"] == "done"
+        )
+    assert not failures
+
+
+async def test_a_task_id_in_capitals_is_the_same_task_under_the_same_lease(
+    memory_server: ServerLauncher, standin: StandIn, postgres_url: str, tmp_path: Path
+) -> None:
+    async with replica(memory_server, postgres_url, tmp_path / "r1", lease="300") as first:
+        made = structured(await first.call_tool("create_image", {"prompt": "a wren in capitals"}))
+    task_id = made["task_id"]
+    polls = standin.stats.result_calls_by_task.get(task_id, 0)
+    async with replica(memory_server, postgres_url, tmp_path / "r2", lease="300") as second:
+        result = structured(await second.call_tool("get_result", {"task_id": task_id.upper()}))
+    assert result["task_id"] == task_id and result["status"] == "pending"
+    assert standin.stats.result_calls_by_task.get(task_id, 0) == polls
+    assert await stored_status(postgres_url, task_id) == (
+        "pending",
+        (await stored_status(postgres_url, task_id))[1],
+    )
+
+
+async def test_a_reused_image_another_replica_downloaded_is_served_here(
+    memory_server: ServerLauncher, standin: StandIn, postgres_url: str, tmp_path: Path
+) -> None:
+    standin.behaviour.generation_seconds = 0.05
+    prompt = {"prompt": "a kingfisher made once"}
+    async with replica(memory_server, postgres_url, tmp_path / "r1") as first:
+        made = structured(await first.call_tool("generate_and_wait", prompt))
+    async with replica(memory_server, postgres_url, tmp_path / "r2") as second:
+        again = await second.call_tool("create_image", prompt)
+    reused = structured(again)
+    assert reused["reused"] and reused["task_id"] == made["task_id"]
+    assert Path(reused["file_path"]).read_bytes() == standin.image_bytes(made["task_id"])
+    assert any(isinstance(block, ImageContent) for block in again.content)
+    assert standin.stats.download_calls == 1

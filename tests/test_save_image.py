@@ -242,13 +242,26 @@ async def test_a_client_with_roots_is_held_to_its_roots(
 
 
 @pytest.mark.parametrize(
-    "roots", [None, ["file://fileserver/share/project"]], ids=["no-roots", "remote-root"]
+    ("roots", "remote"),
+    [
+        (None, False),
+        (["file://fileserver/share/project"], False),
+        (["file:///"], False),
+        # A server others reach over the network: their roots are on their machines.
+        (["file:///srv/site"], True),
+    ],
+    ids=["no-roots", "remote-root", "whole-disk", "remote-client"],
 )
 async def test_with_nowhere_allowed_the_error_says_what_to_configure(
-    memory_server: ServerLauncher, roots: list[str] | None
+    memory_server: ServerLauncher, roots: list[str] | None, remote: bool
 ) -> None:
     listing = roots_of(*roots) if roots is not None else None
-    async with memory_server.connect(list_roots=listing) as client:
+    async with memory_server.connect(
+        list_roots=listing,
+        GPTUNNEL_MCP_TRANSPORT="http" if remote else None,
+        GPTUNNEL_MCP_HOST="0.0.0.0" if remote else None,
+        GPTUNNEL_MCP_AUTH_TOKEN="t" * 24 if remote else None,
+    ) as client:
         task_id = await made(client)
         text = refusal(await save(client, task_id, "hero.png"))
     assert text.startswith("There is no folder to save into")

@@ -107,6 +107,9 @@ async def test_arguments_an_agent_gets_wrong_are_named(memory_server: ServerLaun
             ({"limit": 0}, "Invalid limit"),
             ({"limit": 51}, "ask for 1 to 50"),
             ({"since": "last week"}, "Invalid since: 'last week' is not an ISO date"),
+            # At the calendar's edges, with an offset that takes it past them in UTC.
+            ({"since": "0001-01-01T00:00+05:00"}, "between the years 1 and 9999"),
+            ({"since": "9999-12-31T23:59:59-05:00"}, "between the years 1 and 9999"),
         ]
         for arguments, said in wrong:
             result = await client.call_tool("search_images", arguments)

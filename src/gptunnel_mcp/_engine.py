@@ -8,6 +8,7 @@ records and exceptions that carry facts; the words for each audience are the fro
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -22,6 +23,7 @@ from typing import Protocol, TypeVar
 from weakref import WeakValueDictionary
 
 import anyio
+import anyio.abc
 
 from ._accounts import Account, Accounts
 from ._catalog import catalogue_spelling, check_options
@@ -54,7 +56,7 @@ from ._records import (
     utcnow,
 )
 from ._request import ImageRequest, check_public_hosts, referenced_task
-from ._schedule import Backoff, PollPlan, PollSchedule, Timing
+from ._schedule import MAX_RETRY_AFTER, Backoff, PollPlan, PollSchedule, Timing
 from ._search import SearchPage, next_cursor, read_cursor, scope
 from ._settings import Settings
 from ._store import Admission, Cap, ChangeFeed, ImageShelf, Search, Settlement, TaskStore
@@ -67,6 +69,8 @@ _T = TypeVar("_T")
 _QUICK_ATTEMPTS = 3
 #: How often to look whether another process's identical create has been answered.
 _IN_FLIGHT_POLL = 0.1
+#: Between a create's time running out and an identical one being allowed: clocks and writes.
+_IN_FLIGHT_MARGIN = 5.0
 #: Recent tasks of a model whose durations shape the poll plan.
 _TIMING_SAMPLES = 10
 #: Failed downloads of one task's image, over all calls, after which the task ends as failed.
@@ -207,6 +211,9 @@ class Engine:
                     if admission.reuse is not None:
                         logger.info("reusing task %s for an identical request", admission.reuse.task_id)
                         outcomes[n] = Outcome(admission.reuse, reused=True)
+                        # Its image may be one another replica downloaded: fetched here now.
+                        with contextlib.suppress(StorageError):
+                            await self._have(admission.reuse)
                     else:
                         assert admission.ticket is not None
                         group.start_soon(create, n, admission.ticket)
@@ -229,7 +236,7 @@ class Engine:
         ]
         # A create still unsettled after this long belonged to a process that died on the way:
         # it may have cost money (it counts for the caps) but nobody will finish it.
-        in_flight_for = self.settings.request_timeout * _QUICK_ATTEMPTS + self.backoff.cap * _QUICK_ATTEMPTS
+        in_flight_for = self._create_window()
         while True:
             now = utcnow()
             try:
@@ -262,6 +269,12 @@ class Engine:
             # Another process is creating this very request: its answer is ours to reuse.
             await anyio.sleep(_IN_FLIGHT_POLL)
 
+    def _create_window(self) -> float:
+        """The longest a create may take, its retries and their waits included: an identical
+        create unsettled for longer is given up for lost (`_admit`), so no create may outlive it."""
+        waits = max(self.backoff.cap, MAX_RETRY_AFTER) * (_QUICK_ATTEMPTS - 1)
+        return self.settings.request_timeout * _QUICK_ATTEMPTS + waits + _IN_FLIGHT_MARGIN
+
     async def _create(
         self,
         request: ImageRequest,
@@ -275,7 +288,15 @@ class Engine:
         submitted = utcnow()
         try:
             # Only failures that prove the request was not taken on are retried (see `_upstream`).
-            upstream = await self._retry(lambda: self.client.create(outgoing, key), attempts=_QUICK_ATTEMPTS)
+            with anyio.move_on_after(self._create_window() - _IN_FLIGHT_MARGIN) as window:
+                upstream = await self._retry(
+                    lambda: self.client.create(outgoing, key), attempts=_QUICK_ATTEMPTS
+                )
+            if window.cancelled_caught:
+                raise UnknownCreateOutcomeError(
+                    "GPTunnel did not answer the request in time; it may still make the image. "
+                    "Check your GPTunnel account before asking again"
+                )
         except GPTunnelMCPError as exc:
             outcome: Settlement = "unknown" if isinstance(exc, UnknownCreateOutcomeError) else "refused"
             await self._settle(ticket, outcome)
@@ -307,7 +328,9 @@ class Engine:
         )
         _apply(record, upstream)
         try:
-            await self.store.settle(ticket, "created", record)
+            # Shielded: a paid task must be recorded even when the call is being cancelled.
+            with anyio.CancelScope(shield=True):
+                await self.store.settle(ticket, "created", record)
         except StorageError as exc:
             raise StorageError(
                 f"GPTunnel started it, but it could not be recorded ({exc.reason})", task_id=record.task_id
@@ -405,6 +428,8 @@ class Engine:
     async def refresh(self, task_id: str, account: Account, events: JobEvents = SILENT) -> TaskRecord:
         """The task's state now: from the history if it is finished, else asked of GPTunnel once
         (with quick retries), downloading the image when it is ready."""
+        # One spelling from here on: leases, locks and GPTunnel itself know the task by it.
+        task_id = check_task_id(task_id)
         record = await self._known(task_id, account)
         if record is not None and await self._have(record):
             return record
@@ -426,6 +451,7 @@ class Engine:
         fresh task)."""
         if deadline is None:
             deadline = time.monotonic() + self.settings.wait_timeout
+        task_id = check_task_id(task_id)
         record = await self._known(task_id, account)
         plan = await self._plan(record)
         origin = record.submitted_at if record is not None and record.submitted_at else utcnow()
@@ -484,6 +510,7 @@ class Engine:
         """Move a task on by at most one upstream poll, when the poll plan says one is due, and
         say in how many seconds to ask again. For callers that poll us (the MCP tasks
         extension): the plan, not the caller's pace, decides what GPTunnel sees."""
+        task_id = check_task_id(task_id)
         record = await self.lookup(task_id, account.owner)
         if await self._have(record) or record.cancelled_at is not None:
             return record, 0.0
@@ -582,6 +609,8 @@ class Engine:
                     stored = claim.record
                     if await self._have(stored):
                         return stored
+                    # A cancel made elsewhere since `record` was read must survive this poll's write.
+                    record.cancelled_at = record.cancelled_at or stored.cancelled_at
                     # A done task whose image is in no home and not in the database is polled
                     # again for its link, by whoever asks: a repair, not the usual way.
                     if stored.status == "pending" and (not claim.held or _polled_since(stored, record)):
@@ -772,61 +801,20 @@ class Engine:
         lease/3 s, renew this process's leases, adopt the tasks of processes that died (their
         lease ran out), and poll each task held when its plan says so, downloading its image
         when ready. So every task is finished by somebody, with nobody asking."""
-        lease = self.settings.lease_seconds
-        slots = anyio.CapacityLimiter(_FOLLOW_AT_ONCE)
-        busy: set[tuple[str, str]] = set()
         if self.accounts.default.api_key is not None:
             self._accounts_seen.setdefault(self.accounts.default.owner, self.accounts.default)
-
-        async def step(record: TaskRecord, account: Account) -> None:
-            try:
-                async with slots:
-                    await self._step(
-                        record.task_id,
-                        account,
-                        record,
-                        SILENT,
-                        attempts=1,
-                        deadline=time.monotonic() + self.settings.wait_timeout,
-                    )
-            except GPTunnelMCPError as exc:
-                logger.info("following task %s: %s", record.task_id, exc)
-            except Exception:
-                logger.exception("following task %s failed", record.task_id)
-            finally:
-                busy.discard((record.owner, record.task_id))
-
+        follower = _Follower(self)
         async with anyio.create_task_group() as group:
             if isinstance(self.store, ChangeFeed):
                 group.start_soon(self.store.listen, self._heard)
             while True:
                 try:
-                    # Finished rather than cut off by a stop: psycopg gives up a connection whose
-                    # statement was cancelled, with a warning.
-                    with anyio.CancelScope(shield=True):
-                        held = await self.store.leases(
-                            self.holder,
-                            seconds=lease,
-                            adopt=_ADOPT_BATCH,
-                            owners=list(self._accounts_seen),
-                            made_since=utcnow() - SOURCE_URL_LIFETIME,
-                        )
-                except StorageError as exc:
-                    logger.warning("cannot renew this replica's leases: %s", exc.reason)
-                    held = []
-                plans: dict[str, PollPlan] = {}
-                for record in held:
-                    task = (record.owner, record.task_id)
-                    account = self._accounts_seen.get(record.owner)
-                    polling = self._poll_locks.get(task)
-                    if task in busy or account is None or (polling is not None and polling.locked()):
-                        continue
-                    if record.model not in plans:
-                        plans[record.model] = await self._plan(record)
-                    if _due(record, plans[record.model]):
-                        busy.add(task)
-                        group.start_soon(step, record, account)
-                await anyio.sleep(lease / 3)
+                    await follower.look(group)
+                except Exception:
+                    # Whatever went wrong with this look, the next may go right: the follower
+                    # must outlive it, or nobody finishes this replica's tasks.
+                    logger.exception("following tasks failed; trying again shortly")
+                await anyio.sleep(self.settings.lease_seconds / 3)
 
     async def _have(self, record: TaskRecord) -> bool:
         """Whether the task is finished: failed, or done with its image in the folder, where an
@@ -966,6 +954,58 @@ class Engine:
                 logger.info("transient failure (%s); retry %d in %.1f s", exc, attempt, delay)
                 await anyio.sleep(delay)
         raise AssertionError("unreachable")
+
+
+class _Follower:
+    """`Engine.follow`'s state: the tasks it is stepping now, and how many at once."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._busy: set[tuple[str, str]] = set()
+        self._slots = anyio.CapacityLimiter(_FOLLOW_AT_ONCE)
+
+    async def look(self, group: anyio.abc.TaskGroup) -> None:
+        """Renew and adopt leases, and start a step for each task held whose poll is due."""
+        engine = self._engine
+        try:
+            # Finished rather than cut off by a stop: psycopg gives up a connection whose
+            # statement was cancelled, with a warning.
+            with anyio.CancelScope(shield=True):
+                held = await engine.store.leases(
+                    engine.holder,
+                    seconds=engine.settings.lease_seconds,
+                    adopt=_ADOPT_BATCH,
+                    owners=list(engine._accounts_seen),
+                    made_since=utcnow() - SOURCE_URL_LIFETIME,
+                )
+        except StorageError as exc:
+            logger.warning("cannot renew this replica's leases: %s", exc.reason)
+            return
+        plans: dict[str, PollPlan] = {}
+        for record in held:
+            task = (record.owner, record.task_id)
+            account = engine._accounts_seen.get(record.owner)
+            polling = engine._poll_locks.get(task)
+            if task in self._busy or account is None or (polling is not None and polling.locked()):
+                continue
+            if record.model not in plans:
+                plans[record.model] = await engine._plan(record)
+            if _due(record, plans[record.model]):
+                self._busy.add(task)
+                group.start_soon(self._step, record, account)
+
+    async def _step(self, record: TaskRecord, account: Account) -> None:
+        engine = self._engine
+        try:
+            async with self._slots:
+                deadline = time.monotonic() + engine.settings.wait_timeout
+                await engine._step(record.task_id, account, record, SILENT, attempts=1, deadline=deadline)
+        except GPTunnelMCPError as exc:
+            logger.info("following task %s: %s", record.task_id, exc)
+        except Exception:
+            logger.exception("following task %s failed", record.task_id)
+        finally:
+            self._busy.discard((record.owner, record.task_id))
 
 
 class _Parts:

@@ -62,6 +62,7 @@ def _lock_key(scope: str) -> int:
 _MIGRATION_LOCK = _lock_key("migrate")
 #: Where replicas tell each other of changed tasks.
 _CHANNEL = "gptunnel_mcp_tasks"
+_STATUSES: tuple[TaskStatus, ...] = ("pending", "done", "failed")
 #: The longest a stop of the listener waits for its current wait to end.
 _LISTEN_WAIT = 0.2
 
@@ -304,7 +305,7 @@ class PostgresStore:
                    RETURNING 1)
                SELECT record::text, EXISTS (SELECT 1 FROM took) FROM tasks
                WHERE owner = %(owner)s AND task_id = %(task)s""",
-            {"holder": holder, "seconds": seconds, "owner": _text(owner), "task": _text(task_id)},
+            {"holder": holder, "seconds": seconds, "owner": _text(owner), "task": _text(task_id.lower())},
         )
         return Claim(TaskRecord.model_validate_json(rows[0][0]), bool(rows[0][1])) if rows else None
 
@@ -352,9 +353,9 @@ class PostgresStore:
                         # noticed between waits.
                         with anyio.CancelScope(shield=True):
                             async for notice in conn.notifies(timeout=_LISTEN_WAIT):
-                                origin, owner, task_id, status = json.loads(notice.payload)
-                                if origin != self._origin:
-                                    await heard(owner, task_id, status)
+                                change = _change(notice.payload)
+                                if change is not None and change[0] != self._origin:
+                                    await heard(*change[1:])
                         await anyio.lowlevel.checkpoint()
             except psycopg.Error as exc:
                 # Meanwhile waiters learn of changes by reading again, as on SQLite.
@@ -556,6 +557,18 @@ async def _migrate(conn: Connection, where: str) -> None:
                 else:
                     await step(conn)
             await conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
+
+
+def _change(payload: str) -> tuple[str, str, str, TaskStatus] | None:
+    """A notice `_put` sent: (origin, owner, task id, status). Anyone who may connect can NOTIFY
+    on the channel, so anything else is ignored."""
+    try:
+        origin, owner, task_id, status = json.loads(payload)
+    except (ValueError, TypeError):
+        return None
+    if not all(isinstance(value, str) for value in (origin, owner, task_id)) or status not in _STATUSES:
+        return None
+    return origin, owner, task_id, status
 
 
 def _lost(record: TaskRecord, now: datetime) -> bool:

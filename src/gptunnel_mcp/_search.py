@@ -34,13 +34,16 @@ def parse_since(text: str) -> datetime:
     given = text.strip()
     try:
         moment = datetime.fromisoformat(given[:-1] + "+00:00" if given.endswith(("Z", "z")) else given)
-    except ValueError:
+        # In UTC now: a moment at the calendar's edge (year 1 or 9999) that has none fails here.
+        return (moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)).astimezone(
+            timezone.utc
+        )
+    except (ValueError, OverflowError):
         raise InputError(
-            f"{text[:40]!r} is not an ISO date or date and time; write it as 2026-03-01, "
-            "2026-03-01T09:30 (UTC) or 2026-03-01T09:30+03:00",
+            f"{text[:40]!r} is not an ISO date or date and time between the years 1 and 9999; write it "
+            "as 2026-03-01, 2026-03-01T09:30 (UTC) or 2026-03-01T09:30+03:00",
             argument="since",
         ) from None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
 
 
 def scope(owner: str, search: Search) -> str:

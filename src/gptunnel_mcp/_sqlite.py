@@ -246,6 +246,8 @@ class SQLiteStore:
         await self._run(lambda db: _immediately(db, close))
 
     async def claim(self, task_id: str, owner: str, holder: str, *, seconds: float) -> Claim | None:
+        task_id = task_id.lower()
+
         def take(db: sqlite3.Connection) -> Claim | None:
             now = utcnow()
             taken = db.execute(

@@ -33,8 +33,10 @@ ROOTS_WAIT = 5.0
 
 async def client_roots(ctx: Context[Engine, Any]) -> ListRootsResult | ListRoots | None:
     """The client's roots, or None when it has none to give."""
-    if ctx.request_context.lifespan_context.accounts.multi_user:
-        # Its clients' folders are on their own machines, not on the server's disk.
+    settings = ctx.request_context.lifespan_context.settings
+    if settings.multi_user or (settings.transport == "http" and not settings.is_loopback):
+        # A remote client's folders are on its own machine, not on the server's disk: its roots
+        # would let it write wherever this process may.
         return None
     capabilities = ctx.client_capabilities
     if capabilities is None or capabilities.roots is None:
@@ -65,6 +67,7 @@ def root_folders(roots: ListRootsResult | None) -> list[Path]:
         if parts.scheme != "file" or parts.netloc not in ("", "localhost"):
             continue
         path = Path(url2pathname(parts.path))
-        if path.is_absolute() and "\0" not in str(path):
+        # A whole file system as the workspace is no limit at all: it is not taken as one.
+        if path.is_absolute() and "\0" not in str(path) and path.parent != path:
             folders.append(path)
     return folders
