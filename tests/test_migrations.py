@@ -92,6 +92,15 @@ CREATE INDEX tasks_pending ON tasks (created_at) WHERE status = 'pending';
 """
 )
 
+#: The tasks table now: each task's cost came with migration 8.
+COSTED_SCHEMA = (
+    LEASED_SCHEMA
+    + """
+ALTER TABLE tasks ADD COLUMN cost REAL;
+CREATE INDEX tasks_cost_by_model ON tasks (model, created_at DESC) WHERE cost IS NOT NULL;
+"""
+)
+
 FOX_ID = "65a1b2c3d4e5f60718293a4b"
 # What dabe035 wrote for a finished task: `created_at.isoformat()` in the column, its TaskRecord as JSON.
 FOX_CREATED_AT = "2026-11-24T10:31:07+00:00"
@@ -336,7 +345,7 @@ def test_every_history_ends_at_todays_schema(tmp_path: Path, build: str) -> None
         migrate(db)
         migrated = schema(db)
     with raw(tmp_path / "today.db") as db:
-        db.executescript(LEASED_SCHEMA)
+        db.executescript(COSTED_SCHEMA)
         assert migrated == schema(db)
 
 

@@ -172,6 +172,15 @@ def _m007_leases(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX tasks_pending ON tasks (created_at) WHERE status = 'pending'")
 
 
+def _m008_costs(db: sqlite3.Connection) -> None:
+    """What each task cost, as GPTunnel reported it, for SQL to sum against a daily budget and
+    to average per model; and the model of each create in the ledger, whose cost is estimated
+    before its task exists. Records before it carry no cost, so there is nothing to fill in."""
+    db.execute("ALTER TABLE tasks ADD COLUMN cost REAL")
+    db.execute("CREATE INDEX tasks_cost_by_model ON tasks (model, created_at DESC) WHERE cost IS NOT NULL")
+    db.execute("ALTER TABLE creates ADD COLUMN model TEXT NOT NULL DEFAULT ''")
+
+
 SQLITE_MIGRATIONS: Sequence[Migration] = (
     _m001_tasks,
     _m002_request_key,
@@ -180,6 +189,7 @@ SQLITE_MIGRATIONS: Sequence[Migration] = (
     _m005_creates,
     _m006_server_state,
     _m007_leases,
+    _m008_costs,
 )
 LATEST = len(SQLITE_MIGRATIONS)
 
@@ -233,6 +243,12 @@ POSTGRES_MIGRATIONS: Sequence[Sequence[str]] = (
                data       bytea NOT NULL,
                kept_at    timestamptz NOT NULL DEFAULT now()
            )""",
+    ),
+    # SQLite's 8: each task's cost, and each create's model.
+    (
+        "ALTER TABLE tasks ADD COLUMN cost double precision",
+        "CREATE INDEX tasks_cost_by_model ON tasks (model, created_at DESC) WHERE cost IS NOT NULL",
+        "ALTER TABLE creates ADD COLUMN model text NOT NULL DEFAULT ''",
     ),
 )
 POSTGRES_LATEST = len(POSTGRES_MIGRATIONS)

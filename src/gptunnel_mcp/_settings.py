@@ -104,6 +104,14 @@ class Settings(BaseSettings):
     )
     max_images_per_hour: int | None = Field(default=None, ge=0, description="Cap on images created per hour.")
     max_images_per_day: int | None = Field(default=None, ge=0, description="Cap on images created per day.")
+    max_spend_per_day: float | None = Field(
+        default=None,
+        ge=0,
+        le=10_000_000,
+        allow_inf_nan=False,
+        description="Budget in roubles per rolling 24 hours: what GPTunnel reported the images cost, "
+        "plus estimates for those still being made and those asked for.",
+    )
 
     # Serving over HTTP (the MCP_ variables are about this server, not about GPTunnel).
     transport: Literal["stdio", "http"] = Field(default="stdio", validation_alias="GPTUNNEL_MCP_TRANSPORT")
@@ -215,6 +223,7 @@ _ENV_NAMES = {
     "reuse_window": "GPTUNNEL_REUSE_WINDOW",
     "max_images_per_hour": "GPTUNNEL_MAX_IMAGES_PER_HOUR",
     "max_images_per_day": "GPTUNNEL_MAX_IMAGES_PER_DAY",
+    "max_spend_per_day": "GPTUNNEL_MAX_SPEND_PER_DAY",
     "transport": "GPTUNNEL_MCP_TRANSPORT",
     "host": "GPTUNNEL_MCP_HOST",
     "port": "GPTUNNEL_MCP_PORT",
