@@ -496,26 +496,25 @@ async def _weigh(
 ) -> Spending | None:
     """`weigh` the owner's spending in the budget's span, from the history and the ledger."""
     since = _utc(now - budget.span)
-    # Tasks with a cost count it; those still being made, their model's estimate. The ledger's
-    # creates not yet settled as created may have cost money too ("unknown" ones surely may).
+    # Tasks with a cost count it; those still being made, their model's estimate, as do the
+    # ledger's creates not yet settled as created ("unknown" ones may well have cost money). One
+    # statement, so one snapshot: a create settled meanwhile is seen as its task or its ticket,
+    # never as neither.
     cursor = await conn.execute(
-        """SELECT created_at, cost, model FROM tasks WHERE owner = %s AND created_at > %s
-           AND (cost IS NOT NULL OR status = 'pending')""",
-        (owner, since),
+        """SELECT created_at, cost, model FROM tasks WHERE owner = %(owner)s AND created_at > %(since)s
+           AND (cost IS NOT NULL OR status = 'pending')
+           UNION ALL
+           SELECT made_at, NULL, model FROM creates WHERE owner = %(owner)s AND made_at > %(since)s
+           AND state <> 'created'""",
+        {"owner": owner, "since": since},
     )
-    tasks = await cursor.fetchall()
-    cursor = await conn.execute(
-        "SELECT made_at, model FROM creates WHERE owner = %s AND made_at > %s AND state <> 'created'",
-        (owner, since),
-    )
-    unsettled = await cursor.fetchall()
-    wanted = {of for _, cost, of in tasks if cost is None} | {of for _, of in unsettled} | {model}
+    rows = await cursor.fetchall()
+    wanted = {of for _, cost, of in rows if cost is None} | {model}
     estimates = {of: average(await _costs(conn, of, budget.samples)) for of in wanted}
     charges = [
         Charge(_utc(at), float(cost), recorded=True) if cost is not None else Charge(_utc(at), estimates[of])
-        for at, cost, of in tasks
+        for at, cost, of in rows
     ]
-    charges += [Charge(_utc(at), estimates[of]) for at, of in unsettled]
     return weigh(budget, charges, each=estimates[model], count=count)
 
 

@@ -363,24 +363,22 @@ def _weigh(
 ) -> Spending | None:
     """`weigh` the owner's spending in the budget's span, from the history and the ledger."""
     since = _iso(now - budget.span)
-    # Tasks with a cost count it; those still being made, their model's estimate. The ledger's
-    # creates not yet settled as created may have cost money too ("unknown" ones surely may).
-    tasks = db.execute(
-        """SELECT created_at, cost, model FROM tasks WHERE owner = ? AND created_at > ?
-           AND (cost IS NOT NULL OR status = 'pending')""",
-        (owner, since),
+    # Tasks with a cost count it; those still being made, their model's estimate, as do the
+    # ledger's creates not yet settled as created ("unknown" ones may well have cost money).
+    rows = db.execute(
+        """SELECT created_at, cost, model FROM tasks WHERE owner = :owner AND created_at > :since
+           AND (cost IS NOT NULL OR status = 'pending')
+           UNION ALL
+           SELECT made_at, NULL, model FROM creates WHERE owner = :owner AND made_at > :since
+           AND state != 'created'""",
+        {"owner": owner, "since": since},
     ).fetchall()
-    unsettled = db.execute(
-        "SELECT made_at, model FROM creates WHERE owner = ? AND made_at > ? AND state != 'created'",
-        (owner, since),
-    ).fetchall()
-    wanted = {of for _, cost, of in tasks if cost is None} | {of for _, of in unsettled} | {model}
+    wanted = {of for _, cost, of in rows if cost is None} | {model}
     estimates = {of: average(_costs(db, of, budget.samples)) for of in wanted}
     charges = [
         Charge(_moment(at), cost, recorded=True) if cost is not None else Charge(_moment(at), estimates[of])
-        for at, cost, of in tasks
+        for at, cost, of in rows
     ]
-    charges += [Charge(_moment(at), estimates[of]) for at, of in unsettled]
     return weigh(budget, charges, each=estimates[model], count=count)
 
 
