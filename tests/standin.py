@@ -193,6 +193,9 @@ class Behaviour:
     download_trickle_seconds: float = 0.0
     #: Characters of padding in every result answer (an upstream answering far too much).
     result_padding: int = 0
+    #: The ``cost`` a done task's result answers report (roubles): a number, or text such as
+    #: ``"12.50"`` as some answers carry it; None reports no cost at all.
+    cost: float | str | None = None
 
 
 @dataclass
@@ -229,6 +232,7 @@ class _Task:
     working_status: str | None
     image_format: str
     image_size: tuple[int, int]
+    cost: float | str | None = None
     expired: bool = False
 
     @property
@@ -627,6 +631,8 @@ class StandIn:
             path = f"/files/{quote(task.file_name, safe='')}"
             override = self.behaviour.file_url_override
             body["url"] = f"{base_url}{path}" if override is None else self._link(override, path, base_url)
+            if task.cost is not None:
+                body["cost"] = task.cost
         elif ended:
             body["error"] = f"generation failed: the stand-in was told to end this task as {status!r}"
         return body
@@ -772,6 +778,7 @@ class StandIn:
                 working_status=behaviour.working_status,
                 image_format=image_format,
                 image_size=(int(behaviour.image_size[0]), int(behaviour.image_size[1])),
+                cost=behaviour.cost,
             )
             self._tasks[task_id] = task
         if behaviour.create_delay > 0:

@@ -471,3 +471,22 @@ def test_on_postgresql_doctor_checks_the_database_and_history_says_where_images_
     monkeypatch.setenv("GPTUNNEL_MCP_DATABASE_URL", "postgresql://nobody@127.0.0.1:1/none")
     broken = gptunnel("doctor")
     assert broken.code != 0 and "127.0.0.1:1" in broken.out + broken.err
+
+
+def test_history_shows_what_each_image_cost_and_the_budget_is_told_in_terminal_words(
+    gptunnel: Gptunnel, standin: StandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    standin.behaviour.cost = "3"
+    monkeypatch.setenv("GPTUNNEL_MAX_SPEND_PER_DAY", "5")
+    task_id = pending_task(gptunnel, standin, "a priced picture")
+    assert gptunnel("result", task_id).code == 0
+    listed = gptunnel("history").out.strip().splitlines()
+    assert task_id in listed[0] and "3.00 RUB" in listed[0]
+    assert json.loads(gptunnel("history", "--json").out)[0]["cost"] == 3.0
+    # 3 spent and another estimated at 3 would pass 5.
+    refused = gptunnel("generate", "another picture")
+    assert refused.code == 1 and "GPTUNNEL_MAX_SPEND_PER_DAY" in refused.err
+    assert (
+        "3.00 RUB spent" in refused.err and "`gptunnel-mcp history` shows what each image cost" in refused.err
+    )
+    assert not [word for word in MCP_WORDS if word in refused.err] and standin.stats.create_calls == 1

@@ -85,7 +85,13 @@ def task(n: int, **fields: object) -> TaskRecord:
 async def made(store: SQLiteStore | PostgresStore, record: TaskRecord, *, now: datetime = T0) -> str:
     """`record` entered as the engine enters a task: a ticket in the ledger, settled with it."""
     (admission,) = await store.admit(
-        record.owner, [record.request_key], now=now, reuse_since=None, in_flight_since=now, caps=()
+        record.owner,
+        [record.request_key],
+        now=now,
+        reuse_since=None,
+        in_flight_since=now,
+        caps=(),
+        model=record.model,
     )
     assert admission.ticket is not None
     await store.settle(admission.ticket, "created", record)
@@ -182,8 +188,10 @@ async def test_migrating_again_copies_only_what_changed_and_never_undoes_newer_w
     home.mkdir(parents=True)
     source = SQLiteStore(home / "history.sqlite3")
     await made(source, task(1))  # pending when first copied, then finished by a replica
-    await made(source, task(2, status="done"))
-    (on_its_way,) = await source.admit("", ["key 3"], now=T0, reuse_since=None, in_flight_since=T0, caps=())
+    await made(source, task(2, status="done", cost=7.5))
+    (on_its_way,) = await source.admit(
+        "", ["key 3"], now=T0, reuse_since=None, in_flight_since=T0, caps=(), model="flux-dev"
+    )
     assert on_its_way.ticket is not None
 
     first = await migrate("--to", postgres_url)
@@ -196,7 +204,7 @@ async def test_migrating_again_copies_only_what_changed_and_never_undoes_newer_w
     finished = task(1, status="done", updated_at=T0 + timedelta(minutes=1))
     await target.put(finished)
     await target.close()
-    await source.settle(on_its_way.ticket, "created", task(3))
+    await source.settle(on_its_way.ticket, "created", task(3, model="flux-dev"))
     await source.put(task(1, upstream_status="processing", updated_at=T0 + timedelta(minutes=2)))
     await source.close()
 
@@ -208,13 +216,18 @@ async def test_migrating_again_copies_only_what_changed_and_never_undoes_newer_w
     third = await migrate("--to", postgres_url)
     assert third.out.startswith("copied 0 tasks and 0 ledger entries")
 
-    assert await rows(postgres_url, "SELECT task_id, status FROM tasks ORDER BY task_id") == [
-        (f"{1:024x}", "done"),
-        (f"{2:024x}", "done"),
-        (f"{3:024x}", "pending"),
+    assert await rows(postgres_url, "SELECT task_id, status, cost FROM tasks ORDER BY task_id") == [
+        (f"{1:024x}", "done", None),
+        (f"{2:024x}", "done", 7.5),
+        (f"{3:024x}", "pending", None),
     ]
-    ledger = await rows(postgres_url, "SELECT state, task_id FROM creates ORDER BY task_id")
-    assert ledger == [("created", f"{n:024x}") for n in (1, 2, 3)]
+    # Each create with its model, which the budget estimates an unsettled one by.
+    ledger = await rows(postgres_url, "SELECT state, task_id, model FROM creates ORDER BY task_id")
+    assert ledger == [
+        ("created", f"{1:024x}", "gpt-image-1-low"),
+        ("created", f"{2:024x}", "gpt-image-1-low"),
+        ("created", f"{3:024x}", "flux-dev"),
+    ]
 
 
 async def test_the_server_secret_goes_along_unless_the_database_has_its_own(

@@ -93,8 +93,17 @@ CREATE INDEX tasks_pending ON tasks (created_at) WHERE status = 'pending';
 )
 #: Each prompt in the form it is searched in came with migration 8.
 SEARCH_SCHEMA = LEASED_SCHEMA + "ALTER TABLE tasks ADD COLUMN search_text TEXT NOT NULL DEFAULT '';\n"
-#: The tasks table now: tasks found by id alone came with migration 9.
+#: Tasks found by id alone came with migration 9.
 CURRENT_SCHEMA = SEARCH_SCHEMA + "CREATE INDEX tasks_by_id ON tasks (task_id);\n"
+
+#: The tasks table now: each task's cost came with migration 10.
+COSTED_SCHEMA = (
+    CURRENT_SCHEMA
+    + """
+ALTER TABLE tasks ADD COLUMN cost REAL;
+CREATE INDEX tasks_cost_by_model ON tasks (model, created_at DESC) WHERE cost IS NOT NULL;
+"""
+)
 
 FOX_ID = "65a1b2c3d4e5f60718293a4b"
 # What dabe035 wrote for a finished task: `created_at.isoformat()` in the column, its TaskRecord as JSON.
@@ -340,7 +349,7 @@ def test_every_history_ends_at_todays_schema(tmp_path: Path, build: str) -> None
         migrate(db)
         migrated = schema(db)
     with raw(tmp_path / "today.db") as db:
-        db.executescript(CURRENT_SCHEMA)
+        db.executescript(COSTED_SCHEMA)
         assert migrated == schema(db)
 
 
@@ -482,7 +491,9 @@ async def test_prompts_stored_before_search_are_found_in_any_case(tmp_path: Path
     fox = today_record("75a1b2c3d4e5f60718000001", prompt="Лиса в СНЕГУ")
     wolf = today_record("75a1b2c3d4e5f60718000002", prompt="a grey wolf")
     with raw(path) as db:
-        db.executescript(LEASED_SCHEMA)
+        # A history of version 7, as the migrations made it.
+        for migration in SQLITE_MIGRATIONS[:7]:
+            migration(db)
         for record in (fox, wolf):
             db.execute(
                 "INSERT INTO tasks (task_id, owner, status, created_at, request_key, model, record) "

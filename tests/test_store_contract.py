@@ -24,7 +24,7 @@ from gptunnel_mcp._migrations import POSTGRES_LATEST, POSTGRES_MIGRATIONS
 from gptunnel_mcp._postgres import PostgresStore
 from gptunnel_mcp._records import TaskRecord
 from gptunnel_mcp._sqlite import SQLiteStore
-from gptunnel_mcp._store import Admission, Cap, Position, Search, TaskStore
+from gptunnel_mcp._store import Admission, Budget, Cap, Position, Search, Spending, Spent, TaskStore
 from gptunnel_mcp._wiring import open_store
 
 from .conftest import API_KEY, ServerLauncher, environment, structured, text_of
@@ -36,6 +36,8 @@ pytestmark = pytest.mark.anyio
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
 HOUR = Cap(limit=3, span=timedelta(hours=1), unit="hour", setting="GPTUNNEL_MAX_IMAGES_PER_HOUR")
 DAY = Cap(limit=4, span=timedelta(days=1), unit="day", setting="GPTUNNEL_MAX_IMAGES_PER_DAY")
+#: 10 roubles a day; a model's estimate is the average of its newest 3 recorded costs.
+BUDGET = Budget(limit=10.0, span=timedelta(days=1), setting="GPTUNNEL_MAX_SPEND_PER_DAY", samples=3)
 
 
 class Backend:
@@ -87,6 +89,8 @@ async def admit_all(
     reuse_window: timedelta | None = timedelta(minutes=10),
     in_flight_for: timedelta = timedelta(minutes=2),
     caps: tuple[Cap, ...] = (),
+    budget: Budget | None = None,
+    model: str = "gpt-image-1-low",
 ) -> list[Admission]:
     return await store.admit(
         owner,
@@ -95,6 +99,8 @@ async def admit_all(
         reuse_since=None if reuse_window is None else now - reuse_window,
         in_flight_since=now - in_flight_for,
         caps=caps,
+        budget=budget,
+        model=model,
     )
 
 
@@ -414,6 +420,144 @@ async def test_identical_admits_on_two_replicas_create_once(backend: Backend) ->
                 tasks.start_soon(one, (first, second)[n % 2])
     assert sum(o.ticket is not None for o in outcomes) == 1
     assert sum(o.in_flight for o in outcomes) == 9
+
+
+# --- costs and the budget ---------------------------------------------------------------------
+
+
+async def test_costs_are_the_models_newest_recorded_ones_of_any_owner(backend: Backend) -> None:
+    async with backend.open() as store:
+        await store.put(task(1, cost=2.0))
+        await store.put(task(2, owner="alice", created_at=T0 + timedelta(minutes=1), cost=4.5))
+        await store.put(task(3, created_at=T0 + timedelta(minutes=2)))  # no cost reported
+        await store.put(task(4, model="flux-dev", created_at=T0 + timedelta(minutes=3), cost=9.0))
+        assert await store.costs("gpt-image-1-low", limit=10) == [4.5, 2.0]
+        assert await store.costs("gpt-image-1-low", limit=1) == [4.5]
+        assert await store.costs("flux-dev", limit=10) == [9.0]
+        assert await store.costs("nobody's", limit=10) == []
+        # A cost reported later is kept with the task.
+        await store.put(task(3, created_at=T0 + timedelta(minutes=2), status="done", cost=1.25))
+        assert await store.costs("gpt-image-1-low", limit=10) == [1.25, 4.5, 2.0]
+
+
+async def test_spent_is_the_owners_since_a_moment(backend: Backend) -> None:
+    async with backend.open() as store:
+        await store.put(task(1, created_at=T0 - timedelta(hours=2), cost=100.0))  # before the window
+        await store.put(task(2, cost=2.5))
+        await store.put(task(3, created_at=T0 + timedelta(minutes=1), cost=0.75))
+        await store.put(task(4, created_at=T0 + timedelta(minutes=2)))  # no cost reported
+        await store.put(task(5, owner="alice", cost=40.0))
+        since = T0 - timedelta(hours=1)
+        assert await store.spent("", since=since) == Spent(tasks=3, priced=2, cost=3.25)
+        assert await store.spent("alice", since=since) == Spent(tasks=1, priced=1, cost=40.0)
+        assert await store.spent("bob", since=since) == Spent(tasks=0, priced=0, cost=0.0)
+
+
+async def test_the_budget_counts_recorded_costs_estimates_and_the_call(backend: Backend) -> None:
+    async with backend.open() as store:
+        # Recorded: 2 and 4 roubles. The model's estimate is their average, 3.
+        await created(store, task(1, request_key="a", status="done", cost=2.0))
+        await created(store, task(2, request_key="b", created_at=T0 + timedelta(minutes=1), cost=4.0))
+        # Counted at the estimate: a task still being made. At nothing: one failed, one done that
+        # GPTunnel reported no cost for.
+        await created(store, task(3, request_key="c", created_at=T0 + timedelta(minutes=2)))
+        await created(store, task(4, request_key="d", status="failed", created_at=T0 + timedelta(minutes=3)))
+        await created(store, task(5, request_key="e", status="done", created_at=T0 + timedelta(minutes=4)))
+        now = T0 + timedelta(hours=1)
+        # 6 spent + 3 estimated + 3 asked > 10: refused, until the first task's 2 leave the window.
+        refused = await admit(store, "f", now=now, budget=BUDGET)
+        assert refused == Admission(
+            spending=Spending(
+                spent=6.0, estimated=3.0, unknown=0, each=3.0, count=1, frees_at=T0 + timedelta(days=1)
+            )
+        )
+        # Caps come first, and the budget does not touch reuse.
+        assert (await admit(store, "f", now=now, budget=BUDGET, caps=(HOUR,))).cap == HOUR
+        assert (await admit(store, "c", now=now, budget=BUDGET)).reuse is not None
+        # Another owner's spending is theirs. Their create on its way counts at the estimate.
+        theirs = await admit(store, "g", owner="alice", now=now, budget=BUDGET)
+        assert theirs.ticket is not None
+        (over, *_) = await admit_all(store, ["h0", "h1", "h2"], owner="alice", now=now, budget=BUDGET)
+        assert over.spending == Spending(
+            spent=0.0, estimated=3.0, unknown=0, each=3.0, count=3, frees_at=now + timedelta(days=1)
+        )
+        # The window moves on: everything made a day ago is out of it.
+        later = T0 + timedelta(days=1, minutes=5)
+        assert all(a.ticket for a in await admit_all(store, ["i0", "i1", "i2"], now=later, budget=BUDGET))
+
+
+async def test_a_call_is_weighed_whole_and_a_refused_one_takes_nothing(backend: Backend) -> None:
+    async with backend.open() as store:
+        await created(store, task(1, owner="bob", request_key="a", status="done", cost=3.0))  # sets 3
+        four = await admit_all(store, ["k0", "k1", "k2", "k3"], budget=BUDGET)
+        assert all(a.spending is not None and a.spending.count == 4 for a in four)
+        assert four[0].spending is not None and four[0].spending.frees_at is None  # 12 > 10: never
+        three = await admit_all(store, ["k0", "k1", "k2"], now=T0 + timedelta(seconds=1), budget=BUDGET)
+        assert all(a.ticket for a in three)
+        # The three unsettled creates hold 9: one more is refused, until one is settled as refused.
+        assert (await admit(store, "k3", now=T0 + timedelta(seconds=2), budget=BUDGET)).spending is not None
+        assert three[0].ticket is not None
+        await store.settle(three[0].ticket, "refused")
+        assert (await admit(store, "k3", now=T0 + timedelta(seconds=3), budget=BUDGET)).ticket is not None
+
+
+async def test_an_image_of_a_model_with_no_recorded_cost_is_made_alone(backend: Backend) -> None:
+    async with backend.open() as store:
+        new: dict[str, Any] = {"model": "new-model", "budget": BUDGET}
+        (two, _) = await admit_all(store, ["n0", "n1"], **new)
+        assert two.spending == Spending(
+            spent=0.0, estimated=0.0, unknown=0, each=None, count=2, frees_at=None
+        )
+        alone = await admit(store, "n0", **new)
+        assert alone.ticket is not None
+        # While it is being made it is counted as taking what is left: nothing else is made.
+        later = T0 + timedelta(minutes=1)
+        await created(store, task(9, owner="bob", request_key="x", status="done", cost=1.0))
+        waiting = await admit(store, "k", now=later, budget=BUDGET)
+        assert waiting.spending == Spending(
+            spent=0.0, estimated=0.0, unknown=1, each=1.0, count=1, frees_at=T0 + timedelta(days=1)
+        )
+        # Its cost reported, the model is known: 6 recorded, one more at 6 would pass 10.
+        await store.settle(alone.ticket, "created", task(1, model="new-model", request_key="n0", cost=6.0))
+        assert (await admit(store, "k", now=later, budget=BUDGET)).ticket is not None
+        refused = await admit(store, "n1", now=later, **new)
+        assert refused.spending is not None and refused.spending.each == 6.0
+        # Another model of unknown cost is made only while the rest leaves room: 7 of 10 do.
+        assert (await admit(store, "o", now=later, model="other-model", budget=BUDGET)).ticket is not None
+
+
+async def test_a_budget_of_zero_refuses_everything_that_costs(backend: Backend) -> None:
+    nothing = Budget(limit=0.0, span=timedelta(days=1), setting="GPTUNNEL_MAX_SPEND_PER_DAY")
+    async with backend.open() as store:
+        assert (await admit(store, "a", budget=nothing)).spending is not None
+        await created(store, task(1, owner="bob", request_key="x", status="done", cost=2.0))
+        refused = await admit(store, "a", budget=nothing)
+        assert refused.spending is not None and refused.spending.frees_at is None
+
+
+async def test_parallel_admits_on_two_replicas_never_pass_the_budget(backend: Backend) -> None:
+    async with backend.open() as first, backend.open() as second:
+        await created(first, task(1, owner="bob", request_key="x", status="done", cost=2.0))
+        outcomes: list[Admission] = []
+
+        async def one(store: TaskStore, n: int) -> None:
+            keys = [f"request {n}.{i}" for i in range(2)]
+            admitted = await admit_all(store, keys, budget=BUDGET)
+            outcomes.extend(admitted)
+            # Settled at once, while others are being weighed: a create turning into its task
+            # must be counted as one or the other, whenever it happens.
+            for i, admission in enumerate(admitted):
+                if admission.ticket is not None:
+                    await store.settle(
+                        admission.ticket, "created", task(10 * n + i + 10, request_key=keys[i])
+                    )
+
+        async with anyio.create_task_group() as tasks:
+            for n in range(16):
+                tasks.start_soon(one, (first, second)[n % 2], n)
+    # Two images of 2 roubles a call: two calls fit in 10, a third would pass it.
+    assert sum(o.ticket is not None for o in outcomes) == 4
+    assert sum(o.spending is not None for o in outcomes) == 28
 
 
 # --- the server secret ------------------------------------------------------------------------

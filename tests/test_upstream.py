@@ -21,7 +21,7 @@ from gptunnel_mcp import (
     UpstreamError,
 )
 from gptunnel_mcp._httpx import httpx
-from gptunnel_mcp._upstream import GPTunnelClient
+from gptunnel_mcp._upstream import GPTunnelClient, UpstreamTask
 
 KEY = "sk-secret-key-123"
 TASK_ID = "687fab1e49832bb77d34db47"
@@ -195,3 +195,39 @@ def test_the_key_never_appears_in_an_error_even_when_upstream_echoes_it() -> Non
         with pytest.raises(UpstreamError) as plain:
             call(answer(status, {"error": f"bad token {KEY}"}), "result")
         assert KEY not in str(plain.value) and f"HTTP {status}" in str(plain.value)
+
+
+@pytest.mark.parametrize(
+    ("cost", "read"),
+    [
+        (b"12", 12.0),
+        (b"0.5", 0.5),
+        (b"0", 0.0),
+        (b'"12.50"', 12.5),
+        (b'"12,50"', 12.5),
+        (b'" 7 "', 7.0),
+        # Hostile or broken: ignored, never an error.
+        (b"-3", None),
+        (b'"-3"', None),
+        (b"NaN", None),
+        (b"Infinity", None),
+        (b"1e400", None),
+        (b"1" + b"0" * 400, None),
+        (b"1000000000", None),
+        (b'"1e3"', None),
+        (b'"12 RUB"', None),
+        (b'"\\u0661\\u0662"', None),  # digits of another script
+        (b'"NaN"', None),
+        (b'""', None),
+        (b"true", None),
+        (b"null", None),
+        (b"[1]", None),
+        (b'{"rub": 1}', None),
+    ],
+)
+def test_a_reported_cost_is_read_when_plausible_and_ignored_otherwise(
+    cost: bytes, read: float | None
+) -> None:
+    body = json.dumps({**TASK, "status": "done", "url": "https://x.test/1.png"}).encode()[:-1] + b', "cost": '
+    task = call(answer(200, body + cost + b"}"), "result")
+    assert isinstance(task, UpstreamTask) and task.cost == read and task.outcome == "done"

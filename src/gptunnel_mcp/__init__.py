@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from ._engine import Engine, JobEvents, Outcome
     from ._exceptions import (
         AuthenticationError,
+        BudgetExceededError,
         ConfigError,
         ContentRefusedError,
         DownloadError,
@@ -53,6 +54,7 @@ _WHERE = {
     **dict.fromkeys(
         [
             "AuthenticationError",
+            "BudgetExceededError",
             "ConfigError",
             "ContentRefusedError",
             "DownloadError",
@@ -74,6 +76,7 @@ _WHERE = {
 
 __all__ = [
     "AuthenticationError",
+    "BudgetExceededError",
     "ConfigError",
     "ContentRefusedError",
     "DownloadError",

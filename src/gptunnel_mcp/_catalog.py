@@ -72,6 +72,21 @@ MODELS: tuple[ModelInfo, ...] = (
 _BY_ID = {m.id.lower(): m for m in MODELS}
 
 
+class Observed(BaseModel):
+    """What this server has seen of a model lately, from its history (every user's tasks)."""
+
+    average_cost: float | None = Field(
+        description="Average of what GPTunnel reported the newest images cost, in roubles; null: "
+        "no cost recorded yet."
+    )
+    cost_samples: int = Field(description="How many recorded costs the average is of.")
+    average_seconds: float | None = Field(
+        description="Average time from the request to the finished image, in seconds; null: none "
+        "finished here yet."
+    )
+    duration_samples: int = Field(description="How many finished images the average is of.")
+
+
 def find_model(model_id: str) -> ModelInfo | None:
     """The listed model `model_id` names, in any case."""
     return _BY_ID.get(model_id.lower())

@@ -15,6 +15,7 @@ import math
 import os
 import secrets
 import socket
+import statistics
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -26,9 +27,10 @@ import anyio
 import anyio.abc
 
 from ._accounts import Account, Accounts
-from ._catalog import catalogue_spelling, check_options
+from ._catalog import Observed, catalogue_spelling, check_options
 from ._download import ImageDownloader, keepable_link
 from ._exceptions import (
+    BudgetExceededError,
     DownloadError,
     FlakyLinkError,
     GPTunnelMCPError,
@@ -59,7 +61,18 @@ from ._request import ImageRequest, check_public_hosts, referenced_task
 from ._schedule import MAX_RETRY_AFTER, Backoff, PollPlan, PollSchedule, Timing
 from ._search import SearchPage, next_cursor, read_cursor, scope
 from ._settings import Settings
-from ._store import Admission, Cap, ChangeFeed, ImageShelf, Search, Settlement, TaskStore
+from ._store import (
+    Admission,
+    Budget,
+    Cap,
+    ChangeFeed,
+    ImageShelf,
+    Search,
+    Settlement,
+    Spent,
+    TaskStore,
+    average,
+)
 from ._upstream import Balance, GPTunnelClient, UpstreamTask
 
 logger = logging.getLogger("gptunnel_mcp")
@@ -81,6 +94,10 @@ MAX_COUNT = 4
 #: GPTunnel fetches reference images some time after the create, and its 48 hours started
 #: before this server saw the task done.
 _LINK_MARGIN = timedelta(hours=1)
+#: The window of GPTUNNEL_MAX_SPEND_PER_DAY, and of the spending `get_balance` reports.
+BUDGET_SPAN = timedelta(days=1)
+#: Recorded costs of a model that make its estimate and the catalogue's average.
+COST_SAMPLES = 20
 #: Tasks a follower takes over from dead replicas at one look, and follows at once at most.
 _ADOPT_BATCH = 50
 _FOLLOW_AT_ONCE = 8
@@ -197,7 +214,7 @@ class Engine:
         lock = self._create_locks.setdefault((account.owner, request_keys[0]), anyio.Lock())
         outcomes: list[Outcome | GPTunnelMCPError | None] = [None] * count
         async with lock:
-            admissions = await self._admit(account.owner, request_keys, new_image=new_image)
+            admissions = await self._admit(account.owner, request_keys, request.model, new_image=new_image)
 
             async def create(n: int, ticket: str) -> None:
                 try:
@@ -219,7 +236,9 @@ class Engine:
                         group.start_soon(create, n, admission.ticket)
         return [outcome for outcome in outcomes if outcome is not None]
 
-    async def _admit(self, owner: str, request_keys: list[str], *, new_image: bool) -> list[Admission]:
+    async def _admit(
+        self, owner: str, request_keys: list[str], model: str, *, new_image: bool
+    ) -> list[Admission]:
         window = self.settings.reuse_window
         caps = [
             Cap(limit, span, unit, setting)
@@ -234,6 +253,10 @@ class Engine:
             )
             if limit is not None
         ]
+        spend = self.settings.max_spend_per_day
+        budget = (
+            None if spend is None else Budget(spend, BUDGET_SPAN, "GPTUNNEL_MAX_SPEND_PER_DAY", COST_SAMPLES)
+        )
         # A create still unsettled after this long belonged to a process that died on the way:
         # it may have cost money (it counts for the caps) but nobody will finish it.
         in_flight_for = self._create_window()
@@ -247,6 +270,8 @@ class Engine:
                     reuse_since=None if new_image or window <= 0 else now - timedelta(seconds=window),
                     in_flight_since=now - timedelta(seconds=in_flight_for),
                     caps=caps,
+                    budget=budget,
+                    model=model,
                 )
             except StorageError as exc:
                 # Admission comes before anything is sent: say so, it is what a caller worries about.
@@ -263,6 +288,21 @@ class Engine:
                     made=first.made,
                     frees_at=first.frees_at,
                     asked=sum(1 for a in admissions if a.reuse is None),
+                )
+            if first.spending is not None:
+                assert budget is not None
+                spending = first.spending
+                raise BudgetExceededError(
+                    budget=budget.limit,
+                    unit="day",
+                    setting=budget.setting,
+                    spent=spending.spent,
+                    estimated=spending.estimated,
+                    unknown=spending.unknown,
+                    model=model,
+                    each=spending.each,
+                    count=spending.count,
+                    frees_at=spending.frees_at,
                 )
             if not first.in_flight:
                 return admissions
@@ -873,6 +913,23 @@ class Engine:
         shown = records[:limit]
         return SearchPage(shown, next_cursor(shown[-1], made_for) if len(records) > limit else None)
 
+    async def spent(self, owner: str) -> Spent:
+        """The owner's tasks made in the budget's window (the last 24 hours), and what GPTunnel
+        reported they cost."""
+        return await self.store.spent(owner, since=utcnow() - BUDGET_SPAN)
+
+    async def observed(self, model: str) -> Observed:
+        """What this server has seen of `model` lately: the average of its newest recorded costs
+        (what the budget estimates an image of it at) and of its newest durations."""
+        costs = await self.store.costs(model, limit=COST_SAMPLES)
+        spans = await self.store.durations(model, limit=COST_SAMPLES)
+        return Observed(
+            average_cost=average(costs),
+            cost_samples=len(costs),
+            average_seconds=statistics.fmean(Timing.middle(*span) for span in spans) if spans else None,
+            duration_samples=len(spans),
+        )
+
     async def image_base64(self, record: TaskRecord) -> str:
         """The stored image as base64 text. A read holds about 2.7 times the image's size until it
         is sent, so only a few run at once; the rest queue instead of growing memory."""
@@ -1095,6 +1152,9 @@ def _apply(record: TaskRecord, upstream: UpstreamTask) -> None:
         )
     record.upstream_status = upstream.status
     record.updated_at = utcnow()
+    if upstream.cost is not None:
+        # An answer without the figure does not unsay one given before.
+        record.cost = upstream.cost
     if upstream.outcome == "failed":
         record.status = "failed"
         record.error = _failure_text(upstream)

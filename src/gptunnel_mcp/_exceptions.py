@@ -64,6 +64,66 @@ class QuotaExceededError(GPTunnelMCPError):
         )
 
 
+class BudgetExceededError(GPTunnelMCPError):
+    """The daily budget in roubles cannot take the images a call asks for, by what the history
+    says was spent and estimates the rest. Raised before any upstream call.
+
+    `spent`: recorded costs in the last `unit`; `estimated`: estimates for images still being
+    made (or whose create was not answered), `unknown` of them of a model with no recorded cost
+    yet (each counted as taking the rest of the budget); the call asks for `count` images of
+    `model`, estimated at `each` roubles apiece (None: no recorded cost yet); `frees_at`: when
+    enough has left the window for the call to fit (None: never, the call alone does not)."""
+
+    def __init__(
+        self,
+        *,
+        budget: float,
+        unit: str,
+        setting: str,
+        spent: float,
+        estimated: float,
+        unknown: int,
+        model: str,
+        each: float | None,
+        count: int,
+        frees_at: datetime | None,
+    ) -> None:
+        self.budget, self.unit, self.setting = budget, unit, setting
+        self.spent, self.estimated, self.unknown = spent, estimated, unknown
+        self.model, self.each, self.count, self.frees_at = model, each, count, frees_at
+        said = [
+            f"the budget of {budget:.2f} RUB per {unit} ({setting}) cannot take this call: "
+            f"{spent:.2f} RUB spent in the last {unit}"
+        ]
+        if estimated or unknown:
+            said.append(f", {estimated:.2f} RUB estimated for images still being made")
+        if unknown:
+            said.append(
+                f" and {unknown} more of a model whose cost is not known yet, counted as taking what "
+                "is left of the budget until GPTunnel reports their cost"
+            )
+        if each is None:
+            said.append(f"; what an image of {model} costs is not known yet. ")
+        else:
+            images = f"{count} images of {model} are" if count > 1 else f"an image of {model} is"
+            said.append(f"; {images} estimated at {each * count:.2f} RUB. ")
+        if frees_at is not None:
+            sooner = ", or sooner once the images being made are finished" if unknown else ""
+            said.append(f"Enough leaves the window at {frees_at:%Y-%m-%d %H:%M:%S} UTC{sooner}.")
+        elif each is None and count > 1:
+            said.append(
+                f"Images of a model of unknown cost are made one at a time: ask for one image of {model}."
+            )
+        elif budget == 0:
+            said.append(f"With {setting}=0 nothing that costs money can be made; raise or unset it.")
+        else:
+            said.append(
+                "This call alone is estimated above the budget: ask for fewer images or a cheaper model."
+            )
+        said.append(" Nothing was sent to GPTunnel.")
+        super().__init__("".join(said))
+
+
 class TaskNotFoundError(GPTunnelMCPError):
     """No such task for this caller: not in their history (`upstream` False), or unknown to
     GPTunnel itself (code 4, `upstream` True)."""

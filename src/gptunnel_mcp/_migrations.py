@@ -190,6 +190,15 @@ def _m009_tasks_by_id(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX tasks_by_id ON tasks (task_id)")
 
 
+def _m010_costs(db: sqlite3.Connection) -> None:
+    """What each task cost, as GPTunnel reported it, for SQL to sum against a daily budget and
+    to average per model; and the model of each create in the ledger, whose cost is estimated
+    before its task exists. Records before it carry no cost, so there is nothing to fill in."""
+    db.execute("ALTER TABLE tasks ADD COLUMN cost REAL")
+    db.execute("CREATE INDEX tasks_cost_by_model ON tasks (model, created_at DESC) WHERE cost IS NOT NULL")
+    db.execute("ALTER TABLE creates ADD COLUMN model TEXT NOT NULL DEFAULT ''")
+
+
 SQLITE_MIGRATIONS: Sequence[Migration] = (
     _m001_tasks,
     _m002_request_key,
@@ -200,6 +209,7 @@ SQLITE_MIGRATIONS: Sequence[Migration] = (
     _m007_leases,
     _m008_search_text,
     _m009_tasks_by_id,
+    _m010_costs,
 )
 LATEST = len(SQLITE_MIGRATIONS)
 
@@ -286,6 +296,12 @@ POSTGRES_MIGRATIONS: Sequence[Sequence[PostgresStep]] = (
     ("ALTER TABLE tasks ADD COLUMN search_text text NOT NULL DEFAULT ''", _p008_search_text),
     # SQLite's 9: tasks by their id alone, for signed links to stored images.
     ("CREATE INDEX tasks_by_id ON tasks (task_id)",),
+    # SQLite's 10: each task's cost, and each create's model.
+    (
+        "ALTER TABLE tasks ADD COLUMN cost double precision",
+        "CREATE INDEX tasks_cost_by_model ON tasks (model, created_at DESC) WHERE cost IS NOT NULL",
+        "ALTER TABLE creates ADD COLUMN model text NOT NULL DEFAULT ''",
+    ),
 )
 POSTGRES_LATEST = len(POSTGRES_MIGRATIONS)
 

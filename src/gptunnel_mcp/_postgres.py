@@ -24,7 +24,21 @@ from ._exceptions import ConfigError, StorageError
 from ._migrations import POSTGRES_LATEST, POSTGRES_MIGRATIONS
 from ._records import StoredFile, TaskRecord, TaskStatus, searchable
 from ._settings import mask_password
-from ._store import Admission, Cap, Claim, LedgerEntry, Position, Search, Settlement
+from ._store import (
+    Admission,
+    Budget,
+    Cap,
+    Charge,
+    Claim,
+    LedgerEntry,
+    Position,
+    Search,
+    Settlement,
+    Spending,
+    Spent,
+    average,
+    weigh,
+)
 
 try:
     import psycopg
@@ -199,6 +213,17 @@ class PostgresStore:
         )
         return [(None if r[0] is None else float(r[0]), float(r[1])) for r in rows]
 
+    async def costs(self, model: str, *, limit: int) -> list[float]:
+        return await self._run(lambda conn: _costs(conn, _text(model), limit))
+
+    async def spent(self, owner: str, *, since: datetime) -> Spent:
+        rows = await self._all(
+            "SELECT count(*), count(cost), coalesce(sum(cost), 0) FROM tasks "
+            "WHERE owner = %s AND created_at > %s",
+            (_text(owner), _utc(since)),
+        )
+        return Spent(tasks=int(rows[0][0]), priced=int(rows[0][1]), cost=float(rows[0][2]))
+
     async def admit(
         self,
         owner: str,
@@ -208,8 +233,10 @@ class PostgresStore:
         reuse_since: datetime | None,
         in_flight_since: datetime,
         caps: Sequence[Cap],
+        budget: Budget | None = None,
+        model: str = "",
     ) -> list[Admission]:
-        owner, keys = _text(owner), [_text(key) for key in request_keys]
+        owner, keys, model = _text(owner), [_text(key) for key in request_keys], _text(model)
 
         async def reuse(conn: Connection, key: str, since: datetime) -> Admission | None:
             # One statement, so one snapshot: a create another replica settles meanwhile is seen
@@ -267,12 +294,16 @@ class PostgresStore:
                         frees_at=None if row is None else row[0].astimezone(timezone.utc) + cap.span,
                     )
                     return [refusal] * len(keys)
+                if new and budget is not None:
+                    spending = await _weigh(conn, owner, budget, model, len(new), now)
+                    if spending is not None:
+                        return [Admission(spending=spending)] * len(keys)
                 tickets = {key: secrets.token_hex(16) for key in new}
                 async with conn.cursor() as cursor:
                     await cursor.executemany(
-                        """INSERT INTO creates (ticket, owner, request_key, made_at, state)
-                           VALUES (%s, %s, %s, %s, 'sending')""",
-                        [(ticket, owner, key, _utc(now)) for key, ticket in tickets.items()],
+                        """INSERT INTO creates (ticket, owner, request_key, made_at, state, model)
+                           VALUES (%s, %s, %s, %s, 'sending', %s)""",
+                        [(ticket, owner, key, _utc(now), model) for key, ticket in tickets.items()],
                     )
                 return [found.get(key) or Admission(ticket=tickets[key]) for key in keys]
 
@@ -413,8 +444,8 @@ class PostgresStore:
         async def take(conn: Connection) -> int:
             async with conn.transaction(), conn.cursor() as cursor:
                 await cursor.executemany(
-                    """INSERT INTO creates (ticket, owner, request_key, made_at, state, task_id)
-                       VALUES (%s, %s, %s, %s, %s, %s)
+                    """INSERT INTO creates (ticket, owner, request_key, made_at, state, task_id, model)
+                       VALUES (%s, %s, %s, %s, %s, %s, %s)
                        ON CONFLICT (ticket) DO UPDATE SET state = excluded.state, task_id = excluded.task_id
                        WHERE creates.state = 'sending' AND excluded.state <> 'sending'""",
                     [
@@ -425,6 +456,7 @@ class PostgresStore:
                             _utc(entry.made_at),
                             entry.state,
                             None if entry.task_id is None else _text(entry.task_id),
+                            _text(entry.model),
                         )
                         for entry in entries
                     ],
@@ -488,14 +520,50 @@ class PostgresStore:
         await self._pool.close()
 
 
+async def _costs(conn: Connection, model: str, limit: int) -> list[float]:
+    cursor = await conn.execute(
+        "SELECT cost FROM tasks WHERE model = %s AND cost IS NOT NULL ORDER BY created_at DESC LIMIT %s",
+        (model, limit),
+    )
+    return [float(r[0]) for r in await cursor.fetchall()]
+
+
+async def _weigh(
+    conn: Connection, owner: str, budget: Budget, model: str, count: int, now: datetime
+) -> Spending | None:
+    """`weigh` the owner's spending in the budget's span, from the history and the ledger."""
+    since = _utc(now - budget.span)
+    # Tasks with a cost count it; those still being made, their model's estimate, as do the
+    # ledger's creates not yet settled as created ("unknown" ones may well have cost money). One
+    # statement, so one snapshot: a create settled meanwhile is seen as its task or its ticket,
+    # never as neither.
+    cursor = await conn.execute(
+        """SELECT created_at, cost, model FROM tasks WHERE owner = %(owner)s AND created_at > %(since)s
+           AND (cost IS NOT NULL OR status = 'pending')
+           UNION ALL
+           SELECT made_at, NULL, model FROM creates WHERE owner = %(owner)s AND made_at > %(since)s
+           AND state <> 'created'""",
+        {"owner": owner, "since": since},
+    )
+    rows = await cursor.fetchall()
+    wanted = {of for _, cost, of in rows if cost is None} | {model}
+    estimates = {of: average(await _costs(conn, of, budget.samples)) for of in wanted}
+    charges = [
+        Charge(_utc(at), float(cost), recorded=True) if cost is not None else Charge(_utc(at), estimates[of])
+        for at, cost, of in rows
+    ]
+    return weigh(budget, charges, each=estimates[model], count=count)
+
+
 #: Insert a task, or update it where the condition appended after WHERE allows.
 _UPSERT_TASK = """INSERT INTO tasks
        (task_id, owner, status, created_at, request_key, model, finished_after, finished_by,
-        search_text, record)
-   VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb)
+        search_text, cost, record)
+   VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb)
    ON CONFLICT (owner, task_id) DO UPDATE SET
        status = excluded.status, finished_after = excluded.finished_after,
-       finished_by = excluded.finished_by, search_text = excluded.search_text, record = excluded.record
+       finished_by = excluded.finished_by, search_text = excluded.search_text, cost = excluded.cost,
+       record = excluded.record
    WHERE """
 
 
@@ -527,6 +595,7 @@ def _row(record: TaskRecord) -> tuple[Any, ...]:
         record.finished_after,
         record.finished_by,
         _text(searchable(record.prompt)),
+        record.cost,
         _json(record),
     )
 

@@ -100,6 +100,8 @@ class TaskRecord(BaseModel):
     cancelled_at: datetime | None = None
     #: Downloads of the image that failed (see `_engine.MAX_DOWNLOAD_FAILURES`).
     download_failures: int = 0
+    #: What GPTunnel charged for the task, in roubles, once it said (None: it has not, or never does).
+    cost: float | None = None
 
     @property
     def source_url_expires_at(self) -> datetime | None:

@@ -76,10 +76,15 @@ class Timing:
         None if none did, and the first that saw it done."""
         if len(spans) < cls.MIN_SAMPLES:
             return None
-        # The middle of each span is the estimate with the least bias; the bounds themselves
-        # would stretch the range by a whole poll gap at each end.
-        middles = [((after if after is not None else by * cls.UNSEEN_START) + by) / 2 for after, by in spans]
+        middles = [cls.middle(after, by) for after, by in spans]
         return cls(low=min(middles), expected=statistics.median(middles), high=max(middles))
+
+    @classmethod
+    def middle(cls, after: float | None, by: float) -> float:
+        """When a task finished, from its (finished after, finished by) pair: the middle of the
+        span is the estimate with the least bias; the bounds themselves would stretch a range by
+        a whole poll gap at each end."""
+        return ((after if after is not None else by * cls.UNSEEN_START) + by) / 2
 
 
 @dataclass(frozen=True)

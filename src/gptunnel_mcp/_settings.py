@@ -111,6 +111,14 @@ class Settings(BaseSettings):
         description="Folders save_image may write into for clients that share no roots, as absolute "
         "paths separated by commas; a relative destination is taken from the first.",
     )
+    max_spend_per_day: float | None = Field(
+        default=None,
+        ge=0,
+        le=10_000_000,
+        allow_inf_nan=False,
+        description="Budget in roubles per rolling 24 hours: what GPTunnel reported the images cost, "
+        "plus estimates for those still being made and those asked for.",
+    )
 
     # Serving over HTTP (the MCP_ variables are about this server, not about GPTunnel).
     transport: Literal["stdio", "http"] = Field(default="stdio", validation_alias="GPTUNNEL_MCP_TRANSPORT")
@@ -254,6 +262,7 @@ _ENV_NAMES = {
     "max_images_per_hour": "GPTUNNEL_MAX_IMAGES_PER_HOUR",
     "max_images_per_day": "GPTUNNEL_MAX_IMAGES_PER_DAY",
     "export_dirs": "GPTUNNEL_EXPORT_DIRS",
+    "max_spend_per_day": "GPTUNNEL_MAX_SPEND_PER_DAY",
     "transport": "GPTUNNEL_MCP_TRANSPORT",
     "host": "GPTUNNEL_MCP_HOST",
     "port": "GPTUNNEL_MCP_PORT",

@@ -18,7 +18,21 @@ import anyio
 from ._exceptions import StorageError
 from ._migrations import immediate_transaction, migrate
 from ._records import TaskRecord, searchable, utcnow
-from ._store import Admission, Cap, Claim, LedgerEntry, Position, Search, Settlement
+from ._store import (
+    Admission,
+    Budget,
+    Cap,
+    Charge,
+    Claim,
+    LedgerEntry,
+    Position,
+    Search,
+    Settlement,
+    Spending,
+    Spent,
+    average,
+    weigh,
+)
 
 _T = TypeVar("_T")
 
@@ -170,6 +184,18 @@ class SQLiteStore:
         )
         return [(None if r[0] is None else float(r[0]), float(r[1])) for r in rows]
 
+    async def costs(self, model: str, *, limit: int) -> list[float]:
+        return await self._run(lambda db: _costs(db, model, limit))
+
+    async def spent(self, owner: str, *, since: datetime) -> Spent:
+        row = await self._run(
+            lambda db: db.execute(
+                "SELECT count(*), count(cost), total(cost) FROM tasks WHERE owner = ? AND created_at > ?",
+                (owner, _iso(since)),
+            ).fetchone()
+        )
+        return Spent(tasks=int(row[0]), priced=int(row[1]), cost=float(row[2]))
+
     async def admit(
         self,
         owner: str,
@@ -179,6 +205,8 @@ class SQLiteStore:
         reuse_since: datetime | None,
         in_flight_since: datetime,
         caps: Sequence[Cap],
+        budget: Budget | None = None,
+        model: str = "",
     ) -> list[Admission]:
         def reuse(db: sqlite3.Connection, request_key: str, since: datetime) -> Admission | None:
             row = db.execute(
@@ -220,11 +248,15 @@ class SQLiteStore:
                     leave = len(made) + len(new) - cap.limit
                     frees_at = made[leave - 1] + cap.span if leave <= len(made) else None
                     return [Admission(cap=cap, made=len(made), frees_at=frees_at)] * len(request_keys)
+            if new and budget is not None:
+                spending = _weigh(db, owner, budget, model, len(new), now)
+                if spending is not None:
+                    return [Admission(spending=spending)] * len(request_keys)
             tickets = {key: secrets.token_hex(16) for key in new}
             db.executemany(
-                """INSERT INTO creates (ticket, owner, request_key, made_at, state)
-                   VALUES (?, ?, ?, ?, 'sending')""",
-                [(ticket, owner, key, _iso(now)) for key, ticket in tickets.items()],
+                """INSERT INTO creates (ticket, owner, request_key, made_at, state, model)
+                   VALUES (?, ?, ?, ?, 'sending', ?)""",
+                [(ticket, owner, key, _iso(now), model) for key, ticket in tickets.items()],
             )
             return [found.get(key) or Admission(ticket=tickets[key]) for key in request_keys]
 
@@ -310,12 +342,12 @@ class SQLiteStore:
         """The ledger of creates as `task_rows` gives the tasks."""
         rows = await self._run(
             lambda db: db.execute(
-                "SELECT rowid, ticket, owner, request_key, made_at, state, task_id FROM creates "
+                "SELECT rowid, ticket, owner, request_key, made_at, state, task_id, model FROM creates "
                 "WHERE rowid > ? ORDER BY rowid LIMIT ?",
                 (after, limit),
             ).fetchall()
         )
-        return [(int(r[0]), LedgerEntry(r[1], r[2], r[3], _moment(r[4]), r[5], r[6])) for r in rows]
+        return [(int(r[0]), LedgerEntry(r[1], r[2], r[3], _moment(r[4]), r[5], r[6], r[7])) for r in rows]
 
     async def has_users(self) -> bool:
         """Whether any task belongs to a user of a multi-user server (an owner other than "")."""
@@ -358,15 +390,47 @@ class SQLiteStore:
         await self._run(lambda db: db.close())
 
 
+def _costs(db: sqlite3.Connection, model: str, limit: int) -> list[float]:
+    rows = db.execute(
+        "SELECT cost FROM tasks WHERE model = ? AND cost IS NOT NULL ORDER BY created_at DESC LIMIT ?",
+        (model, limit),
+    ).fetchall()
+    return [float(r[0]) for r in rows]
+
+
+def _weigh(
+    db: sqlite3.Connection, owner: str, budget: Budget, model: str, count: int, now: datetime
+) -> Spending | None:
+    """`weigh` the owner's spending in the budget's span, from the history and the ledger."""
+    since = _iso(now - budget.span)
+    # Tasks with a cost count it; those still being made, their model's estimate, as do the
+    # ledger's creates not yet settled as created ("unknown" ones may well have cost money).
+    rows = db.execute(
+        """SELECT created_at, cost, model FROM tasks WHERE owner = :owner AND created_at > :since
+           AND (cost IS NOT NULL OR status = 'pending')
+           UNION ALL
+           SELECT made_at, NULL, model FROM creates WHERE owner = :owner AND made_at > :since
+           AND state != 'created'""",
+        {"owner": owner, "since": since},
+    ).fetchall()
+    wanted = {of for _, cost, of in rows if cost is None} | {model}
+    estimates = {of: average(_costs(db, of, budget.samples)) for of in wanted}
+    charges = [
+        Charge(_moment(at), cost, recorded=True) if cost is not None else Charge(_moment(at), estimates[of])
+        for at, cost, of in rows
+    ]
+    return weigh(budget, charges, each=estimates[model], count=count)
+
+
 def _put(db: sqlite3.Connection, record: TaskRecord) -> None:
     db.execute(
         """INSERT INTO tasks
                (task_id, owner, status, created_at, request_key, model,
-                finished_after, finished_by, search_text, record)
-           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                finished_after, finished_by, search_text, cost, record)
+           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
            ON CONFLICT (owner, task_id) DO UPDATE SET
                status = excluded.status, finished_after = excluded.finished_after,
-               finished_by = excluded.finished_by, search_text = excluded.search_text,
+               finished_by = excluded.finished_by, search_text = excluded.search_text, cost = excluded.cost,
                record = excluded.record
            WHERE tasks.status != 'done' OR excluded.status = 'done'""",
         (
@@ -379,6 +443,7 @@ def _put(db: sqlite3.Connection, record: TaskRecord) -> None:
             record.finished_after,
             record.finished_by,
             searchable(record.prompt),
+            record.cost,
             record.model_dump_json(),
         ),
     )

@@ -3,6 +3,7 @@ shared PostgreSQL for several replicas) is a new class beside `SQLiteStore`, not
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -23,13 +24,113 @@ class Cap:
 
 
 @dataclass(frozen=True)
+class Budget:
+    """At most `limit` roubles per `span` for one owner, counted by this server's clock: what
+    GPTunnel reported for the owner's tasks made in the span, an estimate for those of them still
+    being made and for creates not yet settled, and an estimate for the creates asked for. A
+    model's estimate is the average of its newest `samples` recorded costs, any owner's (the
+    price is the model's); for a model with none, see `weigh`."""
+
+    limit: float
+    span: timedelta
+    #: The setting that set the limit.
+    setting: str
+    samples: int = 20
+
+
+@dataclass(frozen=True)
+class Charge:
+    """One image in a budget's span: when it was made, and what it cost (`recorded`) or is
+    estimated to cost; `amount` None: an estimate of a model with no recorded cost."""
+
+    at: datetime
+    amount: float | None
+    recorded: bool = False
+
+
+@dataclass(frozen=True)
+class Spending:
+    """Why a budget refuses a call: `spent`, the recorded costs in its span; `estimated`, the
+    estimates for images still being made (or whose create was not answered); `unknown` of
+    those are of a model with no recorded cost; the call's `count` creates, estimated at `each`
+    roubles (None: unknown); and the moment enough has left the span for the call to fit (None:
+    never, the call alone does not fit)."""
+
+    spent: float
+    estimated: float
+    unknown: int
+    each: float | None
+    count: int
+    frees_at: datetime | None
+
+
+def average(costs: Sequence[float]) -> float | None:
+    """A model's estimate from its recorded costs; None when it has none."""
+    return math.fsum(costs) / len(costs) if costs else None
+
+
+#: Roubles a sum may be off by float rounding and still be taken at its word.
+_ROUNDING = 1e-6
+
+
+def weigh(budget: Budget, charges: Sequence[Charge], *, each: float | None, count: int) -> Spending | None:
+    """Whether `count` creates estimated at `each` roubles fit in `budget` beside the `charges`
+    in its span: None if they do, else the facts of the refusal.
+
+    An image of a model with no recorded cost yet (`each` None, or a charge's `amount` None) is
+    counted as taking all that is left of the budget until GPTunnel reports what it cost: it is
+    made alone, only when the rest leaves room, and nothing else is made while it is being made.
+    So nothing of unknown price can run past the budget more than once at a time, and the first
+    image of a new model teaches its price for the next."""
+
+    def fits(known: float, unknown: int) -> bool:
+        if unknown:
+            return False
+        if each is None:
+            return count == 1 and known < budget.limit - _ROUNDING
+        return known + each * count <= budget.limit + _ROUNDING
+
+    known = math.fsum(c.amount for c in charges if c.amount is not None)
+    unknown = sum(1 for c in charges if c.amount is None)
+    if fits(known, unknown):
+        return None
+    frees_at = None
+    for charge in sorted(charges, key=lambda c: c.at):
+        if charge.amount is None:
+            unknown -= 1
+        else:
+            known -= charge.amount
+        if fits(known, unknown):
+            frees_at = charge.at + budget.span
+            break
+    return Spending(
+        spent=math.fsum(c.amount for c in charges if c.recorded and c.amount is not None),
+        estimated=math.fsum(c.amount for c in charges if not c.recorded and c.amount is not None),
+        unknown=sum(1 for c in charges if c.amount is None),
+        each=each,
+        count=count,
+        frees_at=frees_at,
+    )
+
+
+@dataclass(frozen=True)
+class Spent:
+    """An owner's tasks made since a moment: how many, how many of them GPTunnel reported a cost
+    for, and the sum of those costs (roubles)."""
+
+    tasks: int
+    priced: int
+    cost: float
+
+
+@dataclass(frozen=True)
 class Admission:
     """The store's answer to "may this request be created?", decided atomically with every other
     caller's, in this process and in any other on the same store. Exactly one field is set:
     `ticket`, a slot taken for a new create; `reuse`, an identical request's task to answer with;
     `in_flight`, an identical create is on its way right now (ask again shortly); `cap`, the cap
     that refuses it, with `made` creates in its span and the moment enough of them have left it
-    (None: never, the call asks for more than the cap)."""
+    (None: never, the call asks for more than the cap); `spending`, why the budget refuses it."""
 
     ticket: str | None = None
     reuse: TaskRecord | None = None
@@ -37,6 +138,7 @@ class Admission:
     cap: Cap | None = None
     made: int = 0
     frees_at: datetime | None = None
+    spending: Spending | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +178,7 @@ class LedgerEntry:
     made_at: datetime
     state: str
     task_id: str | None
+    model: str = ""
 
 
 @dataclass(frozen=True)
@@ -122,6 +225,15 @@ class TaskStore(Protocol):
         seconds after submission (any owner: speed is the model's)."""
         ...
 
+    async def costs(self, model: str, *, limit: int) -> list[float]:
+        """What the newest tasks of `model` that GPTunnel reported a cost for cost, in roubles,
+        newest first (any owner: the price is the model's)."""
+        ...
+
+    async def spent(self, owner: str, *, since: datetime) -> Spent:
+        """The owner's tasks made since `since`, and what GPTunnel reported they cost."""
+        ...
+
     async def admit(
         self,
         owner: str,
@@ -131,14 +243,17 @@ class TaskStore(Protocol):
         reuse_since: datetime | None,
         in_flight_since: datetime,
         caps: Sequence[Cap],
+        budget: Budget | None = None,
+        model: str = "",
     ) -> list[Admission]:
-        """Decide the creates of one call, one per request key, as one transaction: all of them
-        or none. An identical request's task still pending (its link not expired) or done since
-        `reuse_since` is reused (`reuse_since` None: never); if an identical create sent since
-        `in_flight_since` is not yet settled, every key is told to wait for it; if a cap cannot
-        take all the creates needed, every key is refused with it; otherwise each key that needs
-        a create gets a ticket, entered in the ledger at `now`, which counts for the caps until
-        it is settled as refused. The answers are in the order of `request_keys`."""
+        """Decide the creates of one call for an image of `model`, one per request key, as one
+        transaction: all of them or none. An identical request's task still pending (its link not
+        expired) or done since `reuse_since` is reused (`reuse_since` None: never); if an
+        identical create sent since `in_flight_since` is not yet settled, every key is told to
+        wait for it; if a cap cannot take all the creates needed, every key is refused with it,
+        and so if `budget` cannot (see `weigh`); otherwise each key that needs a create gets a
+        ticket, entered in the ledger at `now` with `model`, which counts for the caps and the
+        budget until it is settled as refused. The answers are in the order of `request_keys`."""
         ...
 
     async def settle(self, ticket: str, outcome: Settlement, record: TaskRecord | None = None) -> None:

@@ -18,7 +18,14 @@ from importlib.metadata import version as package_version
 from types import TracebackType
 
 from ._engine import Engine
-from ._exceptions import ConfigError, GPTunnelMCPError, InputError, StorageError, TaskNotFoundError
+from ._exceptions import (
+    BudgetExceededError,
+    ConfigError,
+    GPTunnelMCPError,
+    InputError,
+    StorageError,
+    TaskNotFoundError,
+)
 from ._export import Destination, check_destination, write_image
 from ._records import TaskRecord
 from ._request import parse_image_request
@@ -88,6 +95,10 @@ def explain(exc: GPTunnelMCPError) -> str:
             f". GPTunnel's task is kept in the history: once the data folder is fixed, "
             f"`gptunnel-mcp result {exc.task_id}` fetches the image."
         )
+    elif isinstance(exc, BudgetExceededError):
+        if exc.unknown:
+            text += " `gptunnel-mcp result TASK_ID` finishes a task still being made."
+        text += " `gptunnel-mcp history` shows what each image cost."
     return text
 
 
@@ -242,7 +253,11 @@ async def _history(engine: Engine, limit: int, *, as_json: bool, text: str | Non
             where = f"(in the database: `gptunnel-mcp result {r.task_id}` copies it here)"
         else:
             where = r.error or ""
-        print(f"{r.created_at:%Y-%m-%d %H:%M}  {r.status:<7}  {r.task_id}  {r.model:<20}  {prompt}  {where}")
+        cost = "" if r.cost is None else f"{r.cost:.2f} RUB"
+        print(
+            f"{r.created_at:%Y-%m-%d %H:%M}  {r.status:<7}  {r.task_id}  {r.model:<20}  {cost:>10}  "
+            f"{prompt}  {where}"
+        )
     if more is not None:
         print(more)
     return EXIT_OK

@@ -9,9 +9,11 @@ money: a failure after which the request may have reached GPTunnel is reported a
 from __future__ import annotations
 
 import json
+import math
+import re
 from typing import TYPE_CHECKING, Any
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ._exceptions import (
     AuthenticationError,
@@ -37,6 +39,33 @@ _WORKING_STATUSES = frozenset(
     {"idle", "processing", "running", "queued", "pending", "in_progress", "started"}
 )
 
+#: The dearest cost believed of one task, in roubles: an image costs tens of roubles at most, and
+#: a figure far beyond any price is a broken answer, which must not eat a daily budget.
+MAX_TASK_COST = 100_000.0
+#: A cost given as text: digits with a decimal point or comma ("12.50", "12,50"), nothing else.
+_COST_TEXT = re.compile(r"\s*([0-9]{1,9})(?:[.,]([0-9]{1,9}))?\s*")
+
+
+def parse_cost(value: Any) -> float | None:
+    """A task's cost in roubles from GPTunnel's `cost` field (a number or numeric text), or None
+    for anything that is not a plausible one: the field is undocumented, so it is trusted no
+    further than a sane figure."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        matched = _COST_TEXT.fullmatch(value)
+        if matched is None:
+            return None
+        whole, fraction = matched.groups()
+        value = float(f"{whole}.{fraction or 0}")
+    if not isinstance(value, (int, float)):
+        return None
+    try:
+        cost = float(value)
+    except OverflowError:  # an integer too large for a float
+        return None
+    return cost if math.isfinite(cost) and 0 <= cost <= MAX_TASK_COST else None
+
 
 class UpstreamTask(BaseModel):
     """A task as GPTunnel's create and result calls describe it (`code` already checked)."""
@@ -50,6 +79,13 @@ class UpstreamTask(BaseModel):
     status: str = "idle"
     url: str | None = None
     error: Any = None
+    #: What the task cost, in roubles, when GPTunnel says (see `parse_cost`).
+    cost: float | None = None
+
+    @field_validator("cost", mode="before")
+    @classmethod
+    def _plausible_cost(cls, value: Any) -> float | None:
+        return parse_cost(value)
 
     @property
     def outcome(self) -> TaskStatus:

@@ -18,6 +18,7 @@ from .._catalog import MODELS, find_model
 from .._engine import Engine, Outcome
 from .._exceptions import (
     AuthenticationError,
+    BudgetExceededError,
     DownloadError,
     GPTunnelMCPError,
     ImageNotReadyError,
@@ -82,6 +83,11 @@ class ImageResult(BaseModel):
     source_url: str | None = Field(default=None, description="GPTunnel's download link; expires after 48 h.")
     source_url_expires_at: datetime | None = None
     error: str | None = Field(default=None, description="Why the task failed (when failed).")
+    cost: float | None = Field(
+        default=None,
+        description="What GPTunnel charged for this image, in roubles, when it reported it; null: not "
+        "reported (yet). A reused task was paid for once, by the call that made it.",
+    )
     sandbox: bool = Field(
         default=False, description="True when the server runs in sandbox mode (no real image)."
     )
@@ -125,6 +131,7 @@ class HistoryEntry(BaseModel):
     prompt: str
     prompt_truncated: bool = False
     created_at: datetime
+    cost: float | None = Field(default=None, description="What GPTunnel charged, in roubles, if it said.")
     resource_uri: str
     file_uri: str | None = None
 
@@ -138,6 +145,7 @@ def history_entry(record: TaskRecord, prompt_chars: int) -> HistoryEntry:
         prompt=shorten(record.prompt, prompt_chars),
         prompt_truncated=len(record.prompt) > prompt_chars,
         created_at=record.created_at,
+        cost=record.cost,
         resource_uri=task_uri(record.task_id),
         file_uri=file_uri(record.task_id) if record.status == "done" else None,
     )
@@ -236,6 +244,7 @@ def describe(
         source_url=record.source_url,
         source_url_expires_at=record.source_url_expires_at,
         error=record.error,
+        cost=record.cost,
         message="",
         sandbox=engine.settings.sandbox,
     )
@@ -249,6 +258,8 @@ def describe(
         result.width = record.file.width
         result.height = record.file.height
         result.message = f"The image is ready: {record.file.width}x{record.file.height}, stored at {path}."
+        if record.cost is not None:
+            result.message += f" GPTunnel charged {record.cost:.2f} RUB for it."
     elif record.status == "failed" and record.source_url is not None:
         # GPTunnel made it; getting it here failed for good.
         result.message = (
@@ -423,6 +434,10 @@ def error_text(exc: GPTunnelMCPError) -> str:
             f". GPTunnel's task is kept in the history: once the data folder is fixed, call get_result "
             f"with task_id {exc.task_id} to fetch the image."
         )
+    elif isinstance(exc, BudgetExceededError):
+        if exc.unknown:
+            text += " Call get_result on the tasks still being made to finish them."
+        text += " get_balance shows what was spent in the last 24 hours; tell the user the budget is reached."
     elif isinstance(exc, MissingKeyError):
         text += " in the MCP server's environment (your client's server config), then restart the server."
     elif isinstance(exc, AuthenticationError):

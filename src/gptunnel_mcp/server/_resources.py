@@ -121,7 +121,7 @@ async def _read_resource(ctx: RequestContext, params: ReadResourceRequestParams)
     if paged := _HISTORY_PAGE.match(uri):
         return _json(uri, await _history(engine, _owner(ctx), _page(uri, paged["page"])))
     if uri == MODELS_URI:
-        return _json(uri, _models(engine))
+        return _json(uri, await _models(engine))
     match = _URI.match(uri)
     if match is None:
         raise _not_found(
@@ -183,12 +183,16 @@ def _owner(ctx: RequestContext) -> str:
         raise MCPError(code=INVALID_REQUEST, message=error_text(exc)) from None
 
 
-def _models(engine: Engine) -> dict[str, Any]:
+async def _models(engine: Engine) -> dict[str, Any]:
     return {
         "default_model": engine.settings.default_model,
         "note": "Ids are matched in any case and sent as listed here. Other GPTunnel model ids are "
-        "accepted too and passed on unchecked.",
-        "models": [m.model_dump() for m in MODELS],
+        "accepted too and passed on unchecked. `observed` is what this server has seen of each model "
+        "lately, from its history: the average cost GPTunnel reported (roubles) and the average time "
+        "to a finished image (seconds).",
+        "models": [
+            {**m.model_dump(), "observed": (await engine.observed(m.id)).model_dump()} for m in MODELS
+        ],
     }
 
 
@@ -197,7 +201,7 @@ _MODELS_RESOURCE = Resource(
     name="models",
     title="Image models",
     description="The image models this server knows, with the aspect ratios and reference-image "
-    "support of each.",
+    "support of each, and the average cost and time of each as this server has seen them.",
     mime_type="application/json",
 )
 

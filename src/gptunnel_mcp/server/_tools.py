@@ -64,6 +64,17 @@ class BalanceResult(BaseModel):
     balance: float = Field(description="Money on the account, in roubles.")
     credit_limit: float = Field(description="How far the account may go below zero, in roubles.")
     currency: str = "RUB"
+    spent_last_24h: float = Field(
+        description="What GPTunnel reported your images made in the last 24 hours cost, in roubles "
+        "(from this server's history)."
+    )
+    images_last_24h: int = Field(description="Images (tasks) made in the last 24 hours.")
+    images_without_cost: int = Field(
+        description="Of those, how many GPTunnel has reported no cost for (yet): not in spent_last_24h."
+    )
+    daily_budget: float | None = Field(
+        description="The server's budget per 24 hours in roubles (GPTUNNEL_MAX_SPEND_PER_DAY); null: none."
+    )
     message: str
 
 
@@ -223,19 +234,35 @@ def register_tools(server: MCPServer[Engine], settings: Settings) -> None:
 
     @server.tool(
         title="GPTunnel balance",
-        description="The GPTunnel account's balance and credit limit (roubles), to check before spending.",
+        description="The GPTunnel account's balance and credit limit (roubles), and what your images of the "
+        "last 24 hours cost and the server's daily budget, to check before spending.",
         annotations=_READS,
     )
     @takes(NoArguments, ToolContext)
     async def get_balance(ctx: ToolContext, args: NoArguments) -> Annotated[CallToolResult, BalanceResult]:
+        engine, account = engine_of(ctx), account_of(ctx)
         try:
-            balance = await engine_of(ctx).balance(account_of(ctx))
+            balance = await engine.balance(account)
+            spent = await engine.spent(account.owner)
         except GPTunnelMCPError as exc:
             return error_result(exc)
+        budget = engine.settings.max_spend_per_day
+        told = [
+            f"Balance {balance.balance:.2f} RUB, credit limit {balance.credit_limit:.2f} RUB.",
+            f"In the last 24 hours: {spent.tasks} image{'' if spent.tasks == 1 else 's'}, "
+            f"{spent.cost:.2f} RUB as GPTunnel reported",
+        ]
+        if spent.tasks > spent.priced:
+            told[-1] += f" ({spent.tasks - spent.priced} without a reported cost)"
+        told[-1] += "." if budget is None else f", of a daily budget of {budget:.2f} RUB."
         result = BalanceResult(
             balance=balance.balance,
             credit_limit=balance.credit_limit,
-            message=f"Balance {balance.balance:.2f} RUB, credit limit {balance.credit_limit:.2f} RUB.",
+            spent_last_24h=round(spent.cost, 6),
+            images_last_24h=spent.tasks,
+            images_without_cost=spent.tasks - spent.priced,
+            daily_budget=budget,
+            message=" ".join(told),
         )
         return CallToolResult(
             content=[TextContent(text=result.message)], structured_content=result.model_dump(mode="json")
