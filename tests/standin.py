@@ -36,6 +36,7 @@ From a shell: ``python tests/standin.py --port 8765 --api-key K --generation-sec
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import io
 import json
@@ -193,6 +194,9 @@ class Behaviour:
     download_trickle_seconds: float = 0.0
     #: Characters of padding in every result answer (an upstream answering far too much).
     result_padding: int = 0
+    #: Seconds a result call takes to answer, holding the request open: two polls of one task
+    #: that overlap then show in Stats.max_concurrent_result_calls_by_task.
+    result_delay: float = 0.0
 
 
 @dataclass
@@ -209,6 +213,13 @@ class Stats:
     file_auth_headers: list[str] = field(default_factory=list)
     #: Task id -> result calls that reached the task (for polling benchmarks).
     result_calls_by_task: dict[str, int] = field(default_factory=dict)
+    #: Task id -> the most result calls about it that were in flight at once (1: never two polls
+    #: at the same time; see Behaviour.result_delay to widen each poll).
+    max_concurrent_result_calls_by_task: dict[str, int] = field(default_factory=dict)
+    #: Task id -> requests for its file.
+    download_calls_by_task: dict[str, int] = field(default_factory=dict)
+    #: Task id -> downloads of its file sent whole to a client still connected at the last byte.
+    downloads_served_by_task: dict[str, int] = field(default_factory=dict)
     #: Task id -> time.time() at which it reached its final status (created + planned duration).
     task_done_at: dict[str, float] = field(default_factory=dict)
     #: Transient failures served (by transient_failures or at random), by "endpoint:kind", e.g.
@@ -369,6 +380,7 @@ class _FileResponse(Response):
         drop_connection: Callable[[Scope], Awaitable[bool]],
         pause_at: int | None = None,
         trickle_seconds: float = 0.0,
+        on_served: Callable[[], None] = lambda: None,
     ) -> None:
         super().__init__(payload, 200, media_type=media_type)
         self._payload = payload
@@ -377,6 +389,7 @@ class _FileResponse(Response):
         self._drop_connection = drop_connection
         self._pause_at = pause_at
         self._trickle_seconds = trickle_seconds
+        self._on_served = on_served
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
@@ -400,7 +413,12 @@ class _FileResponse(Response):
             # connection: servers close it when a response stops short of its Content-Length.
             await self._drop_connection(scope)
             return
+        # A client that went away during the delay gets nothing (uvicorn drops the send
+        # silently): that download failed, whatever the send below pretends.
+        gone = await Request(scope, receive).is_disconnected()
         await send({"type": "http.response.body", "body": body[sent:], "more_body": False})
+        if not gone:
+            self._on_served()
 
     async def _trickle(self, scope: Scope, receive: Receive, send: Send) -> None:
         pieces = 50
@@ -413,6 +431,7 @@ class _FileResponse(Response):
             )
             await anyio.sleep(self._trickle_seconds / pieces)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+        self._on_served()
 
 
 class _Disconnect(Response):
@@ -461,6 +480,8 @@ class StandIn:
         self._lock = threading.Lock()
         self._tasks: dict[str, _Task] = {}
         self._images: dict[str, bytes] = {}
+        # Task id -> result calls about it being answered right now.
+        self._polls_in_flight: dict[str, int] = {}
         # Jitter of fake generation times and random faults, not security.
         self._random = random.Random(seed)
         self._server: uvicorn.Server | None = None
@@ -566,6 +587,11 @@ class StandIn:
         """Ids of every task created so far, oldest first."""
         with self._lock:
             return list(self._tasks)
+
+    def polls_in_flight(self, task_id: str) -> int:
+        """Result calls about this task being answered at this moment."""
+        with self._lock:
+            return self._polls_in_flight.get(task_id, 0)
 
     def task_prompts(self) -> dict[str, str]:
         """Task id -> prompt of every task created so far, oldest first (to find duplicate creates)."""
@@ -802,9 +828,18 @@ class StandIn:
             task = self._tasks.get(task_id)
             if task is None:
                 return _code_error(4)
-            by_task = self.stats.result_calls_by_task
-            by_task[task_id] = by_task.get(task_id, 0) + 1
+            stats = self.stats
+            stats.result_calls_by_task[task_id] = stats.result_calls_by_task.get(task_id, 0) + 1
+            in_flight = self._polls_in_flight[task_id] = self._polls_in_flight.get(task_id, 0) + 1
+            peaks = stats.max_concurrent_result_calls_by_task
+            peaks[task_id] = max(peaks.get(task_id, 0), in_flight)
             status, ended = self._status(task, time.time())
+        try:
+            if self.behaviour.result_delay > 0:
+                await anyio.sleep(self.behaviour.result_delay)
+        finally:
+            with self._lock:
+                self._polls_in_flight[task_id] -= 1
         body = self._task_body(task, status, ended, self._base_url(request))
         if self.behaviour.result_padding:
             body["padding"] = "x" * self.behaviour.result_padding
@@ -833,6 +868,9 @@ class StandIn:
             if header is not None:
                 self.stats.file_auth_headers.append(header)
             task = self._tasks.get(name[:24])
+            if task is not None:
+                by_task = self.stats.download_calls_by_task
+                by_task[task.id] = by_task.get(task.id, 0) + 1
             ready = (
                 task is not None
                 and name == task.file_name
@@ -868,7 +906,13 @@ class StandIn:
             self._drop_connection,
             pause_at=behaviour.download_pause_at,
             trickle_seconds=behaviour.download_trickle_seconds,
+            on_served=functools.partial(self._served, task.id),
         )
+
+    def _served(self, task_id: str) -> None:
+        with self._lock:
+            served = self.stats.downloads_served_by_task
+            served[task_id] = served.get(task_id, 0) + 1
 
 
 def main(argv: list[str] | None = None) -> None:
