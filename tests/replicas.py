@@ -77,6 +77,7 @@ class Replicas:
     def __init__(
         self, count: int, root: Path, settings: Mapping[str, str], *, log_level: str = "DEBUG"
     ) -> None:
+        root.mkdir(parents=True, exist_ok=True)
         self.settings = dict(settings)
         self.log_level = log_level
         self.members = [Replica(i, root / f"replica-{i}", root / f"replica-{i}.log") for i in range(count)]
