@@ -26,10 +26,10 @@ async def running_server(
         stop_server(process)
 
 
-async def until_healthy(process: subprocess.Popen[bytes], port: int) -> None:
+async def until_healthy(process: subprocess.Popen[bytes], port: int, seconds: float = 20) -> None:
     """Returns once GET /healthz on `port` answers 200; raises if the process exits first or
-    20 s pass."""
-    with anyio.fail_after(20):
+    `seconds` pass."""
+    with anyio.fail_after(seconds):
         while True:
             if process.poll() is not None:
                 raise RuntimeError(f"server exited with {process.returncode}")

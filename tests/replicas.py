@@ -55,6 +55,8 @@ class Replica:
     log: Path
     port: int = 0
     process: subprocess.Popen[bytes] | None = None
+    #: Where the current process's part of the log begins (earlier runs' parts come before).
+    log_start: int = 0
 
     @property
     def url(self) -> str:
@@ -100,26 +102,45 @@ class Replicas:
         """Starts every replica that is not running (all at once: each takes about a second to
         come up), on a fresh port; returns when all of them answer /healthz."""
         starting = [r for r in self.members if not r.alive]
+        # They share the machine while they start: the bound grows with their number.
+        bound = 20 * len(starting)
         try:
             for replica in starting:
-                replica.port = free_port()
-                command = [sys.executable, "-m", "gptunnel_mcp", "--transport", "http"]
-                command += ["--port", str(replica.port), "--log-level", self.log_level]
-                env = {
-                    **self.settings,
-                    "GPTUNNEL_MCP_HOME": str(replica.home),
-                    "PATH": os.environ.get("PATH", ""),
-                }
-                with replica.log.open("ab") as log:
-                    replica.process = subprocess.Popen(
-                        command, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log
-                    )
-            for replica in starting:
-                assert replica.process is not None
-                await until_healthy(replica.process, replica.port)
+                self._launch(replica)
+            with anyio.fail_after(bound):
+                for replica in starting:
+                    await self._until_up(replica, bound)
         except BaseException:
             self.stop()
             raise
+
+    def _launch(self, replica: Replica) -> None:
+        replica.port = free_port()
+        command = [sys.executable, "-m", "gptunnel_mcp", "--transport", "http"]
+        command += ["--port", str(replica.port), "--log-level", self.log_level]
+        env = {**self.settings, "GPTUNNEL_MCP_HOME": str(replica.home), "PATH": os.environ.get("PATH", "")}
+        replica.log_start = replica.log.stat().st_size if replica.log.exists() else 0
+        with replica.log.open("ab") as log:
+            replica.process = subprocess.Popen(
+                command, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log
+            )
+
+    async def _until_up(self, replica: Replica, seconds: float) -> None:
+        """Waits for /healthz; a replica whose port was taken between `free_port` and its own
+        bind (by anything else on the machine) is started again on another port."""
+        for _ in range(3):
+            assert replica.process is not None
+            try:
+                await until_healthy(replica.process, replica.port, seconds=seconds)
+                return
+            except RuntimeError as exc:
+                with replica.log.open("rb") as log:
+                    log.seek(replica.log_start)
+                    said = log.read().decode(errors="replace")
+                if "choose another --port" not in said:
+                    raise RuntimeError(f"replica {replica.index}: {exc}; it wrote:\n{said[-3000:]}") from None
+                self._launch(replica)
+        raise RuntimeError(f"replica {replica.index} found no free port in 3 tries")
 
     def kill(self, index: int) -> None:
         """SIGKILL: the replica ends at once, in whatever it was doing."""

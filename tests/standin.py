@@ -368,6 +368,12 @@ def _retry_after_header(seconds: float) -> str:
     return format(seconds, "g")
 
 
+async def _disconnect(receive: Receive) -> None:
+    """Returns when the client closes the connection (after the request's own messages)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
 class _FileResponse(Response):
     """An image download that can stall before its body or stop half-way, like a flaky storage link."""
 
@@ -406,19 +412,20 @@ class _FileResponse(Response):
             sent = min(max(0, self._pause_at or 0), len(body))
             if sent:
                 await send({"type": "http.response.body", "body": body[:sent], "more_body": True})
-            await anyio.sleep(self._delay)
+            # The delay, unless the client goes first (as a killed one does): then the download
+            # failed, and a stall left running would outlive the test.
+            with anyio.move_on_after(self._delay):
+                await _disconnect(receive)
+                return
         if truncated:
             await send({"type": "http.response.body", "body": body[sent:], "more_body": True})
             # Without our uvicorn server to close the socket on, returning early still ends the
             # connection: servers close it when a response stops short of its Content-Length.
             await self._drop_connection(scope)
             return
-        # A client that went away during the delay gets nothing (uvicorn drops the send
-        # silently): that download failed, whatever the send below pretends.
-        gone = await Request(scope, receive).is_disconnected()
+        # Counted before the last bytes go: a client reading Stats as soon as it has them finds it.
+        self._on_served()
         await send({"type": "http.response.body", "body": body[sent:], "more_body": False})
-        if not gone:
-            self._on_served()
 
     async def _trickle(self, scope: Scope, receive: Receive, send: Send) -> None:
         pieces = 50
@@ -430,8 +437,8 @@ class _FileResponse(Response):
                 {"type": "http.response.body", "body": self._payload[start : start + step], "more_body": True}
             )
             await anyio.sleep(self._trickle_seconds / pieces)
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
         self._on_served()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 class _Disconnect(Response):

@@ -32,7 +32,7 @@ from .replicas import Replicas, RoundRobin, replica_settings
 from .standin import Behaviour, StandIn
 from .test_http import read_blob
 
-pytestmark = [pytest.mark.anyio, pytest.mark.slow, pytest.mark.xdist_group("replicas")]
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 #: Short, so a dead replica's tasks are adopted within seconds.
 LEASE = 2.0
@@ -40,6 +40,8 @@ LEASE = 2.0
 #: the adopter's first poll and the download.
 ADOPTED_WITHIN = LEASE * 4 / 3 + 10
 ADOPTED = "the dead replica's task adopted, downloaded and stored by another"
+TWO_POLLS = "two polls of the task were at GPTunnel at once; the replicas said:\n"
+DOWNLOADED_AGAIN = "the image was downloaded more than once; the replicas said:\n"
 STANDIN_DEFAULTS: dict[str, Any] = {"generation_seconds": 0.5, "image_size": (320, 240)}
 
 T = TypeVar("T")
@@ -180,13 +182,13 @@ async def test_the_same_request_sent_to_all_three_at_once_is_created_once(
     assert len({a["task_id"] for a in answers}) == 1
     image = deployment.gptunnel.image_bytes(answers[0]["task_id"])
     assert {a["sha256"] for a in answers} == {sha256(image)}
-    assert creates_for(deployment.gptunnel, arguments["prompt"]) == 1
+    assert creates_for(deployment.gptunnel, arguments["prompt"]) == 1, "a second create"
 
 
 async def test_only_the_replica_holding_a_task_polls_it_and_downloads_it(
     deployment: Deployment, client: RoundRobin
 ) -> None:
-    gptunnel = deployment.gptunnel
+    gptunnel, replicas = deployment.gptunnel, deployment.replicas
     # Every poll held open a while: two polls of the task at once would overlap at GPTunnel.
     gptunnel.behaviour.result_delay = 0.3
     gptunnel.behaviour.generation_seconds = 2.0
@@ -212,9 +214,9 @@ async def test_only_the_replica_holding_a_task_polls_it_and_downloads_it(
                 group.start_soon(wait_for_it, index)
                 group.start_soon(keep_asking, index)
     assert [(a["task_id"], a["status"]) for a in answers] == [(task_id, "done")] * 4, answers
-    assert gptunnel.stats.max_concurrent_result_calls_by_task[task_id] == 1
-    assert gptunnel.stats.download_calls_by_task[task_id] == 1
-    assert creates_for(gptunnel, arguments["prompt"]) == 1
+    assert gptunnel.stats.max_concurrent_result_calls_by_task[task_id] == 1, TWO_POLLS + replicas.logs()
+    assert gptunnel.stats.download_calls_by_task[task_id] == 1, DOWNLOADED_AGAIN + replicas.logs()
+    assert creates_for(gptunnel, arguments["prompt"]) == 1, "a second create"
 
 
 async def test_a_cap_holds_across_replicas_under_parallel_calls(
@@ -250,7 +252,8 @@ async def test_an_image_one_replica_stored_is_served_by_the_others_with_the_same
     assert made["status"] == "done", made
     await served_everywhere(client, deployment, made["task_id"])
     # From the history, not from GPTunnel again.
-    assert deployment.gptunnel.stats.download_calls_by_task[made["task_id"]] == 1
+    downloads = deployment.gptunnel.stats.download_calls_by_task[made["task_id"]]
+    assert downloads == 1, DOWNLOADED_AGAIN + deployment.replicas.logs()
 
 
 # --- a replica dies -------------------------------------------------------------------------------
@@ -278,10 +281,10 @@ async def test_a_task_whose_replica_dies_mid_poll_is_adopted_and_stored_with_no_
         # No client asks from here on: another replica must find the task, poll, download, store.
         row = await eventually(lambda: done_row(db, task_id), ADOPTED_WITHIN, ADOPTED, replicas.logs)
     assert row["lease_holder"] != holder
-    assert gptunnel.stats.max_concurrent_result_calls_by_task[task_id] == 1
-    assert creates_for(gptunnel, prompt) == 1
+    assert gptunnel.stats.max_concurrent_result_calls_by_task[task_id] == 1, TWO_POLLS + replicas.logs()
+    assert creates_for(gptunnel, prompt) == 1, "a second create"
     await served_everywhere(client, deployment, task_id)
-    assert gptunnel.stats.downloads_served_by_task[task_id] == 1
+    assert gptunnel.stats.downloads_served_by_task[task_id] == 1, DOWNLOADED_AGAIN + replicas.logs()
 
 
 async def test_a_task_whose_replica_dies_mid_download_is_adopted_and_downloaded_once(
@@ -302,7 +305,7 @@ async def test_a_task_whose_replica_dies_mid_download_is_adopted_and_downloaded_
         gptunnel.behaviour.download_delay = 0
         row = await eventually(lambda: done_row(db, task_id), ADOPTED_WITHIN, ADOPTED, replicas.logs)
     assert row["lease_holder"] != holder
-    assert gptunnel.stats.max_concurrent_result_calls_by_task[task_id] == 1
-    assert creates_for(gptunnel, prompt) == 1
+    assert gptunnel.stats.max_concurrent_result_calls_by_task[task_id] == 1, TWO_POLLS + replicas.logs()
+    assert creates_for(gptunnel, prompt) == 1, "a second create"
     await served_everywhere(client, deployment, task_id)
-    assert gptunnel.stats.downloads_served_by_task[task_id] == 1
+    assert gptunnel.stats.downloads_served_by_task[task_id] == 1, DOWNLOADED_AGAIN + replicas.logs()

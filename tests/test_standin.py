@@ -491,7 +491,7 @@ def test_downloads_are_counted_by_task_and_only_whole_ones_as_served(
     impatient = httpx.Timeout(5.0, read=0.1)
     with pytest.raises(httpx.ReadTimeout), storage.stream("GET", url, timeout=impatient) as response:
         response.read()
-    # Stalled as long, and started later: when it is through, so is the abandoned one.
+    # Stalled longer than the abandoned one took to be noticed: when it is through, so is that.
     assert storage.get(url).content == standin.image_bytes(task_id)
     assert standin.stats.download_calls_by_task == {task_id: 2}
     assert standin.stats.downloads_served_by_task == {task_id: 1}
