@@ -149,8 +149,9 @@ class Replicas:
         replica.process.send_signal(signal.SIGKILL)
         replica.process.wait(timeout=10)
 
-    def stop(self) -> None:
-        for replica in self.members:
+    def stop(self, *indices: int) -> None:
+        """Stops these replicas (all, when none is named) as an operator would: SIGTERM."""
+        for replica in [self.members[i] for i in indices] or self.members:
             if replica.process is not None:
                 stop_server(replica.process)
 
