@@ -26,7 +26,7 @@ import anyio
 import httpx2
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
-from mcp_types import CallToolResult, ReadResourceResult
+from mcp_types import CallToolResult
 
 from .processes import free_port, stop_server, until_healthy
 
@@ -193,19 +193,16 @@ class RoundRobin:
     def on(self, index: int) -> Client:
         return self._clients[index]
 
-    def next(self) -> tuple[int, Client]:
-        """The next live replica's index and client (a killed one is passed over)."""
+    def next(self) -> Client:
+        """The next live replica's client (a killed one is passed over)."""
         for _ in range(len(self._clients)):
             index = next(self._turns)
             if self._replicas[index].alive:
-                return index, self._clients[index]
+                return self._clients[index]
         raise RuntimeError("no replica is running")
 
     async def call_tool(self, name: str, arguments: dict[str, Any]) -> CallToolResult:
-        return await self.next()[1].call_tool(name, arguments)
-
-    async def read_resource(self, uri: str) -> ReadResourceResult:
-        return await self.next()[1].read_resource(uri)
+        return await self.next().call_tool(name, arguments)
 
     async def each(self, name: str, arguments: dict[str, Any]) -> list[CallToolResult]:
         """The same call sent to every live replica at the same moment; the answers in replica order."""

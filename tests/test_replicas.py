@@ -6,9 +6,10 @@ reaches at once; caps hold across them; any replica serves any image with the sa
 when the replica following a task dies, mid-poll or mid-download, another adopts the task and
 finishes it with no client asking, polling it one call at a time and downloading it once.
 
-The three replicas start once for the module (each start costs about a second); a test that
-kills one gets it back at the next test's start. Each test's requests have prompts of their own,
-so the tests share the database without meeting in it.
+The three replicas start once per test process for the module (each start costs about a
+second; the cap's test has three of its own); a test that kills one gets it back at the next
+test's start. Each test's requests have prompts of their own, so the tests share the database
+without meeting in it.
 """
 
 from __future__ import annotations
@@ -144,9 +145,7 @@ async def database(url: str) -> AsyncIterator[psycopg.AsyncConnection[DictRow]]:
 
 
 async def task_row(db: psycopg.AsyncConnection[DictRow], task_id: str) -> DictRow | None:
-    cursor = await db.execute(
-        "SELECT status, lease_holder, lease_until FROM tasks WHERE task_id = %s", (task_id,)
-    )
+    cursor = await db.execute("SELECT status, lease_holder FROM tasks WHERE task_id = %s", (task_id,))
     return await cursor.fetchone()
 
 
