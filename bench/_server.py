@@ -1,6 +1,7 @@
 """Runs the real server for the bench scripts: `gptunnel-mcp --transport http` on a free
-loopback port, pointed at a stand-in GPTunnel, until the run ends. Also the scripts' way to the
-stand-in, which lives with the tests (`tests/standin.py`)."""
+loopback port, pointed at a stand-in GPTunnel, until the run ends. Also the scripts' way to what
+lives with the tests: the stand-in (`tests/standin.py`), replicas on one database
+(`tests/replicas.py`) and a throwaway PostgreSQL (`tests/postgres.py`)."""
 
 from __future__ import annotations
 
@@ -18,10 +19,21 @@ _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+from tests.postgres import Cluster  # noqa: E402
 from tests.processes import free_port, running_server  # noqa: E402
+from tests.replicas import Replicas, RoundRobin, replica_settings  # noqa: E402
 from tests.standin import Behaviour, StandIn  # noqa: E402
 
-__all__ = ["Behaviour", "StandIn", "free_port", "http_server"]
+__all__ = [
+    "Behaviour",
+    "Cluster",
+    "Replicas",
+    "RoundRobin",
+    "StandIn",
+    "free_port",
+    "http_server",
+    "replica_settings",
+]
 
 
 @contextlib.asynccontextmanager

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -78,8 +78,11 @@ class Cluster:
 
     @classmethod
     @contextlib.contextmanager
-    def running(cls) -> Iterator[Cluster]:
+    def running(cls, settings: Mapping[str, str] | None = None) -> Iterator[Cluster]:
+        """A cluster started with `settings` (server settings, as `postgres -c name=value`) on
+        top of the fast ones, e.g. `{"shared_preload_libraries": "pg_stat_statements"}`."""
         bin_dir, user = _bin_dir(), _unprivileged_user()
+        extra = tuple(f"-c{name}={value}" for name, value in (settings or {}).items())
         root = Path(tempfile.mkdtemp(prefix="gptunnel-pg-"))
         try:
             data = root / "data"
@@ -102,20 +105,23 @@ class Cluster:
             )
             if made.returncode != 0:
                 pytest.fail(f"initdb failed ({made.returncode}):\n{made.stdout}{made.stderr}", pytrace=False)
-            with cls._server(bin_dir, data, root / "server.log", env, as_user) as port:
+            with cls._server(bin_dir, data, root / "server.log", env, as_user, extra) as port:
                 yield cls(port)
         finally:
             shutil.rmtree(root, ignore_errors=True)
 
     @staticmethod
     @contextlib.contextmanager
-    def _server(bin_dir: Path, data: Path, log: Path, env: dict[str, str], as_user: _As) -> Iterator[int]:
+    def _server(
+        bin_dir: Path, data: Path, log: Path, env: dict[str, str], as_user: _As, settings: tuple[str, ...]
+    ) -> Iterator[int]:
         """`postgres` on a free loopback port (another worker may take the port between the
         probe and the bind: then another port), no Unix socket; stopped on the way out."""
         for _ in range(5):
             port = free_port()
             command = [str(bin_dir / "postgres"), "-D", str(data), "-p", str(port)]
             command += ["-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories=", *_FAST]
+            command += settings
             with log.open("ab") as out:
                 server = subprocess.Popen(
                     command,

@@ -20,26 +20,35 @@ async def running_server(
     stops it (terminate, then kill) on the way out."""
     process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
     try:
-        with anyio.fail_after(20):
-            while True:
-                if process.poll() is not None:
-                    raise RuntimeError(f"server exited with {process.returncode}")
-                with contextlib.suppress(httpx2.HTTPError):
-                    async with httpx2.AsyncClient() as probe:
-                        if (
-                            await probe.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
-                        ).status_code == 200:
-                            break
-                await anyio.sleep(0.05)
+        await until_healthy(process, port)
         yield process
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
+        stop_server(process)
+
+
+async def until_healthy(process: subprocess.Popen[bytes], port: int, seconds: float = 20) -> None:
+    """Returns once GET /healthz on `port` answers 200; raises if the process exits first or
+    `seconds` pass."""
+    with anyio.fail_after(seconds):
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited with {process.returncode}")
+            with contextlib.suppress(httpx2.HTTPError):
+                async with httpx2.AsyncClient() as probe:
+                    if (await probe.get(f"http://127.0.0.1:{port}/healthz", timeout=1)).status_code == 200:
+                        return
+            await anyio.sleep(0.05)
+
+
+def stop_server(process: subprocess.Popen[bytes]) -> None:
+    """Terminate, then kill if it lingers."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
 
 
 def free_port() -> int:

@@ -36,6 +36,7 @@ From a shell: ``python tests/standin.py --port 8765 --api-key K --generation-sec
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import io
 import json
@@ -196,6 +197,9 @@ class Behaviour:
     #: The ``cost`` a done task's result answers report (roubles): a number, or text such as
     #: ``"12.50"`` as some answers carry it; None reports no cost at all.
     cost: float | str | None = None
+    #: Seconds a result call takes to answer, holding the request open: two polls of one task
+    #: that overlap then show in Stats.max_concurrent_result_calls_by_task.
+    result_delay: float = 0.0
 
 
 @dataclass
@@ -212,6 +216,13 @@ class Stats:
     file_auth_headers: list[str] = field(default_factory=list)
     #: Task id -> result calls that reached the task (for polling benchmarks).
     result_calls_by_task: dict[str, int] = field(default_factory=dict)
+    #: Task id -> the most result calls about it that were in flight at once (1: never two polls
+    #: at the same time; see Behaviour.result_delay to widen each poll).
+    max_concurrent_result_calls_by_task: dict[str, int] = field(default_factory=dict)
+    #: Task id -> requests for its file.
+    download_calls_by_task: dict[str, int] = field(default_factory=dict)
+    #: Task id -> downloads of its file sent whole to a client still connected at the last byte.
+    downloads_served_by_task: dict[str, int] = field(default_factory=dict)
     #: Task id -> time.time() at which it reached its final status (created + planned duration).
     task_done_at: dict[str, float] = field(default_factory=dict)
     #: Transient failures served (by transient_failures or at random), by "endpoint:kind", e.g.
@@ -361,6 +372,12 @@ def _retry_after_header(seconds: float) -> str:
     return format(seconds, "g")
 
 
+async def _disconnect(receive: Receive) -> None:
+    """Returns when the client closes the connection (after the request's own messages)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
 class _FileResponse(Response):
     """An image download that can stall before its body or stop half-way, like a flaky storage link."""
 
@@ -373,6 +390,7 @@ class _FileResponse(Response):
         drop_connection: Callable[[Scope], Awaitable[bool]],
         pause_at: int | None = None,
         trickle_seconds: float = 0.0,
+        on_served: Callable[[], None] = lambda: None,
     ) -> None:
         super().__init__(payload, 200, media_type=media_type)
         self._payload = payload
@@ -381,6 +399,7 @@ class _FileResponse(Response):
         self._drop_connection = drop_connection
         self._pause_at = pause_at
         self._trickle_seconds = trickle_seconds
+        self._on_served = on_served
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
@@ -397,13 +416,19 @@ class _FileResponse(Response):
             sent = min(max(0, self._pause_at or 0), len(body))
             if sent:
                 await send({"type": "http.response.body", "body": body[:sent], "more_body": True})
-            await anyio.sleep(self._delay)
+            # The delay, unless the client goes first (as a killed one does): then the download
+            # failed, and a stall left running would outlive the test.
+            with anyio.move_on_after(self._delay):
+                await _disconnect(receive)
+                return
         if truncated:
             await send({"type": "http.response.body", "body": body[sent:], "more_body": True})
             # Without our uvicorn server to close the socket on, returning early still ends the
             # connection: servers close it when a response stops short of its Content-Length.
             await self._drop_connection(scope)
             return
+        # Counted before the last bytes go: a client reading Stats as soon as it has them finds it.
+        self._on_served()
         await send({"type": "http.response.body", "body": body[sent:], "more_body": False})
 
     async def _trickle(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -416,6 +441,7 @@ class _FileResponse(Response):
                 {"type": "http.response.body", "body": self._payload[start : start + step], "more_body": True}
             )
             await anyio.sleep(self._trickle_seconds / pieces)
+        self._on_served()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
@@ -465,6 +491,8 @@ class StandIn:
         self._lock = threading.Lock()
         self._tasks: dict[str, _Task] = {}
         self._images: dict[str, bytes] = {}
+        # Task id -> result calls about it being answered right now.
+        self._polls_in_flight: dict[str, int] = {}
         # Jitter of fake generation times and random faults, not security.
         self._random = random.Random(seed)
         self._server: uvicorn.Server | None = None
@@ -570,6 +598,11 @@ class StandIn:
         """Ids of every task created so far, oldest first."""
         with self._lock:
             return list(self._tasks)
+
+    def polls_in_flight(self, task_id: str) -> int:
+        """Result calls about this task being answered at this moment."""
+        with self._lock:
+            return self._polls_in_flight.get(task_id, 0)
 
     def task_prompts(self) -> dict[str, str]:
         """Task id -> prompt of every task created so far, oldest first (to find duplicate creates)."""
@@ -809,9 +842,18 @@ class StandIn:
             task = self._tasks.get(task_id)
             if task is None:
                 return _code_error(4)
-            by_task = self.stats.result_calls_by_task
-            by_task[task_id] = by_task.get(task_id, 0) + 1
+            stats = self.stats
+            stats.result_calls_by_task[task_id] = stats.result_calls_by_task.get(task_id, 0) + 1
+            in_flight = self._polls_in_flight[task_id] = self._polls_in_flight.get(task_id, 0) + 1
+            peaks = stats.max_concurrent_result_calls_by_task
+            peaks[task_id] = max(peaks.get(task_id, 0), in_flight)
             status, ended = self._status(task, time.time())
+        try:
+            if self.behaviour.result_delay > 0:
+                await anyio.sleep(self.behaviour.result_delay)
+        finally:
+            with self._lock:
+                self._polls_in_flight[task_id] -= 1
         body = self._task_body(task, status, ended, self._base_url(request))
         if self.behaviour.result_padding:
             body["padding"] = "x" * self.behaviour.result_padding
@@ -840,6 +882,9 @@ class StandIn:
             if header is not None:
                 self.stats.file_auth_headers.append(header)
             task = self._tasks.get(name[:24])
+            if task is not None:
+                by_task = self.stats.download_calls_by_task
+                by_task[task.id] = by_task.get(task.id, 0) + 1
             ready = (
                 task is not None
                 and name == task.file_name
@@ -875,7 +920,13 @@ class StandIn:
             self._drop_connection,
             pause_at=behaviour.download_pause_at,
             trickle_seconds=behaviour.download_trickle_seconds,
+            on_served=functools.partial(self._served, task.id),
         )
+
+    def _served(self, task_id: str) -> None:
+        with self._lock:
+            served = self.stats.downloads_served_by_task
+            served[task_id] = served.get(task_id, 0) + 1
 
 
 def main(argv: list[str] | None = None) -> None:

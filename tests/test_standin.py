@@ -451,6 +451,57 @@ def test_download_delay(storage: httpx.Client, standin: StandIn, client: httpx.C
     assert time.monotonic() - start >= 0.3
 
 
+def test_result_delay_holds_polls_open_and_overlapping_ones_are_recorded(standin: StandIn) -> None:
+    task_id = create_with_new_client(standin)
+    standin.behaviour.result_delay = 0.3
+    barrier = threading.Barrier(2)
+
+    def poll() -> None:
+        with httpx.Client(base_url=standin.url, headers={"Authorization": KEY}, timeout=5.0) as http:
+            barrier.wait(timeout=5)
+            http.post("/v1/media/result", json={"task_id": task_id})
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=poll) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert time.monotonic() - started >= 0.3
+    assert standin.stats.max_concurrent_result_calls_by_task == {task_id: 2}
+    assert standin.polls_in_flight(task_id) == 0
+
+
+def test_polls_one_after_another_are_never_concurrent(standin: StandIn, client: httpx.Client) -> None:
+    task_id = create(client)["id"]
+    for _ in range(3):
+        result(client, task_id)
+    assert standin.stats.result_calls_by_task == {task_id: 3}
+    assert standin.stats.max_concurrent_result_calls_by_task == {task_id: 1}
+
+
+def test_downloads_are_counted_by_task_and_only_whole_ones_as_served(
+    storage: httpx.Client, standin: StandIn, client: httpx.Client
+) -> None:
+    task_id = create(client)["id"]
+    url = result(client, task_id)["url"]
+    # A client that gives up while the download stalls: a call, but nothing served.
+    standin.behaviour.download_delay = 0.3
+    standin.behaviour.download_pause_at = 100
+    impatient = httpx.Timeout(5.0, read=0.1)
+    with pytest.raises(httpx.ReadTimeout), storage.stream("GET", url, timeout=impatient) as response:
+        response.read()
+    # Stalled longer than the abandoned one took to be noticed: when it is through, so is that.
+    assert storage.get(url).content == standin.image_bytes(task_id)
+    assert standin.stats.download_calls_by_task == {task_id: 2}
+    assert standin.stats.downloads_served_by_task == {task_id: 1}
+
+
+def create_with_new_client(standin: StandIn) -> str:
+    with httpx.Client(base_url=standin.url, headers={"Authorization": KEY}, timeout=5.0) as http:
+        return str(create(http)["id"])
+
+
 # -- counters, concurrency, lifecycle ------------------------------------------------------------
 
 
