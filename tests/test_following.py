@@ -16,8 +16,8 @@ from mcp_types import ImageContent
 from gptunnel_mcp._exceptions import StorageError
 from gptunnel_mcp._postgres import PostgresStore
 
-from .conftest import ServerLauncher, structured, text_of
-from .standin import StandIn
+from .conftest import MULTI_USER, ServerLauncher, mcp_client, serve_http, structured, text_of
+from .standin import Behaviour, StandIn
 
 pytestmark = [pytest.mark.anyio, pytest.mark.standin(generation_seconds=600, image_size=(64, 64))]
 
@@ -200,3 +200,36 @@ async def test_a_reused_image_another_replica_downloaded_is_served_here(
     assert Path(reused["file_path"]).read_bytes() == standin.image_bytes(made["task_id"])
     assert any(isinstance(block, ImageContent) for block in again.content)
     assert standin.stats.download_calls == 1
+
+
+async def test_a_users_task_is_adopted_by_a_replica_that_never_saw_their_key(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    alice = "sk-user-A-5d2e9b7c41f0"
+    with StandIn(api_key=None, behaviour=Behaviour(generation_seconds=600, image_size=(64, 64))) as standin:
+        one = ServerLauncher(standin, tmp_path / "r1", transport="http")
+        two = ServerLauncher(standin, tmp_path / "r2", transport="http")
+        shared = {**MULTI_USER, "GPTUNNEL_MCP_DATABASE_URL": postgres_url, "GPTUNNEL_MCP_LEASE_SECONDS": "1"}
+        async with serve_http(one.settings(**shared)) as url, mcp_client(url, alice) as client:
+            made = structured(await client.call_tool("create_image", {"prompt": "alice's owl"}))
+        task_id = made["task_id"]
+        async with await psycopg.AsyncConnection.connect(postgres_url) as conn:
+            (sealed,) = await (await conn.execute("SELECT sealed FROM sealed_keys")).fetchone() or (b"",)
+        # Sealed: the key is not in the database as it was sent.
+        assert sealed and alice.encode() not in bytes(sealed)
+        # The second replica has no client at all: it knows alice's key only from the database.
+        async with serve_http(two.settings(**shared)):
+            holder = await until_held_by_another(postgres_url, task_id)
+            standin.finish(task_id)
+            await until_stored(postgres_url, task_id, "done", 10)
+        assert holder is not None and standin.stats.download_calls == 1
+
+
+async def until_held_by_another(url: str, task_id: str) -> str | None:
+    first = (await stored_status(url, task_id))[1]
+    holder = first
+    with anyio.fail_after(10):
+        while holder == first:
+            await anyio.sleep(0.05)
+            holder = (await stored_status(url, task_id))[1]
+    return holder

@@ -426,18 +426,25 @@ async def test_identical_admits_on_two_replicas_create_once(backend: Backend) ->
 
 
 async def test_costs_are_the_models_newest_recorded_ones_of_any_owner(backend: Backend) -> None:
+    now = T0 + timedelta(hours=1)
     async with backend.open() as store:
-        await store.put(task(1, cost=2.0))
-        await store.put(task(2, owner="alice", created_at=T0 + timedelta(minutes=1), cost=4.5))
+        await store.put(task(1, status="done", cost=2.0))
+        await store.put(task(2, owner="alice", status="done", created_at=T0 + timedelta(minutes=1), cost=4.5))
         await store.put(task(3, created_at=T0 + timedelta(minutes=2)))  # no cost reported
-        await store.put(task(4, model="flux-dev", created_at=T0 + timedelta(minutes=3), cost=9.0))
-        assert await store.costs("gpt-image-1-low", limit=10) == [4.5, 2.0]
-        assert await store.costs("gpt-image-1-low", limit=1) == [4.5]
-        assert await store.costs("flux-dev", limit=10) == [9.0]
-        assert await store.costs("nobody's", limit=10) == []
+        await store.put(
+            task(4, model="flux-dev", status="done", created_at=T0 + timedelta(minutes=3), cost=9.0)
+        )
+        # Still being made: a figure given meanwhile is no price.
+        await store.put(task(5, created_at=T0 + timedelta(minutes=4), cost=0.0))
+        # Made before the memory of prices.
+        await store.put(task(6, status="done", created_at=T0 - timedelta(days=8), cost=50.0))
+        assert await store.costs("gpt-image-1-low", limit=10, now=now) == [4.5, 2.0]
+        assert await store.costs("gpt-image-1-low", limit=1, now=now) == [4.5]
+        assert await store.costs("flux-dev", limit=10, now=now) == [9.0]
+        assert await store.costs("nobody's", limit=10, now=now) == []
         # A cost reported later is kept with the task.
         await store.put(task(3, created_at=T0 + timedelta(minutes=2), status="done", cost=1.25))
-        assert await store.costs("gpt-image-1-low", limit=10) == [1.25, 4.5, 2.0]
+        assert await store.costs("gpt-image-1-low", limit=10, now=now) == [1.25, 4.5, 2.0]
 
 
 async def test_spent_is_the_owners_since_a_moment(backend: Backend) -> None:
@@ -455,20 +462,27 @@ async def test_spent_is_the_owners_since_a_moment(backend: Backend) -> None:
 
 async def test_the_budget_counts_recorded_costs_estimates_and_the_call(backend: Backend) -> None:
     async with backend.open() as store:
-        # Recorded: 2 and 4 roubles. The model's estimate is their average, 3.
+        # Recorded: 2 and 4 roubles. The model's estimate is their median, 3.
         await created(store, task(1, request_key="a", status="done", cost=2.0))
-        await created(store, task(2, request_key="b", created_at=T0 + timedelta(minutes=1), cost=4.0))
-        # Counted at the estimate: a task still being made. At nothing: one failed, one done that
-        # GPTunnel reported no cost for.
+        await created(
+            store, task(2, request_key="b", status="done", created_at=T0 + timedelta(minutes=1), cost=4.0)
+        )
+        # Counted at the estimate: a task still being made, and one done that GPTunnel reported no
+        # cost for. At nothing: one failed.
         await created(store, task(3, request_key="c", created_at=T0 + timedelta(minutes=2)))
         await created(store, task(4, request_key="d", status="failed", created_at=T0 + timedelta(minutes=3)))
         await created(store, task(5, request_key="e", status="done", created_at=T0 + timedelta(minutes=4)))
         now = T0 + timedelta(hours=1)
-        # 6 spent + 3 estimated + 3 asked > 10: refused, until the first task's 2 leave the window.
+        # 6 spent + 6 estimated + 3 asked > 10: refused, until the first two tasks' 6 leave the window.
         refused = await admit(store, "f", now=now, budget=BUDGET)
         assert refused == Admission(
             spending=Spending(
-                spent=6.0, estimated=3.0, unknown=0, each=3.0, count=1, frees_at=T0 + timedelta(days=1)
+                spent=6.0,
+                estimated=6.0,
+                unknown=0,
+                each=3.0,
+                count=1,
+                frees_at=T0 + timedelta(days=1, minutes=1),
             )
         )
         # Caps come first, and the budget does not touch reuse.
@@ -518,7 +532,9 @@ async def test_an_image_of_a_model_with_no_recorded_cost_is_made_alone(backend: 
             spent=0.0, estimated=0.0, unknown=1, each=1.0, count=1, frees_at=T0 + timedelta(days=1)
         )
         # Its cost reported, the model is known: 6 recorded, one more at 6 would pass 10.
-        await store.settle(alone.ticket, "created", task(1, model="new-model", request_key="n0", cost=6.0))
+        await store.settle(
+            alone.ticket, "created", task(1, model="new-model", request_key="n0", status="done", cost=6.0)
+        )
         assert (await admit(store, "k", now=later, budget=BUDGET)).ticket is not None
         refused = await admit(store, "n1", now=later, **new)
         assert refused.spending is not None and refused.spending.each == 6.0

@@ -67,6 +67,7 @@ from ._store import (
     Cap,
     ChangeFeed,
     ImageShelf,
+    KeyRing,
     Search,
     Settlement,
     Spent,
@@ -328,7 +329,12 @@ class Engine:
         submitted = utcnow()
         try:
             # Only failures that prove the request was not taken on are retried (see `_upstream`).
-            with anyio.move_on_after(self._create_window() - _IN_FLIGHT_MARGIN) as window:
+            # Shielded, within its window: a create the caller gave up on is still answered and
+            # recorded, since GPTunnel may be making (and charging for) the image regardless.
+            with (
+                anyio.CancelScope(shield=True),
+                anyio.move_on_after(self._create_window() - _IN_FLIGHT_MARGIN) as window,
+            ):
                 upstream = await self._retry(
                     lambda: self.client.create(outgoing, key), attempts=_QUICK_ATTEMPTS
                 )
@@ -355,7 +361,9 @@ class Engine:
         record = TaskRecord(
             task_id=upstream.id.lower(),
             owner=account.owner,
-            model=upstream.model or request.model,
+            # As asked (in the catalogue's spelling), not as GPTunnel names it: the budget
+            # estimates an image by the model it was asked of, before the answer and after.
+            model=request.model,
             prompt=request.prompt,
             aspect_ratio=request.aspect_ratio,
             images=request.images,
@@ -378,7 +386,7 @@ class Engine:
         logger.info("created task %s (model %s)", record.task_id, record.model)
         if self.shared:
             # This process follows it, whether or not the caller waits for it.
-            self._accounts_seen[account.owner] = account
+            await self._seen(account)
             try:
                 await self.store.claim(
                     record.task_id, record.owner, self.holder, seconds=self.settings.lease_seconds
@@ -641,7 +649,7 @@ class Engine:
         key = _key(account)
         async with self._poll_locks.setdefault((account.owner, task_id), anyio.Lock()):
             if self.shared and record is not None:
-                self._accounts_seen[account.owner] = account
+                await self._seen(account)
                 claim = await self.store.claim(
                     task_id, account.owner, self.holder, seconds=self.settings.lease_seconds
                 )
@@ -806,6 +814,35 @@ class Engine:
 
     # --- following tasks across processes --------------------------------------------------
 
+    async def _seen(self, account: Account) -> None:
+        """Remember a caller's account, whose tasks the follower may then poll; on a multi-user
+        server on a shared store, for every replica (its key sealed in the store)."""
+        if account.api_key is None or account.owner in self._accounts_seen:
+            return
+        self._accounts_seen[account.owner] = account
+        if self.accounts.multi_user and isinstance(self.store, KeyRing):
+            from ._sealing import seal
+
+            try:
+                await self.store.keep_key(
+                    account.owner, seal(self.accounts.secret, account.owner, account.api_key)
+                )
+            except StorageError as exc:
+                logger.warning("could not keep a user's key for the other replicas: %s", exc.reason)
+
+    async def _keys_kept(self) -> None:
+        """Take up the accounts other replicas sealed in the store (multi-user servers), so that
+        this one can finish their tasks too."""
+        if not (self.accounts.multi_user and isinstance(self.store, KeyRing)):
+            return
+        from ._sealing import unseal
+
+        for owner, sealed in (await self.store.sealed_keys()).items():
+            if owner not in self._accounts_seen:
+                key = unseal(self.accounts.secret, owner, sealed)
+                if key is not None:
+                    self._accounts_seen[owner] = Account(owner=owner, api_key=key)
+
     def on_image_stored(self, hook: Callable[[str], Awaitable[None]]) -> None:
         """Call `hook(owner)` whenever an image of `owner` is kept, by this process or, on a
         store with a change feed, by another."""
@@ -921,7 +958,7 @@ class Engine:
     async def observed(self, model: str) -> Observed:
         """What this server has seen of `model` lately: the average of its newest recorded costs
         (what the budget estimates an image of it at) and of its newest durations."""
-        costs = await self.store.costs(model, limit=COST_SAMPLES)
+        costs = await self.store.costs(model, limit=COST_SAMPLES, now=utcnow())
         spans = await self.store.durations(model, limit=COST_SAMPLES)
         return Observed(
             average_cost=average(costs),
@@ -1028,6 +1065,7 @@ class _Follower:
             # Finished rather than cut off by a stop: psycopg gives up a connection whose
             # statement was cancelled, with a warning.
             with anyio.CancelScope(shield=True):
+                await engine._keys_kept()
                 held = await engine.store.leases(
                     engine.holder,
                     seconds=engine.settings.lease_seconds,
@@ -1152,8 +1190,10 @@ def _apply(record: TaskRecord, upstream: UpstreamTask) -> None:
         )
     record.upstream_status = upstream.status
     record.updated_at = utcnow()
-    if upstream.cost is not None:
-        # An answer without the figure does not unsay one given before.
+    if upstream.cost is not None and upstream.outcome != "pending":
+        # The price of a finished image only: a figure given while it is being made may be no
+        # price at all, and the budget would take it at its word. An answer without the figure
+        # does not unsay one given before.
         record.cost = upstream.cost
     if upstream.outcome == "failed":
         record.status = "failed"

@@ -302,6 +302,14 @@ POSTGRES_MIGRATIONS: Sequence[Sequence[PostgresStep]] = (
         "CREATE INDEX tasks_cost_by_model ON tasks (model, created_at DESC) WHERE cost IS NOT NULL",
         "ALTER TABLE creates ADD COLUMN model text NOT NULL DEFAULT ''",
     ),
+    # PostgreSQL's own, like its images: users' keys, sealed, for replicas to finish their tasks.
+    (
+        """CREATE TABLE sealed_keys (
+               owner   text PRIMARY KEY,
+               sealed  bytea NOT NULL,
+               kept_at timestamptz NOT NULL DEFAULT now()
+           )""",
+    ),
 )
 POSTGRES_LATEST = len(POSTGRES_MIGRATIONS)
 

@@ -25,10 +25,10 @@ from ._migrations import POSTGRES_LATEST, POSTGRES_MIGRATIONS
 from ._records import StoredFile, TaskRecord, TaskStatus, searchable
 from ._settings import mask_password
 from ._store import (
+    COST_MEMORY,
     Admission,
     Budget,
     Cap,
-    Charge,
     Claim,
     LedgerEntry,
     Position,
@@ -37,6 +37,7 @@ from ._store import (
     Spending,
     Spent,
     average,
+    charges,
     weigh,
 )
 
@@ -148,6 +149,12 @@ class PostgresStore:
 
         return await self._run(fetch)
 
+    async def _all_none(self, statement: str, params: Sequence[Any]) -> None:
+        async def run(conn: Connection) -> None:
+            await conn.execute(statement, params)
+
+        await self._run(run)
+
     async def put(self, record: TaskRecord) -> None:
         await self._run(lambda conn: _put(conn, record, self._origin))
 
@@ -213,8 +220,8 @@ class PostgresStore:
         )
         return [(None if r[0] is None else float(r[0]), float(r[1])) for r in rows]
 
-    async def costs(self, model: str, *, limit: int) -> list[float]:
-        return await self._run(lambda conn: _costs(conn, _text(model), limit))
+    async def costs(self, model: str, *, limit: int, now: datetime) -> list[float]:
+        return await self._run(lambda conn: _costs(conn, _text(model), limit, now))
 
     async def spent(self, owner: str, *, since: datetime) -> Spent:
         rows = await self._all(
@@ -368,6 +375,17 @@ class PostgresStore:
         )
         return [TaskRecord.model_validate_json(r[0]) for r in rows]
 
+    async def keep_key(self, owner: str, sealed: bytes) -> None:
+        await self._all_none(
+            """INSERT INTO sealed_keys (owner, sealed) VALUES (%s, %s)
+               ON CONFLICT (owner) DO UPDATE SET sealed = excluded.sealed, kept_at = now()""",
+            (_text(owner), sealed),
+        )
+
+    async def sealed_keys(self) -> dict[str, bytes]:
+        rows = await self._all("SELECT owner, sealed FROM sealed_keys", ())
+        return {row[0]: bytes(row[1]) for row in rows}
+
     async def listen(self, heard: Callable[[str, str, TaskStatus], Awaitable[None]]) -> None:
         url = self._pool.conninfo
         assert isinstance(url, str)  # `open` gives the pool its URL as text
@@ -520,10 +538,12 @@ class PostgresStore:
         await self._pool.close()
 
 
-async def _costs(conn: Connection, model: str, limit: int) -> list[float]:
+async def _costs(conn: Connection, model: str, limit: int, now: datetime) -> list[float]:
     cursor = await conn.execute(
-        "SELECT cost FROM tasks WHERE model = %s AND cost IS NOT NULL ORDER BY created_at DESC LIMIT %s",
-        (model, limit),
+        # Finished tasks only: a figure given while it is being made is no price.
+        "SELECT cost FROM tasks WHERE model = %s AND cost IS NOT NULL AND status <> 'pending' "
+        "AND created_at > %s ORDER BY created_at DESC LIMIT %s",
+        (model, _utc(now - COST_MEMORY), limit),
     )
     return [float(r[0]) for r in await cursor.fetchall()]
 
@@ -538,21 +558,18 @@ async def _weigh(
     # statement, so one snapshot: a create settled meanwhile is seen as its task or its ticket,
     # never as neither.
     cursor = await conn.execute(
-        """SELECT created_at, cost, model FROM tasks WHERE owner = %(owner)s AND created_at > %(since)s
-           AND (cost IS NOT NULL OR status = 'pending')
+        """SELECT created_at, cost, model, status FROM tasks
+           WHERE owner = %(owner)s AND created_at > %(since)s
            UNION ALL
-           SELECT made_at, NULL, model FROM creates WHERE owner = %(owner)s AND made_at > %(since)s
+           SELECT made_at, NULL, model, 'pending' FROM creates WHERE owner = %(owner)s AND made_at > %(since)s
            AND state <> 'created'""",
         {"owner": owner, "since": since},
     )
     rows = await cursor.fetchall()
-    wanted = {of for _, cost, of in rows if cost is None} | {model}
-    estimates = {of: average(await _costs(conn, of, budget.samples)) for of in wanted}
-    charges = [
-        Charge(_utc(at), float(cost), recorded=True) if cost is not None else Charge(_utc(at), estimates[of])
-        for at, cost, of in rows
-    ]
-    return weigh(budget, charges, each=estimates[model], count=count)
+    wanted = {of for _, cost, of, _ in rows if cost is None} | {model}
+    estimates = {of: average(await _costs(conn, of, budget.samples, now)) for of in wanted}
+    found = charges([(_utc(at), cost, of, status) for at, cost, of, status in rows], estimates)
+    return weigh(budget, found, each=estimates[model], count=count)
 
 
 #: Insert a task, or update it where the condition appended after WHERE allows.

@@ -19,10 +19,10 @@ from ._exceptions import StorageError
 from ._migrations import immediate_transaction, migrate
 from ._records import TaskRecord, searchable, utcnow
 from ._store import (
+    COST_MEMORY,
     Admission,
     Budget,
     Cap,
-    Charge,
     Claim,
     LedgerEntry,
     Position,
@@ -31,6 +31,7 @@ from ._store import (
     Spending,
     Spent,
     average,
+    charges,
     weigh,
 )
 
@@ -184,8 +185,8 @@ class SQLiteStore:
         )
         return [(None if r[0] is None else float(r[0]), float(r[1])) for r in rows]
 
-    async def costs(self, model: str, *, limit: int) -> list[float]:
-        return await self._run(lambda db: _costs(db, model, limit))
+    async def costs(self, model: str, *, limit: int, now: datetime) -> list[float]:
+        return await self._run(lambda db: _costs(db, model, limit, now))
 
     async def spent(self, owner: str, *, since: datetime) -> Spent:
         row = await self._run(
@@ -390,10 +391,12 @@ class SQLiteStore:
         await self._run(lambda db: db.close())
 
 
-def _costs(db: sqlite3.Connection, model: str, limit: int) -> list[float]:
+def _costs(db: sqlite3.Connection, model: str, limit: int, now: datetime) -> list[float]:
     rows = db.execute(
-        "SELECT cost FROM tasks WHERE model = ? AND cost IS NOT NULL ORDER BY created_at DESC LIMIT ?",
-        (model, limit),
+        # Finished tasks only: a figure given while it is being made is no price.
+        "SELECT cost FROM tasks WHERE model = ? AND cost IS NOT NULL AND status != 'pending' "
+        "AND created_at > ? ORDER BY created_at DESC LIMIT ?",
+        (model, _iso(now - COST_MEMORY), limit),
     ).fetchall()
     return [float(r[0]) for r in rows]
 
@@ -406,20 +409,17 @@ def _weigh(
     # Tasks with a cost count it; those still being made, their model's estimate, as do the
     # ledger's creates not yet settled as created ("unknown" ones may well have cost money).
     rows = db.execute(
-        """SELECT created_at, cost, model FROM tasks WHERE owner = :owner AND created_at > :since
-           AND (cost IS NOT NULL OR status = 'pending')
+        """SELECT created_at, cost, model, status FROM tasks
+           WHERE owner = :owner AND created_at > :since
            UNION ALL
-           SELECT made_at, NULL, model FROM creates WHERE owner = :owner AND made_at > :since
+           SELECT made_at, NULL, model, 'pending' FROM creates WHERE owner = :owner AND made_at > :since
            AND state != 'created'""",
         {"owner": owner, "since": since},
     ).fetchall()
-    wanted = {of for _, cost, of in rows if cost is None} | {model}
-    estimates = {of: average(_costs(db, of, budget.samples)) for of in wanted}
-    charges = [
-        Charge(_moment(at), cost, recorded=True) if cost is not None else Charge(_moment(at), estimates[of])
-        for at, cost, of in rows
-    ]
-    return weigh(budget, charges, each=estimates[model], count=count)
+    wanted = {of for _, cost, of, _ in rows if cost is None} | {model}
+    estimates = {of: average(_costs(db, of, budget.samples, now)) for of in wanted}
+    found = charges([(_moment(at), cost, of, status) for at, cost, of, status in rows], estimates)
+    return weigh(budget, found, each=estimates[model], count=count)
 
 
 def _put(db: sqlite3.Connection, record: TaskRecord) -> None:

@@ -4,7 +4,8 @@ shared PostgreSQL for several replicas) is a new class beside `SQLiteStore`, not
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable, Sequence
+import statistics
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal, Protocol, runtime_checkable
@@ -65,8 +66,32 @@ class Spending:
 
 
 def average(costs: Sequence[float]) -> float | None:
-    """A model's estimate from its recorded costs; None when it has none."""
-    return math.fsum(costs) / len(costs) if costs else None
+    """A model's estimate from its recorded costs; None when it has none. The median: one figure
+    far off (a broken answer, a price since cut) must not block or free the budget for all."""
+    return statistics.median(costs) if costs else None
+
+
+#: How far back recorded costs make a model's estimate.
+COST_MEMORY = timedelta(days=7)
+
+
+def charges(
+    rows: Sequence[tuple[datetime, float | None, str, str]], estimates: Mapping[str, float | None]
+) -> list[Charge]:
+    """The budget's charges from (made at, cost, model, status) rows of tasks and unsettled
+    creates: a reported cost as it is; an image being made, or a create not known to have made
+    one, at its model's estimate (None: unknown); an image made that GPTunnel reported no cost
+    for at the estimate too, or at nothing when its model has none (else, with a GPTunnel that
+    reports no costs, nothing could ever be made); a failed task at nothing."""
+    found: list[Charge] = []
+    for at, cost, model, status in rows:
+        if cost is not None:
+            found.append(Charge(at, float(cost), recorded=True))
+        elif status == "pending":
+            found.append(Charge(at, estimates.get(model)))
+        elif status == "done" and estimates.get(model) is not None:
+            found.append(Charge(at, estimates[model]))
+    return found
 
 
 #: Roubles a sum may be off by float rounding and still be taken at its word.
@@ -225,9 +250,10 @@ class TaskStore(Protocol):
         seconds after submission (any owner: speed is the model's)."""
         ...
 
-    async def costs(self, model: str, *, limit: int) -> list[float]:
-        """What the newest tasks of `model` that GPTunnel reported a cost for cost, in roubles,
-        newest first (any owner: the price is the model's)."""
+    async def costs(self, model: str, *, limit: int, now: datetime) -> list[float]:
+        """What the newest finished tasks of `model` that GPTunnel reported a cost for cost, in
+        roubles, newest first, of those made within `COST_MEMORY` before `now` (any owner: the
+        price is the model's)."""
         ...
 
     async def spent(self, owner: str, *, since: datetime) -> Spent:
@@ -315,4 +341,18 @@ class ImageShelf(Protocol):
     async def image_bytes(self, sha256: str) -> bytes | None:
         """The bytes kept under `sha256`, or None when there are none. As kept: the caller checks
         them against its record before trusting them."""
+        ...
+
+
+@runtime_checkable
+class KeyRing(Protocol):
+    """Users' GPTunnel keys, sealed (`_sealing`), where every replica on a shared store can read
+    them: a replica's follower finishes the tasks of users it has not seen itself."""
+
+    async def keep_key(self, owner: str, sealed: bytes) -> None:
+        """Keep `owner`'s sealed key, replacing the one kept before."""
+        ...
+
+    async def sealed_keys(self) -> dict[str, bytes]:
+        """Every owner's sealed key."""
         ...
