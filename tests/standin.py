@@ -197,6 +197,10 @@ class Behaviour:
     #: The ``cost`` a done task's result answers report (roubles): a number, or text such as
     #: ``"12.50"`` as some answers carry it; None reports no cost at all.
     cost: float | str | None = None
+    #: A ``cost`` reported on the answers for a task still being made (no price at all).
+    cost_while_working: float | str | None = None
+    #: The model every answer names instead of the one asked of (a provider's own name for it).
+    answer_model: str | None = None
     #: Seconds a result call takes to answer, holding the request open: two polls of one task
     #: that overlap then show in Stats.max_concurrent_result_calls_by_task.
     result_delay: float = 0.0
@@ -654,7 +658,7 @@ class StandIn:
         body: dict[str, Any] = {
             "code": 0,
             "id": task.id,
-            "model": task.model,
+            "model": self.behaviour.answer_model or task.model,
             "prompt": task.prompt,
             "created_at": int(task.created + self.behaviour.created_at_offset),
             "status": status,
@@ -668,6 +672,8 @@ class StandIn:
                 body["cost"] = task.cost
         elif ended:
             body["error"] = f"generation failed: the stand-in was told to end this task as {status!r}"
+        elif self.behaviour.cost_while_working is not None:
+            body["cost"] = self.behaviour.cost_while_working
         return body
 
     @staticmethod

@@ -135,6 +135,28 @@ async def test_the_budget_refuses_before_anything_is_sent_and_says_when_it_frees
     assert standin.stats.create_calls == 2
 
 
+async def test_neither_a_figure_while_working_nor_the_model_an_answer_names_can_pass_the_budget(
+    memory_server: ServerLauncher, standin: StandIn
+) -> None:
+    # A cheap model's price is known; then every answer names that model and says 0 while the
+    # image is being made. Neither may make the dear images count as cheap or free.
+    standin.behaviour.cost = 1
+    budget: dict[str, Any] = {"GPTUNNEL_MAX_SPEND_PER_DAY": "10"}
+    async with memory_server.connect(**budget) as client:
+        await client.call_tool("generate_and_wait", {"prompt": "a cheap owl", "model": "gpt-image-1-low"})
+        standin.behaviour.generation_seconds = 600
+        standin.behaviour.cost_while_working = 0
+        standin.behaviour.answer_model = "gpt-image-1-low"
+        dear = {"model": "gpt-image-1-high"}
+        first = structured(await client.call_tool("create_image", {"prompt": "a dear owl 1", **dear}))
+        polled = structured(await client.call_tool("get_result", {"task_id": first["task_id"]}))
+        # Nothing is known of the dear model's price: no second image of it while the first is made.
+        second = await client.call_tool("create_image", {"prompt": "a dear owl 2", **dear})
+    assert polled["model"] == "gpt-image-1-high" and polled["cost"] is None
+    assert second.is_error and "GPTUNNEL_MAX_SPEND_PER_DAY" in text_of(second)
+    assert standin.stats.create_calls == 2
+
+
 async def test_an_image_of_a_model_of_unknown_cost_is_made_alone(
     memory_server: ServerLauncher, standin: StandIn
 ) -> None:
