@@ -267,3 +267,32 @@ async def test_a_2025_client_that_declares_tasks_at_the_handshake_still_gets_the
     assert answer.status_code == 200
     assert '"resultType":"task"' not in answer.text.replace(" ", "")
     assert '"status":"done"' in answer.text.replace(" ", "")
+
+
+async def test_a_handle_one_replica_gave_is_followed_to_the_image_on_another(
+    memory_server: ServerLauncher, standin: StandIn, postgres_url: str, tmp_path: Path
+) -> None:
+    standin.behaviour.generation_seconds = LONG
+    async with memory_server.connect(
+        extensions=[ClientTasks()],
+        GPTUNNEL_MCP_HOME=str(tmp_path / "one"),
+        GPTUNNEL_MCP_DATABASE_URL=postgres_url,
+    ) as client:
+        created = await call_claimed(client, {"prompt": "a fox handed over"})
+        standin.finish()
+        # The first replica, holding the lease, downloads it while it runs.
+        final_here = await follow(client, created, [])
+    assert isinstance(created, CreateTaskResult) and final_here.status == "completed"
+    async with memory_server.connect(
+        extensions=[ClientTasks()],
+        GPTUNNEL_MCP_HOME=str(tmp_path / "two"),
+        GPTUNNEL_MCP_DATABASE_URL=postgres_url,
+    ) as client:
+        final = await follow(client, created, [])
+    assert final.status == "completed"
+    result = CallToolResult.model_validate(final.result, by_name=False)
+    data = structured(result)
+    # The other replica's home had no copy: it took the database's, the same bytes.
+    assert Path(data["file_path"]).is_relative_to(tmp_path / "two")
+    assert Path(data["file_path"]).read_bytes() == standin.image_bytes(data["task_id"])
+    assert standin.stats.create_calls == 1 and standin.stats.download_calls == 1
