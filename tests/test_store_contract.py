@@ -542,6 +542,21 @@ async def test_an_image_of_a_model_with_no_recorded_cost_is_made_alone(backend: 
         assert (await admit(store, "o", now=later, model="other-model", budget=BUDGET)).ticket is not None
 
 
+async def test_a_lost_create_of_unknown_price_holds_the_budget_only_while_it_may_be_on_its_way(
+    backend: Backend,
+) -> None:
+    async with backend.open() as store:
+        new: dict[str, Any] = {"model": "new-model", "budget": BUDGET}
+        # A create left sending by a process that died on the way.
+        assert (await admit(store, "n0", **new)).ticket is not None
+        # While it may still be on its way it takes all that is left...
+        soon = await admit(store, "n1", now=T0 + timedelta(minutes=1), **new)
+        assert soon.spending is not None and soon.spending.unknown == 1
+        # ... and once it cannot be, the dearest price known (none yet: nothing), not a day's lock.
+        later = T0 + timedelta(minutes=3)
+        assert (await admit(store, "n1", now=later, **new)).ticket is not None
+
+
 async def test_a_budget_of_zero_refuses_everything_that_costs(backend: Backend) -> None:
     nothing = Budget(limit=0.0, span=timedelta(days=1), setting="GPTUNNEL_MAX_SPEND_PER_DAY")
     async with backend.open() as store:

@@ -302,7 +302,7 @@ class PostgresStore:
                     )
                     return [refusal] * len(keys)
                 if new and budget is not None:
-                    spending = await _weigh(conn, owner, budget, model, len(new), now)
+                    spending = await _weigh(conn, owner, budget, model, len(new), now, in_flight_since)
                     if spending is not None:
                         return [Admission(spending=spending)] * len(keys)
                 tickets = {key: secrets.token_hex(16) for key in new}
@@ -549,26 +549,44 @@ async def _costs(conn: Connection, model: str, limit: int, now: datetime) -> lis
 
 
 async def _weigh(
-    conn: Connection, owner: str, budget: Budget, model: str, count: int, now: datetime
+    conn: Connection,
+    owner: str,
+    budget: Budget,
+    model: str,
+    count: int,
+    now: datetime,
+    in_flight_since: datetime,
 ) -> Spending | None:
     """`weigh` the owner's spending in the budget's span, from the history and the ledger."""
-    since = _utc(now - budget.span)
-    # Tasks with a cost count it; those still being made, their model's estimate, as do the
-    # ledger's creates not yet settled as created ("unknown" ones may well have cost money). One
-    # statement, so one snapshot: a create settled meanwhile is seen as its task or its ticket,
-    # never as neither.
+    # Tasks as `charges` counts them by status; the ledger's creates not settled as created
+    # ("unknown" ones may well have cost money) as on their way, or lost past the in-flight
+    # window. One statement, so one snapshot: a create settled meanwhile is seen as its task or
+    # its ticket, never as neither.
     cursor = await conn.execute(
         """SELECT created_at, cost, model, status FROM tasks
            WHERE owner = %(owner)s AND created_at > %(since)s
            UNION ALL
-           SELECT made_at, NULL, model, 'pending' FROM creates WHERE owner = %(owner)s AND made_at > %(since)s
-           AND state <> 'created'""",
-        {"owner": owner, "since": since},
+           SELECT made_at, NULL, model,
+                  CASE WHEN state = 'sending' AND made_at >= %(sent_since)s THEN 'pending' ELSE 'lost' END
+           FROM creates WHERE owner = %(owner)s AND made_at > %(since)s AND state <> 'created'""",
+        {"owner": owner, "since": _utc(now - budget.span), "sent_since": _utc(in_flight_since)},
     )
     rows = await cursor.fetchall()
     wanted = {of for _, cost, of, _ in rows if cost is None} | {model}
     estimates = {of: average(await _costs(conn, of, budget.samples, now)) for of in wanted}
-    found = charges([(_utc(at), cost, of, status) for at, cost, of, status in rows], estimates)
+    dearest = None
+    if any(status == "lost" and estimates.get(of) is None for _, _, of, status in rows):
+        found_max = await (
+            await conn.execute(
+                "SELECT max(cost) FROM tasks "
+                "WHERE cost IS NOT NULL AND status <> 'pending' AND created_at > %s",
+                (_utc(now - COST_MEMORY),),
+            )
+        ).fetchone()
+        dearest = None if found_max is None or found_max[0] is None else float(found_max[0])
+    found = charges(
+        [(_utc(at), cost, of, status) for at, cost, of, status in rows], estimates, dearest=dearest
+    )
     return weigh(budget, found, each=estimates[model], count=count)
 
 

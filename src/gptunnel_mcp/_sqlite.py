@@ -250,7 +250,7 @@ class SQLiteStore:
                     frees_at = made[leave - 1] + cap.span if leave <= len(made) else None
                     return [Admission(cap=cap, made=len(made), frees_at=frees_at)] * len(request_keys)
             if new and budget is not None:
-                spending = _weigh(db, owner, budget, model, len(new), now)
+                spending = _weigh(db, owner, budget, model, len(new), now, in_flight_since)
                 if spending is not None:
                     return [Admission(spending=spending)] * len(request_keys)
             tickets = {key: secrets.token_hex(16) for key in new}
@@ -402,23 +402,38 @@ def _costs(db: sqlite3.Connection, model: str, limit: int, now: datetime) -> lis
 
 
 def _weigh(
-    db: sqlite3.Connection, owner: str, budget: Budget, model: str, count: int, now: datetime
+    db: sqlite3.Connection,
+    owner: str,
+    budget: Budget,
+    model: str,
+    count: int,
+    now: datetime,
+    in_flight_since: datetime,
 ) -> Spending | None:
     """`weigh` the owner's spending in the budget's span, from the history and the ledger."""
-    since = _iso(now - budget.span)
-    # Tasks with a cost count it; those still being made, their model's estimate, as do the
-    # ledger's creates not yet settled as created ("unknown" ones may well have cost money).
+    # Tasks as `charges` counts them by status; the ledger's creates not settled as created
+    # ("unknown" ones may well have cost money) as on their way, or lost past the in-flight window.
     rows = db.execute(
         """SELECT created_at, cost, model, status FROM tasks
            WHERE owner = :owner AND created_at > :since
            UNION ALL
-           SELECT made_at, NULL, model, 'pending' FROM creates WHERE owner = :owner AND made_at > :since
-           AND state != 'created'""",
-        {"owner": owner, "since": since},
+           SELECT made_at, NULL, model,
+                  CASE WHEN state = 'sending' AND made_at >= :sent_since THEN 'pending' ELSE 'lost' END
+           FROM creates WHERE owner = :owner AND made_at > :since AND state != 'created'""",
+        {"owner": owner, "since": _iso(now - budget.span), "sent_since": _iso(in_flight_since)},
     ).fetchall()
     wanted = {of for _, cost, of, _ in rows if cost is None} | {model}
     estimates = {of: average(_costs(db, of, budget.samples, now)) for of in wanted}
-    found = charges([(_moment(at), cost, of, status) for at, cost, of, status in rows], estimates)
+    dearest = None
+    if any(status == "lost" and estimates.get(of) is None for _, _, of, status in rows):
+        found_max = db.execute(
+            "SELECT max(cost) FROM tasks WHERE cost IS NOT NULL AND status != 'pending' AND created_at > ?",
+            (_iso(now - COST_MEMORY),),
+        ).fetchone()
+        dearest = None if found_max is None or found_max[0] is None else float(found_max[0])
+    found = charges(
+        [(_moment(at), cost, of, status) for at, cost, of, status in rows], estimates, dearest=dearest
+    )
     return weigh(budget, found, each=estimates[model], count=count)
 
 

@@ -76,17 +76,27 @@ COST_MEMORY = timedelta(days=7)
 
 
 def charges(
-    rows: Sequence[tuple[datetime, float | None, str, str]], estimates: Mapping[str, float | None]
+    rows: Sequence[tuple[datetime, float | None, str, str]],
+    estimates: Mapping[str, float | None],
+    *,
+    dearest: float | None,
 ) -> list[Charge]:
     """The budget's charges from (made at, cost, model, status) rows of tasks and unsettled
     creates: a reported cost as it is; an image being made, or a create not known to have made
     one, at its model's estimate (None: unknown); an image made that GPTunnel reported no cost
     for at the estimate too, or at nothing when its model has none (else, with a GPTunnel that
-    reports no costs, nothing could ever be made); a failed task at nothing."""
+    reports no costs, nothing could ever be made); a failed task at nothing. A create whose
+    outcome will never be known ("lost": unanswered past the in-flight window, or answered with
+    no task) is counted at its model's estimate, or without one at the `dearest` price recorded
+    of any model, or at nothing: it is no longer on its way, and an image of unknown price
+    counted as taking all the rest would lock the user out for a whole day."""
     found: list[Charge] = []
     for at, cost, model, status in rows:
         if cost is not None:
             found.append(Charge(at, float(cost), recorded=True))
+        elif status == "lost":
+            estimate = estimates.get(model)
+            found.append(Charge(at, estimate if estimate is not None else dearest or 0.0))
         elif status == "pending":
             found.append(Charge(at, estimates.get(model)))
         elif status == "done" and estimates.get(model) is not None:
