@@ -184,7 +184,8 @@ async def test_a_trickling_link_does_not_outlast_the_wait_timeout(
         took = time.monotonic() - started
         assert not cut.is_error, text_of(cut)
         assert structured(cut)["status"] == "pending"
-        assert took < 1.5, f"generate_and_wait took {took:.1f} s with a 1 s wait timeout"
+        # Far below the 30 s the link would take; the margin is for a machine under load.
+        assert took < 5, f"generate_and_wait took {took:.1f} s with a 1 s wait timeout"
         assert stored_files(home) == [], "part of the image was left in the images folder"
 
         standin.behaviour.download_trickle_seconds = 0

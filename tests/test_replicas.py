@@ -36,7 +36,7 @@ from .test_http import read_blob
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 #: Short, so a dead replica's tasks are adopted within seconds.
-LEASE = 2.0
+LEASE = 3.0
 #: Adoption comes a lease and a third of one after the holder died; the rest of the bound is
 #: the adopter's first poll and the download.
 ADOPTED_WITHIN = LEASE * 4 / 3 + 10
