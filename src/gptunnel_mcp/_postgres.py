@@ -37,6 +37,7 @@ from ._store import (
     Spending,
     Spent,
     average,
+    cap_refusal,
     charges,
     weigh,
 )
@@ -148,12 +149,6 @@ class PostgresStore:
             return await (await conn.execute(query, params)).fetchall()
 
         return await self._run(fetch)
-
-    async def _all_none(self, statement: str, params: Sequence[Any]) -> None:
-        async def run(conn: Connection) -> None:
-            await conn.execute(statement, params)
-
-        await self._run(run)
 
     async def put(self, record: TaskRecord) -> None:
         await self._run(lambda conn: _put(conn, record, self._origin))
@@ -278,29 +273,14 @@ class PostgresStore:
                 for cap in caps:
                     if not new:
                         break
-                    since = _utc(now - cap.span)
-                    # Full when the newest `limit - len(new)` creates leave no room for `new`:
-                    # the next newer one leaving the span frees enough.
-                    row = None
-                    if cap.limit >= len(new):
-                        cursor = await conn.execute(
-                            "SELECT made_at FROM creates WHERE owner = %s AND made_at > %s "
-                            "ORDER BY made_at DESC OFFSET %s LIMIT 1",
-                            (owner, since, cap.limit - len(new)),
-                        )
-                        row = await cursor.fetchone()
-                        if row is None:
-                            continue
                     cursor = await conn.execute(
-                        "SELECT count(*) FROM creates WHERE owner = %s AND made_at > %s", (owner, since)
+                        "SELECT made_at FROM creates WHERE owner = %s AND made_at > %s ORDER BY made_at",
+                        (owner, _utc(now - cap.span)),
                     )
-                    made = await cursor.fetchone()
-                    refusal = Admission(
-                        cap=cap,
-                        made=int(made[0]) if made else 0,
-                        frees_at=None if row is None else row[0].astimezone(timezone.utc) + cap.span,
-                    )
-                    return [refusal] * len(keys)
+                    made = [row[0].astimezone(timezone.utc) for row in await cursor.fetchall()]
+                    refusal = cap_refusal(cap, made, len(new))
+                    if refusal is not None:
+                        return [refusal] * len(keys)
                 if new and budget is not None:
                     spending = await _weigh(conn, owner, budget, model, len(new), now, in_flight_since)
                     if spending is not None:
@@ -376,10 +356,12 @@ class PostgresStore:
         return [TaskRecord.model_validate_json(r[0]) for r in rows]
 
     async def keep_key(self, owner: str, sealed: bytes) -> None:
-        await self._all_none(
-            """INSERT INTO sealed_keys (owner, sealed) VALUES (%s, %s)
-               ON CONFLICT (owner) DO UPDATE SET sealed = excluded.sealed, kept_at = now()""",
-            (_text(owner), sealed),
+        await self._run(
+            lambda conn: conn.execute(
+                """INSERT INTO sealed_keys (owner, sealed) VALUES (%s, %s)
+                   ON CONFLICT (owner) DO UPDATE SET sealed = excluded.sealed, kept_at = now()""",
+                (_text(owner), sealed),
+            )
         )
 
     async def sealed_keys(self) -> dict[str, bytes]:

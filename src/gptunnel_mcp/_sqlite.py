@@ -31,6 +31,7 @@ from ._store import (
     Spending,
     Spent,
     average,
+    cap_refusal,
     charges,
     weigh,
 )
@@ -244,11 +245,9 @@ class SQLiteStore:
                         (owner, _iso(now - cap.span)),
                     )
                 ]
-                if len(made) + len(new) > cap.limit:
-                    # Enough of the oldest must leave the span for all of `new` to fit.
-                    leave = len(made) + len(new) - cap.limit
-                    frees_at = made[leave - 1] + cap.span if leave <= len(made) else None
-                    return [Admission(cap=cap, made=len(made), frees_at=frees_at)] * len(request_keys)
+                refusal = cap_refusal(cap, made, len(new))
+                if refusal is not None:
+                    return [refusal] * len(request_keys)
             if new and budget is not None:
                 spending = _weigh(db, owner, budget, model, len(new), now, in_flight_since)
                 if spending is not None:

@@ -176,6 +176,18 @@ class Admission:
     spending: Spending | None = None
 
 
+def cap_refusal(cap: Cap, made: Sequence[datetime], needed: int) -> Admission | None:
+    """Whether `needed` more creates fit in `cap` beside those `made` in its span (oldest
+    first): None if they do, else the refusal, with the moment enough of the oldest have left
+    the span for all of them to fit (None: never, more are needed than the cap allows)."""
+    if len(made) + needed <= cap.limit:
+        return None
+    leave = len(made) + needed - cap.limit
+    return Admission(
+        cap=cap, made=len(made), frees_at=made[leave - 1] + cap.span if leave <= len(made) else None
+    )
+
+
 @dataclass(frozen=True)
 class Search:
     """Which of an owner's tasks `TaskStore.search` finds: each field set narrows it. `text` is
