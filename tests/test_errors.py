@@ -20,7 +20,7 @@ from mcp_types import BlobResourceContents, TextResourceContents
 import gptunnel_mcp.server
 from gptunnel_mcp._main import main
 
-from .conftest import API_KEY, ServerLauncher, environment, structured, text_of
+from .conftest import API_KEY, TOOL_NAMES, ServerLauncher, environment, structured, text_of
 from .standin import StandIn, Stats
 
 pytestmark = pytest.mark.anyio
@@ -351,14 +351,7 @@ async def test_without_a_key_the_server_starts_explains_and_serves_stored_images
 
     async with memory_server.connect(GPTUNNEL_API_KEY=None) as client:
         tools = {t.name for t in (await client.list_tools()).tools}
-        assert tools == {
-            "create_image",
-            "get_result",
-            "generate_and_wait",
-            "get_balance",
-            "search_images",
-            "save_image",
-        }
+        assert tools == TOOL_NAMES
         refused = [
             await client.call_tool("create_image", {"prompt": "no key"}),
             await client.call_tool("generate_and_wait", {"prompt": "no key"}),

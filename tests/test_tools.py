@@ -29,7 +29,7 @@ from mcp_types import (
 )
 from PIL import Image
 
-from .conftest import ServerLauncher, structured, text_of
+from .conftest import TOOL_NAMES, ServerLauncher, structured, text_of
 from .standin import StandIn
 
 # Images are ready at the first poll and small enough to render in a few milliseconds.
@@ -51,14 +51,7 @@ async def history_ids(client: Client) -> list[str]:
 async def test_tools_are_listed_with_schemas_and_truthful_annotations(memory_server: ServerLauncher) -> None:
     async with memory_server.connect() as client:
         tools = {t.name: t for t in (await client.list_tools()).tools}
-    assert set(tools) == {
-        "create_image",
-        "get_result",
-        "generate_and_wait",
-        "get_balance",
-        "search_images",
-        "save_image",
-    }
+    assert set(tools) == TOOL_NAMES
     for name in ("create_image", "generate_and_wait"):
         schema = tools[name].input_schema
         assert schema["required"] == ["prompt"]
