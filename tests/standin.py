@@ -42,6 +42,7 @@ import io
 import json
 import random
 import secrets
+import signal
 import sys
 import textwrap
 import threading
@@ -966,13 +967,14 @@ def main(argv: list[str] | None = None) -> None:
     standin = StandIn(
         api_key=args.api_key, behaviour=behaviour, host=args.host, port=args.port, seed=args.seed
     )
+    # The handler goes in before the address is announced: a Ctrl-C that lands between the
+    # announcement and the wait must still stop the stand-in cleanly.
+    interrupted = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: interrupted.set())
     standin.start()
-    print(f"GPTunnel stand-in listening on {standin.url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
+        print(f"GPTunnel stand-in listening on {standin.url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+        interrupted.wait()
     finally:
         standin.stop()
 
