@@ -305,6 +305,7 @@ MULTI_USER: dict[str, str | None] = {
 #: Every tool the server offers, with or without a key.
 TOOL_NAMES = frozenset(
     {"create_image", "get_result", "generate_and_wait", "get_balance", "search_images", "save_image"}
+    | {"show_gallery", "gallery_image", "gallery_wait"}
 )
 
 #: Headers of a raw streamable-HTTP request, for tests below the official client.

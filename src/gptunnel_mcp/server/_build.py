@@ -13,6 +13,7 @@ from .._schedule import Backoff, PollSchedule
 from .._settings import Settings
 from .._version import __version__
 from .._wiring import open_engine
+from ._gallery import build_gallery
 from ._listeners import AccountListeners
 from ._prompts import register_prompts
 from ._resources import register_resources
@@ -70,7 +71,7 @@ def build_server(
         instructions=INSTRUCTIONS,
         website_url="https://github.com/gptunnel-mcp/gptunnel-mcp",
         lifespan=lifespan,
-        extensions=[TasksExtension()],
+        extensions=[TasksExtension(), build_gallery()],
     )
     check_sdk(server)
     listeners = AccountListeners()
