@@ -302,10 +302,11 @@ MULTI_USER: dict[str, str | None] = {
 }
 
 
-#: Every tool the server offers, with or without a key.
+#: Every tool the server offers an agent, with or without a key (the gallery view's own tools
+#: are listed only to hosts that draw views).
 TOOL_NAMES = frozenset(
     {"create_image", "get_result", "generate_and_wait", "get_balance", "search_images", "save_image"}
-    | {"show_gallery", "gallery_image", "gallery_wait"}
+    | {"show_gallery"}
 )
 
 #: Headers of a raw streamable-HTTP request, for tests below the official client.

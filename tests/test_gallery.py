@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from mcp import Client
+from mcp.client.extension import ClientExtension
 from PIL import Image
 
 from .conftest import MULTI_USER, ServerLauncher, mcp_client, serve_http, structured, text_of
@@ -20,6 +21,15 @@ pytestmark = [pytest.mark.anyio, pytest.mark.standin(generation_seconds=0.05, im
 GALLERY = "ui://gptunnel/gallery.html"
 KEY_A = "sk-user-A-gallery-5b1e7c9d2f"
 KEY_B = "sk-user-B-gallery-8a3c6e0f4d"
+
+
+class AppsHost(ClientExtension):
+    """What a host that draws MCP Apps views says about itself."""
+
+    identifier = "io.modelcontextprotocol/ui"
+
+    def settings(self) -> dict[str, Any]:
+        return {"mimeTypes": ["text/html;profile=mcp-app"]}
 
 
 async def tools_by_name(client: Client) -> dict[str, Any]:
@@ -38,9 +48,9 @@ def picture(result: Any) -> Image.Image:
 
 
 async def test_the_view_is_served_as_an_app_and_the_image_tools_are_bound_to_it(
-    memory_server: ServerLauncher,
+    server: ServerLauncher,
 ) -> None:
-    async with memory_server.connect() as client:
+    async with server.connect(extensions=[AppsHost()]) as client:
         tools = await tools_by_name(client)
         for name in ("generate_and_wait", "get_result", "show_gallery"):
             meta = tools[name].meta or {}
@@ -60,6 +70,13 @@ async def test_the_view_is_served_as_an_app_and_the_image_tools_are_bound_to_it(
         # Self-contained: hosts' sandboxes load nothing from elsewhere.
         assert 'src="http' not in html and 'href="http' not in html and "@import" not in html
         assert len(html.encode()) < 200_000
+
+
+async def test_hosts_without_apps_see_only_the_tools_an_agent_uses(server: ServerLauncher) -> None:
+    async with server.connect() as client:
+        tools = await tools_by_name(client)
+        assert "gallery_image" not in tools and "gallery_wait" not in tools
+        assert "show_gallery" in tools and "generate_and_wait" in tools
 
 
 async def test_the_view_gets_pictures_of_the_callers_own_images_and_not_of_others(home: Path) -> None:

@@ -13,8 +13,18 @@ import time
 from importlib import resources
 from typing import Annotated, Any
 
-from mcp.server.apps import Apps, ResourceCsp, ResourcePermissions
-from mcp_types import CallToolResult, ContentBlock, ImageContent, TextContent, ToolAnnotations
+from mcp.server import MCPServer
+from mcp.server.apps import Apps, ResourceCsp, ResourcePermissions, client_supports_apps
+from mcp.server.context import ServerRequestContext
+from mcp_types import (
+    CallToolResult,
+    ContentBlock,
+    ImageContent,
+    ListToolsResult,
+    TextContent,
+    Tool,
+    ToolAnnotations,
+)
 from pydantic import BaseModel, Field
 
 from .._engine import JobEvents
@@ -23,6 +33,7 @@ from .._records import TaskRecord
 from ._arguments import GalleryArguments, PictureArguments, SearchArguments, TaskArguments, takes
 from ._context import READS_HISTORY, ToolContext, account_of, engine_of
 from ._presentation import ImageResult, SearchResult, describe, error_result, search_result
+from ._sdk import add_request_handler, lowlevel
 
 GALLERY_URI = "ui://gptunnel/gallery.html"
 #: `_meta` of a tool whose results the gallery shows. Hosts of the first Apps drafts read the
@@ -66,6 +77,28 @@ class _Watch(JobEvents):
 
     async def image_stored(self, record: TaskRecord) -> None:
         pass
+
+
+def hide_view_tools(server: MCPServer[Any]) -> None:
+    """List the tools only the view calls to clients that render views: an agent in a host
+    without Apps would see tools it has no use for."""
+    listing = lowlevel(server).get_request_handler("tools/list")
+    assert listing is not None
+
+    async def list_tools(ctx: ServerRequestContext[Any, Any], params: Any) -> Any:
+        result = await listing.handler(ctx, params)
+        if not isinstance(result, ListToolsResult) or client_supports_apps(ctx):
+            return result
+        shown = [tool for tool in result.tools if "model" in _visibility(tool)]
+        return result.model_copy(update={"tools": shown})
+
+    add_request_handler(server, "tools/list", listing.params_type, list_tools)
+
+
+def _visibility(tool: Tool) -> list[str]:
+    ui = (tool.meta or {}).get("ui")
+    visibility = ui.get("visibility") if isinstance(ui, dict) else None
+    return visibility if isinstance(visibility, list) else ["model", "app"]
 
 
 def gallery_view() -> str:
