@@ -11,8 +11,8 @@ from contextlib import AbstractAsyncContextManager
 
 import pytest
 import uvicorn
-from mcp.server.apps import Apps
-from mcp.server.mcpserver import MCPServer
+from mcp.server.apps import Apps, client_supports_apps
+from mcp.server.mcpserver import Context, MCPServer
 from playwright.async_api import Error as BrowserError
 from playwright.async_api import expect
 
@@ -41,6 +41,7 @@ VIEW_HTML = """<!doctype html>
 <h1 id="greeting">Waiting for the result</h1>
 <p>Input: <output id="input"></output></p>
 <p>Origin: <output id="origin"></output></p>
+<p>Width: <output id="width"></output></p>
 <button id="roll">Roll a die</button> <output id="rolled"></output>
 <button id="share">Share</button> <output id="shared"></output>
 <script>
@@ -54,6 +55,7 @@ VIEW_HTML = """<!doctype html>
   const show = (id, text) => { document.getElementById(id).textContent = text; };
   const applyContext = (context) => {
     if (context.theme) document.documentElement.dataset.theme = context.theme;
+    if (context.containerDimensions) show("width", context.containerDimensions.width);
     for (const [name, value] of Object.entries(context.styles?.variables ?? {})) {
       document.documentElement.style.setProperty(name, value);
     }
@@ -101,8 +103,8 @@ def smoke_server() -> MCPServer:
     apps = Apps()
 
     @apps.tool(resource_uri=VIEW, description="Greets someone, with a view.")
-    def greet(name: str) -> str:
-        return f"Hello, {name}!"
+    def greet(name: str, ctx: Context) -> str:
+        return f"Hello, {name}!" if client_supports_apps(ctx) else "This host draws no views."
 
     @apps.tool(resource_uri=VIEW, visibility=["app"], description="Rolls a loaded die, for the view only.")
     def roll(sides: int) -> str:
@@ -137,6 +139,7 @@ async def test_a_view_renders_its_result_calls_a_tool_and_follows_the_theme(app_
         await expect(view.frame.locator("#greeting")).to_have_text("Hello, fox!")
         await expect(view.frame.locator("#input")).to_have_text('{"name":"fox"}')
         await expect(view.frame.locator("#origin")).to_have_text("null")
+        await expect(view.frame.locator("#width")).to_have_text("480")
         await expect(body).to_have_css("background-color", "rgb(255, 255, 255)")
         await expect(view.element).to_have_css("height", "240px")
         assert (await view.outcome())["result"]["content"][0]["text"] == "Hello, fox!"
