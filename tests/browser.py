@@ -215,7 +215,11 @@ class AppHost:
                 f"the {tool} view was not up within {OPEN_SECONDS} s: it never completed ui/initialize",
                 pytrace=False,
             )
-        return View(self.page, number)
+        view = View(self.page, number)
+        # Chat hosts scroll to the newest turn; Chromium also throttles the rendering (and so
+        # the resize observers) of frames out of sight.
+        await view.element.scroll_into_view_if_needed()
+        return view
 
     async def set_theme(self, theme: str) -> None:
         """Switches the host's theme; every view is told (ui/notifications/host-context-changed)."""
