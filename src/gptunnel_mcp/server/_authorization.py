@@ -35,7 +35,7 @@ from mcp.server.auth.routes import (
 )
 from mcp.server.auth.settings import ClientRegistrationOptions, RevocationOptions
 from mcp.shared.auth import OAuthClientInformationFull, OAuthToken
-from pydantic import AnyHttpUrl, AnyUrl
+from pydantic import AnyHttpUrl, AnyUrl, ConfigDict, TypeAdapter
 from starlette.routing import Route
 
 from .._engine import Engine
@@ -50,6 +50,9 @@ MAX_REGISTRATION_BYTES = 8192
 #: Schemes a browser would run rather than open; a redirect there is never a client's.
 _REFUSED_SCHEMES = frozenset({"javascript", "data", "file", "vbscript", "about", "blob", "ftp"})
 _LOOPBACK = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
+#: URLs as the SDK's metadata renders them: a bare origin stays without a trailing slash, so the
+#: issuer compares equal, as a string, wherever it appears (RFC 8414 3.3, RFC 9207).
+_URL = TypeAdapter(AnyHttpUrl, config=ConfigDict(url_preserve_empty_path=True))
 
 
 @dataclass(frozen=True)
@@ -69,13 +72,12 @@ def oauth_urls(settings: Settings) -> OAuthUrls | None:
     parts = urlsplit(base)
     if parts.scheme != "https" and parts.hostname not in _LOOPBACK:
         return None
-    issuer = str(AnyHttpUrl(base))
     resource = f"{base}/mcp"
     return OAuthUrls(
-        issuer=issuer,
+        issuer=str(_URL.validate_python(base)),
         resource=resource,
         sign_in=f"{base}{SIGN_IN_PATH}",
-        resource_metadata=str(build_resource_metadata_url(AnyHttpUrl(resource))),
+        resource_metadata=str(build_resource_metadata_url(_URL.validate_python(resource))),
     )
 
 
@@ -260,7 +262,7 @@ def _check_registration(client: OAuthClientInformationFull) -> None:
 def oauth_routes(provider: Provider, urls: OAuthUrls) -> list[Route]:
     """The SDK's authorization server and protected resource routes, with metadata that also
     says the server names itself in each authorization response (RFC 9207)."""
-    issuer = AnyHttpUrl(urls.issuer)
+    issuer = _URL.validate_python(urls.issuer)
     registration = ClientRegistrationOptions(enabled=True)
     revocation = RevocationOptions(enabled=True)
     metadata = build_metadata(issuer, None, registration, revocation)
@@ -273,6 +275,6 @@ def oauth_routes(provider: Provider, urls: OAuthUrls) -> list[Route]:
         for route in create_auth_routes(provider, issuer, None, registration, revocation)
     ]
     resource = create_protected_resource_routes(
-        AnyHttpUrl(urls.resource), [issuer], resource_name="GPTunnel images"
+        _URL.validate_python(urls.resource), [issuer], resource_name="GPTunnel images"
     )
     return routes + resource
