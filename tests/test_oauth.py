@@ -443,3 +443,21 @@ async def test_the_store_holds_no_key_token_or_code_in_the_clear(
         for secret in (KEY_A, code, tokens["access_token"], tokens["refresh_token"]):
             assert secret not in dumped
         assert hashlib.sha256(tokens["access_token"].encode()).hexdigest() in dumped
+
+
+async def test_replicas_on_postgresql_share_sign_ins(launcher: ServerLauncher, postgres_url: str) -> None:
+    """Signed in through one replica, the host is served by another, which also refreshes."""
+    storage = MemoryStorage()
+    shared = {"GPTUNNEL_MCP_DATABASE_URL": postgres_url}
+    async with oauth_server(launcher, **shared) as first, oauth_server(launcher, **shared) as second:
+        async with host_client(first, host_auth(first, User(KEY_A), storage)) as client:
+            made = structured(await client.call_tool("generate_and_wait", {"prompt": "on replica one"}))
+        tokens, info = storage.tokens, storage.client_info
+        assert tokens is not None and tokens.refresh_token and info is not None
+        async with httpx2.AsyncClient(timeout=15) as raw:
+            assert (await post_mcp(raw, second, tokens.access_token)).status_code == 200
+            renewed = await refresh(raw, second, info.client_id, tokens.refresh_token)
+            assert renewed.status_code == 200, renewed.text
+            assert (await post_mcp(raw, first, tokens.access_token)).status_code == 401
+        async with mcp_client(second, renewed.json()["access_token"]) as client:
+            assert await history_ids(client) == [made["task_id"]]
