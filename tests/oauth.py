@@ -25,8 +25,9 @@ from gptunnel_mcp import Settings
 
 from .conftest import MULTI_USER, ServerLauncher, loopback_socket, serve_http
 
-#: Where the host would receive the browser after sign-in; nothing listens there.
-CALLBACK = "http://127.0.0.1:1/callback"
+#: Where the host would receive the browser after sign-in; nothing listens there (a browser test
+#: catches the request). Not a port browsers refuse to visit, such as 1.
+CALLBACK = "http://127.0.0.1:43117/callback"
 
 
 def oauth_settings(launcher: ServerLauncher, sock: socket.socket, **env: str | None) -> Settings:
@@ -120,7 +121,11 @@ class User:
         """Post the page's form as a browser would, with `changes` to its fields."""
         form = Form(page.text)
         assert form.action, page.text
-        response = await self.browser.post(form.action, data={**form.fields, **changes})
+        # Browsers name the page's origin on a form's POST.
+        origin = "{0.scheme}://{0.netloc}".format(urlsplit(str(page.url)))
+        response = await self.browser.post(
+            form.action, data={**form.fields, **changes}, headers={"Origin": origin}
+        )
         self.pages.append(response)
         if response.status_code == 303:
             self.returned_to = response.headers["location"]

@@ -93,7 +93,7 @@ async def test_a_host_discovers_registers_signs_the_user_in_and_calls_tools(
         form = Form(page.text)
         assert form.labels["key"] == "Your GPTunnel API key"
         assert form.fields["key"] == "" and set(form.fields) == {"request", "csrf", "key"}
-        assert "Test Host" in page.text and "127.0.0.1:1" in page.text
+        assert "Test Host" in page.text and "127.0.0.1:43117" in page.text
         assert "<script" not in page.text
         # The browser went back to the host with a code, the state, and the issuer.
         returned = parse_qs(urlsplit(user.returned_to or "").query)
@@ -356,7 +356,7 @@ async def test_redirect_uris_match_exactly_and_unsafe_ones_are_not_registered(
         for other in (
             CALLBACK + "/",
             CALLBACK + "?x=1",
-            "http://127.0.0.1:2/callback",
+            "http://127.0.0.1:43118/callback",
             "https://evil.example/cb",
         ):
             refused = await host.raw.get(host.authorize_url(challenge, redirect_uri=other))
