@@ -139,8 +139,11 @@ class User:
         return AuthorizationCodeResult(code=query["code"][0], state=query["state"][0], iss=query["iss"][0])
 
 
-def host_auth(url: str, user: User, storage: MemoryStorage | None = None) -> OAuthClientProvider:
-    """The SDK's OAuth client as a host sets it up: dynamic registration, one redirect URI."""
+def host_auth(
+    url: str, user: User, storage: MemoryStorage | None = None, document_url: str | None = None
+) -> OAuthClientProvider:
+    """The SDK's OAuth client as a host sets it up: one redirect URI, and dynamic registration
+    or, given `document_url`, a client ID metadata document there."""
     return OAuthClientProvider(
         server_url=url,
         client_metadata=OAuthClientMetadata(
@@ -153,6 +156,7 @@ def host_auth(url: str, user: User, storage: MemoryStorage | None = None) -> OAu
         storage=storage or MemoryStorage(),
         redirect_handler=user.sign_in,
         callback_handler=user.callback,
+        client_metadata_url=document_url,
     )
 
 

@@ -22,7 +22,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx2
 import pytest
 
-from gptunnel_mcp import _oauth
+from gptunnel_mcp import _client_documents, _oauth
 
 from .conftest import MCP_HEADERS, ServerLauncher, initialize_request, mcp_client, structured, text_of
 from .oauth import CALLBACK, Form, MemoryStorage, User, host_auth, host_client, oauth_server
@@ -461,3 +461,99 @@ async def test_replicas_on_postgresql_share_sign_ins(launcher: ServerLauncher, p
             assert (await post_mcp(raw, first, tokens.access_token)).status_code == 401
         async with mcp_client(second, renewed.json()["access_token"]) as client:
             assert await history_ids(client) == [made["task_id"]]
+
+
+# --- client ID metadata documents --------------------------------------------------------------------
+
+DOCUMENT_URL = "https://host.example/oauth/client.json"
+
+
+@dataclass
+class Web:
+    """The documents the web holds, by URL, and each fetch made."""
+
+    documents: dict[str, bytes]
+    fetched: list[str]
+
+
+@pytest.fixture
+def web(monkeypatch: pytest.MonkeyPatch) -> Web:
+    """The test-only switch: documents are fetched from `Web` in place of the network (over
+    loopback there is no https address the fetcher's guard would allow)."""
+    web = Web({}, [])
+
+    async def fetch(url: str) -> bytes:
+        web.fetched.append(url)
+        if url not in web.documents:
+            raise _client_documents.DocumentError("HTTP 404")
+        return web.documents[url]
+
+    monkeypatch.setattr(_client_documents, "fetch_document", fetch)
+    return web
+
+
+def document(**changes: Any) -> bytes:
+    fields = {
+        "client_id": DOCUMENT_URL,
+        "client_name": "Published Host",
+        "redirect_uris": [CALLBACK],
+        "token_endpoint_auth_method": "none",
+        **changes,
+    }
+    return json.dumps({k: v for k, v in fields.items() if v is not None}).encode()
+
+
+async def test_a_host_signs_in_with_a_client_id_metadata_document(launcher: ServerLauncher, web: Web) -> None:
+    web.documents[DOCUMENT_URL] = document()
+    user = User(KEY_A)
+    async with oauth_server(launcher) as url, httpx2.AsyncClient(timeout=15) as raw:
+        asm = (await raw.get(f"{base_of(url)}/.well-known/oauth-authorization-server")).json()
+        assert asm["client_id_metadata_document_supported"] is True
+        storage = MemoryStorage()
+        async with host_client(url, host_auth(url, user, storage, DOCUMENT_URL)) as client:
+            await client.call_tool("get_balance", {})
+        assert storage.client_info is not None and storage.client_info.client_id == DOCUMENT_URL
+        assert "Published Host" in user.pages[0].text
+        # A second sign-in within the hour uses the document as fetched.
+        async with host_client(url, host_auth(url, User(KEY_B), None, DOCUMENT_URL)) as client:
+            await client.call_tool("get_balance", {})
+    assert web.fetched == [DOCUMENT_URL]
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"client_id": "https://other.example/oauth/client.json"},
+        {"client_secret": "s3cret"},
+        {"token_endpoint_auth_method": "client_secret_post"},
+        {"redirect_uris": None},
+        {"redirect_uris": ["http://evil.example/cb"]},
+    ],
+    ids=["other-client-id", "secret", "auth-method", "no-redirects", "plain-http-redirect"],
+)
+async def test_unfit_documents_are_refused(
+    launcher: ServerLauncher, web: Web, changes: dict[str, Any]
+) -> None:
+    web.documents[DOCUMENT_URL] = document(**changes)
+    async with hand_host(launcher) as host:
+        host.client_id = DOCUMENT_URL
+        _, challenge = pkce()
+        refused = await host.raw.get(host.authorize_url(challenge))
+        assert refused.status_code == 400 and "not found" in refused.json()["error_description"]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://host.example/client.json",
+        "https://127.0.0.1/client.json",
+        "https://localhost/client.json",
+        "https://10.1.2.3/client.json",
+        "https://[::1]/client.json",
+        "https://169.254.169.254/latest/meta-data",
+        "https://user:pw@host.example/client.json",
+    ],
+)
+async def test_documents_are_fetched_only_over_https_from_public_addresses(url: str) -> None:
+    with pytest.raises(_client_documents.DocumentError):
+        await _client_documents.fetch_document(url)

@@ -40,6 +40,8 @@ ACCESS_SECONDS = 3600
 REFRESH_SECONDS = 30 * 86400
 #: Seconds a registered client is kept after its last sign-in or refresh.
 CLIENT_SECONDS = 90 * 86400
+#: Seconds a client's metadata document (a client_id that is a URL) is used before it is fetched again.
+DOCUMENT_SECONDS = 3600
 
 
 def now() -> float:
@@ -114,6 +116,14 @@ class Authorizations:
 
     async def client(self, client_id: str) -> str | None:
         item = await self._store.oauth_get("client", client_id, now=now())
+        return None if item is None else item.body
+
+    async def keep_document(self, url: str, document: str) -> None:
+        """Keep the registration a client published at `url` (its client_id) for a while."""
+        await self._store.oauth_put(OAuthItem("document", url, "", now() + DOCUMENT_SECONDS, document))
+
+    async def document(self, url: str) -> str | None:
+        item = await self._store.oauth_get("document", url, now=now())
         return None if item is None else item.body
 
     async def _renew_client(self, client_id: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -38,11 +39,15 @@ from mcp.shared.auth import OAuthClientInformationFull, OAuthToken
 from pydantic import AnyHttpUrl, AnyUrl, ConfigDict, TypeAdapter
 from starlette.routing import Route
 
+from .. import _client_documents
+from .._client_documents import DocumentError, is_document_url
 from .._engine import Engine
 from .._oauth import Authorizations, Request, Tokens
 from .._sealing import seal, unseal
 from .._settings import Settings
 from .._store import OAuthRecords
+
+logger = logging.getLogger("gptunnel_mcp")
 
 SIGN_IN_PATH = "/oauth/sign-in"
 #: The largest registration kept (as JSON), so that nobody can store much by registering.
@@ -112,6 +117,8 @@ class Provider(OAuthAuthorizationServerProvider[GrantedCode, GrantedRefreshToken
     # --- clients -----------------------------------------------------------------------------
 
     async def get_client(self, client_id: str) -> OAuthClientInformationFull | None:
+        if is_document_url(client_id):
+            return await self._published_client(client_id)
         document = await self._state().client(client_id)
         if document is None:
             return None
@@ -130,6 +137,22 @@ class Provider(OAuthAuthorizationServerProvider[GrantedCode, GrantedRefreshToken
             sealed = seal(self._secret(), _client_owner(client_info.client_id), client_info.client_secret)
             fields["sealed_secret"] = base64.b64encode(sealed).decode()
         await self._state().keep_client(client_info.client_id, json.dumps(fields))
+
+    async def _published_client(self, url: str) -> OAuthClientInformationFull | None:
+        """The client whose client_id is the URL of its metadata document: fetched, checked, and
+        kept for a while (`DOCUMENT_SECONDS`)."""
+        state = self._state()
+        kept = await state.document(url)
+        if kept is not None:
+            return OAuthClientInformationFull.model_validate_json(kept)
+        try:
+            client = _published(url, await _client_documents.fetch_document(url))
+        except (DocumentError, RegistrationError) as exc:
+            reason = exc.error_description if isinstance(exc, RegistrationError) else str(exc)
+            logger.info("refused the client metadata document at %s: %s", url[:200], reason)
+            return None
+        await state.keep_document(url, client.model_dump_json(exclude_none=True))
+        return client
 
     def _secret(self) -> bytes:
         return self._engine().accounts.secret
@@ -243,6 +266,27 @@ def _token_response(tokens: Tokens) -> OAuthToken:
     )
 
 
+def _published(url: str, data: bytes) -> OAuthClientInformationFull:
+    """The registration in a client's metadata document. Raises `RegistrationError`."""
+    try:
+        fields = json.loads(data)
+    except ValueError:
+        raise RegistrationError("invalid_client_metadata", "not JSON") from None
+    if not isinstance(fields, dict) or fields.get("client_id") != url:
+        raise RegistrationError("invalid_client_metadata", "its client_id is not the URL it was fetched from")
+    # A published document is public: it can hold no secret, so the client is a public one.
+    if any(name.startswith("client_secret") for name in fields):
+        raise RegistrationError("invalid_client_metadata", "it names a client secret")
+    if fields.get("token_endpoint_auth_method", "none") != "none" or not fields.get("redirect_uris"):
+        raise RegistrationError("invalid_client_metadata", "it needs redirect_uris and no token auth method")
+    try:
+        client = OAuthClientInformationFull.model_validate({**fields, "token_endpoint_auth_method": "none"})
+    except ValueError as exc:
+        raise RegistrationError("invalid_client_metadata", str(exc).splitlines()[0]) from None
+    _check_registration(client)
+    return client
+
+
 def _check_registration(client: OAuthClientInformationFull) -> None:
     """Refuse redirect URIs a browser must never be sent to with a code, and registrations
     large enough to fill the store."""
@@ -261,12 +305,14 @@ def _check_registration(client: OAuthClientInformationFull) -> None:
 
 def oauth_routes(provider: Provider, urls: OAuthUrls) -> list[Route]:
     """The SDK's authorization server and protected resource routes, with metadata that also
-    says the server names itself in each authorization response (RFC 9207)."""
+    says the server names itself in each authorization response (RFC 9207) and takes client ID
+    metadata documents."""
     issuer = _URL.validate_python(urls.issuer)
     registration = ClientRegistrationOptions(enabled=True)
     revocation = RevocationOptions(enabled=True)
     metadata = build_metadata(issuer, None, registration, revocation)
     metadata.authorization_response_iss_parameter_supported = True
+    metadata.client_id_metadata_document_supported = True
     served = MetadataHandler(metadata).handle
     routes = [
         Route(route.path, endpoint=cors_middleware(served, ["GET", "OPTIONS"]), methods=["GET", "OPTIONS"])
