@@ -23,8 +23,18 @@ import httpx2
 import pytest
 
 from gptunnel_mcp import _client_documents, _oauth
+from gptunnel_mcp.server._authorization import oauth_urls
 
-from .conftest import MCP_HEADERS, ServerLauncher, initialize_request, mcp_client, structured, text_of
+from .conftest import (
+    MCP_HEADERS,
+    MULTI_USER,
+    ServerLauncher,
+    initialize_request,
+    mcp_client,
+    serve_http,
+    structured,
+    text_of,
+)
 from .oauth import CALLBACK, Form, MemoryStorage, User, host_auth, host_client, oauth_server
 from .standin import Behaviour, StandIn
 
@@ -215,13 +225,21 @@ async def test_metadata_and_the_challenge_point_a_client_to_sign_in(launcher: Se
 
 
 async def test_without_a_public_url_there_is_no_oauth(launcher: ServerLauncher) -> None:
-    from .conftest import MULTI_USER, serve_http
-
     async with serve_http(launcher.settings(**MULTI_USER)) as url, httpx2.AsyncClient(timeout=15) as raw:
         refused = await raw.post(url, json=initialize_request("t"), headers=MCP_HEADERS)
         assert refused.status_code == 401 and "resource_metadata" not in refused.headers["www-authenticate"]
         metadata = await raw.get(f"{base_of(url)}/.well-known/oauth-authorization-server")
         assert metadata.status_code == 401
+
+
+def test_oauth_needs_a_multi_user_server_and_an_https_public_url(launcher: ServerLauncher) -> None:
+    assert oauth_urls(launcher.settings(GPTUNNEL_MCP_PUBLIC_URL="https://mcp.example.com")) is None
+    multi = {**MULTI_USER, "GPTUNNEL_MCP_HOST": "0.0.0.0"}
+    assert oauth_urls(launcher.settings(**multi, GPTUNNEL_MCP_PUBLIC_URL="http://mcp.example.com")) is None
+    urls = oauth_urls(launcher.settings(**multi, GPTUNNEL_MCP_PUBLIC_URL="https://mcp.example.com/"))
+    assert urls is not None
+    assert (urls.issuer, urls.resource) == ("https://mcp.example.com", "https://mcp.example.com/mcp")
+    assert urls.resource_metadata == "https://mcp.example.com/.well-known/oauth-protected-resource/mcp"
 
 
 # --- hand-driven: each refusal -----------------------------------------------------------------------
@@ -386,6 +404,12 @@ async def test_the_form_needs_its_csrf_field_and_cookie(
             form = Form(page.text)
             elsewhere = await stranger.post(form.action or "", data={**form.fields, "key": KEY_A})
             assert elsewhere.status_code == 403
+        # A form posted from another site's page is refused before it is read.
+        form = Form(page.text)
+        foreign = await host.user.browser.post(
+            form.action or "", data={**form.fields, "key": KEY_A}, headers={"Origin": "https://evil.example"}
+        )
+        assert foreign.status_code == 403
         assert open_standin.stats.balance_calls == 0, "a forged form reached GPTunnel"
         # The form as served still works.
         done = await host.user.submit(forged, key=KEY_A)
