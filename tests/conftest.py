@@ -13,13 +13,15 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import IO, Any
 
 import anyio
 import httpx2
 import pytest
+import uvicorn
 from mcp import Client, StdioServerParameters
 from mcp.client.extension import ClientExtension
 from mcp.client.session import ListRootsFnT
@@ -31,6 +33,7 @@ from gptunnel_mcp._schedule import Backoff, PollSchedule
 from gptunnel_mcp.server import build_server
 from gptunnel_mcp.server._http import build_http_app, http_server
 
+from . import browser
 from .postgres import Cluster
 from .processes import free_port, running_server
 from .standin import Behaviour, StandIn
@@ -188,16 +191,22 @@ async def serve_http(settings: Settings, sock: socket.socket | None = None) -> A
     on `sock`, or a free loopback port; yields the MCP URL."""
     app = build_http_app(settings, schedule=QUICK_POLLS, backoff=QUICK_BACKOFF)
     sock = sock or loopback_socket()
-    port = sock.getsockname()[1]
     # Started as server/_serve.py starts it: with the connection guard.
     server = http_server(settings, app, log_config=None, log_level="warning", lifespan="on", access_log=False)
+    async with running(server, sock):
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/mcp"
+
+
+@contextlib.asynccontextmanager
+async def running(server: uvicorn.Server, sock: socket.socket) -> AsyncIterator[None]:
+    """An in-process uvicorn `server` on `sock`, from when it is ready until the block ends."""
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(server.serve, [sock])
         with anyio.fail_after(10):
             while not server.started:  # noqa: ASYNC110 - uvicorn offers a flag, not an event
                 await anyio.sleep(0.005)
         try:
-            yield f"http://127.0.0.1:{port}/mcp"
+            yield
         finally:
             server.should_exit = True
     sock.close()
@@ -302,9 +311,11 @@ MULTI_USER: dict[str, str | None] = {
 }
 
 
-#: Every tool the server offers, with or without a key.
+#: Every tool the server offers an agent, with or without a key (the gallery view's own tools
+#: are listed only to hosts that draw views).
 TOOL_NAMES = frozenset(
     {"create_image", "get_result", "generate_and_wait", "get_balance", "search_images", "save_image"}
+    | {"show_gallery"}
 )
 
 #: Headers of a raw streamable-HTTP request, for tests below the official client.
@@ -346,3 +357,38 @@ def postgres_url(postgres_cluster: Cluster) -> Iterator[str]:
     """The URL of a fresh, empty database for this test alone."""
     with postgres_cluster.database() as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def chromium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One Chromium per test process, and the test host page built: its DevTools endpoint
+    (tests/browser.py). Fails in CI, and skips elsewhere, without Chromium or npm."""
+    with browser.chromium(tmp_path_factory.mktemp("chromium")) as endpoint:
+        browser.build_host()
+        yield endpoint
+
+
+@pytest.fixture
+def app_host(chromium: str) -> Callable[[str], AbstractAsyncContextManager[browser.AppHost]]:
+    """`async with app_host(mcp_url) as host`: the MCP Apps test host page, in a fresh browser
+    context, connected to any MCP server on loopback HTTP; browser errors fail the test."""
+
+    def open_host(mcp_url: str) -> AbstractAsyncContextManager[browser.AppHost]:
+        return browser.app_host(chromium, mcp_url)
+
+    return open_host
+
+
+@pytest.fixture
+def gallery_host(
+    app_host: Callable[[str], AbstractAsyncContextManager[browser.AppHost]],
+) -> Callable[[Settings], AbstractAsyncContextManager[browser.AppHost]]:
+    """`async with gallery_host(settings) as host`: this server, configured by `settings`, over
+    HTTP (`serve_http`) in the MCP Apps test host page."""
+
+    @contextlib.asynccontextmanager
+    async def open_host(settings: Settings) -> AsyncIterator[browser.AppHost]:
+        async with serve_http(settings) as url, app_host(url) as host:
+            yield host
+
+    return open_host

@@ -10,7 +10,6 @@ rather than skip it: CI installs them (`.ci/run`), and the backend must never go
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import glob
 import os
 import pwd
@@ -18,7 +17,6 @@ import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -28,7 +26,7 @@ from typing import NamedTuple
 import psycopg
 import pytest
 
-from .processes import free_port
+from .processes import dies_with_parent, free_port
 
 #: Start-up options for a throwaway cluster: durability is worth nothing here, speed is.
 _FAST = ("-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off")
@@ -62,11 +60,6 @@ class _As(NamedTuple):
     user: int | None
     group: int | None
     extra_groups: list[int] | None
-
-
-def _die_with_parent() -> None:
-    # A test process that is killed must not leave a server running: the kernel stops it too.
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGQUIT)  # 1: PR_SET_PDEATHSIG
 
 
 class Cluster:
@@ -130,7 +123,7 @@ class Cluster:
                     stdout=out,
                     stderr=out,
                     # Runs after the switch of user, so the setting survives it.
-                    preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                    preexec_fn=dies_with_parent(signal.SIGQUIT),
                     user=as_user.user,
                     group=as_user.group,
                     extra_groups=as_user.extra_groups,

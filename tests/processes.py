@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import socket
 import subprocess
-from collections.abc import AsyncIterator
+import sys
+from collections.abc import AsyncIterator, Callable
 from typing import IO, Any
 
 import anyio
@@ -55,3 +57,16 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def dies_with_parent(signum: int) -> Callable[[], None] | None:
+    """A `preexec_fn` for a helper process (a database, a browser): a test process that is killed
+    must not leave it running, so the kernel sends it `signum` then. None where Linux's prctl is
+    missing."""
+    if sys.platform != "linux":
+        return None
+
+    def arrange() -> None:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signum)  # 1: PR_SET_PDEATHSIG
+
+    return arrange

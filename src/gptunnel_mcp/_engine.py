@@ -1002,7 +1002,11 @@ class Engine:
         be previewed (more pixels than `max_image_pixels`, or damaged): the image itself is kept.
         """
         max_px = max(64, round(self.settings.preview_max_px / math.sqrt(share)))
-        max_bytes = PREVIEW_MAX_BYTES // share
+        return await self.scaled(stored, max_px, PREVIEW_MAX_BYTES // share)
+
+    async def scaled(self, stored: StoredFile, max_px: int, max_bytes: int) -> Preview:
+        """A copy of the image no larger than `max_px` on its long side and `max_bytes`, made
+        once and kept beside it; raises `StorageError` as `preview` does."""
         kept = await anyio.to_thread.run_sync(self.folder.read_preview, stored, max_px, max_bytes)
         if kept is not None:
             return kept

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, TypeVar, cast, get_args
+from typing import Annotated, Any, Literal, TypeVar, cast, get_args
 
 from pydantic import BaseModel, Field, ValidationError, WithJsonSchema
 
@@ -92,6 +92,24 @@ class TaskArguments(BaseModel):
             json_schema_extra={"pattern": TASK_ID_PATTERN},
         ),
     ]
+
+
+class PictureArguments(TaskArguments):
+    """gallery_image (the gallery view's own)."""
+
+    size: Annotated[
+        Literal["thumb", "large"],
+        Field(description="thumb: a small tile for the grid; large: for looking at the image."),
+    ] = "thumb"
+
+
+class GalleryArguments(BaseModel):
+    """show_gallery."""
+
+    query: Annotated[
+        str | None,
+        Field(description="Show only images whose prompt has this text (any case). Omit for all."),
+    ] = None
 
 
 class SearchArguments(BaseModel):

@@ -13,6 +13,7 @@ from .._schedule import Backoff, PollSchedule
 from .._settings import Settings
 from .._version import __version__
 from .._wiring import open_engine
+from ._gallery import build_gallery, hide_view_tools
 from ._listeners import AccountListeners
 from ._prompts import register_prompts
 from ._resources import register_resources
@@ -27,7 +28,8 @@ resource link. If it comes back 'pending', call get_result with its task_id late
 generating again: every create is billed. Find earlier images with search_images (by words
 in the prompt, model, status or date); they stay available, also after GPTunnel's own links
 expire, in the resource gptunnel://images. To put an image into the user's files (their project), call
-save_image with its task_id and a destination."""
+save_image with its task_id and a destination. show_gallery shows the user their images in the
+conversation, where the host can display it."""
 
 
 class EngineSlot:
@@ -70,12 +72,13 @@ def build_server(
         instructions=INSTRUCTIONS,
         website_url="https://github.com/gptunnel-mcp/gptunnel-mcp",
         lifespan=lifespan,
-        extensions=[TasksExtension()],
+        extensions=[TasksExtension(), build_gallery()],
     )
     check_sdk(server)
     listeners = AccountListeners()
     listeners.install(server)
     register_tools(server, settings)
+    hide_view_tools(server)
     register_resources(server)
     register_prompts(server)
     advertise_resource_list_changes(server)

@@ -2,17 +2,20 @@
 
 Handled at the protocol level rather than with `@server.resource`, because every stored image
 is served with its own mime type and is listed in `resources/list`, which the high-level
-decorators cannot express.
+decorators cannot express. Resources registered the high-level way (the gallery's `ui://` view,
+by the Apps extension) are listed and read through MCPServer as it would.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from typing import Any
 
 from mcp.server import MCPServer
 from mcp.server.context import ServerRequestContext
+from mcp.server.mcpserver.exceptions import ResourceError
 from mcp.shared.exceptions import MCPError
 from mcp_types import (
     INVALID_PARAMS,
@@ -21,6 +24,7 @@ from mcp_types import (
     CompleteRequestParams,
     CompleteResult,
     Completion,
+    InputRequiredResult,
     ListResourcesResult,
     ListResourceTemplatesResult,
     PaginatedRequestParams,
@@ -80,9 +84,11 @@ _TEMPLATES = [
 
 
 def register_resources(server: MCPServer[Engine]) -> None:
-    add_request_handler(server, "resources/list", PaginatedRequestParams, _list_resources)
+    list_resources = functools.partial(_list_resources, server)
+    read_resource = functools.partial(_read_resource, server)
+    add_request_handler(server, "resources/list", PaginatedRequestParams, list_resources)
     add_request_handler(server, "resources/templates/list", PaginatedRequestParams, _list_templates)
-    add_request_handler(server, "resources/read", ReadResourceRequestParams, _read_resource)
+    add_request_handler(server, "resources/read", ReadResourceRequestParams, read_resource)
     add_request_handler(server, "completion/complete", CompleteRequestParams, _complete)
 
 
@@ -99,11 +105,13 @@ async def _complete(ctx: RequestContext, params: CompleteRequestParams) -> Compl
     return CompleteResult(completion=Completion(values=ids[:100], total=len(ids), has_more=len(ids) > 100))
 
 
-async def _list_resources(ctx: RequestContext, params: PaginatedRequestParams) -> ListResourcesResult:
+async def _list_resources(
+    server: MCPServer[Engine], ctx: RequestContext, params: PaginatedRequestParams
+) -> ListResourcesResult:
     engine = ctx.lifespan_context
     offset = _offset(params.cursor)
     records = await engine.history(_owner(ctx), limit=PAGE_SIZE + 1, offset=offset)
-    resources = [_history_resource(), _MODELS_RESOURCE] if offset == 0 else []
+    resources = [_history_resource(), _MODELS_RESOURCE, *await server.list_resources()] if offset == 0 else []
     resources += [_file_resource(r) for r in records[:PAGE_SIZE] if r.status == "done" and r.file]
     more = len(records) > PAGE_SIZE
     return ListResourcesResult(resources=resources, next_cursor=str(offset + PAGE_SIZE) if more else None)
@@ -113,9 +121,13 @@ async def _list_templates(ctx: RequestContext, params: PaginatedRequestParams) -
     return ListResourceTemplatesResult(resource_templates=_TEMPLATES)
 
 
-async def _read_resource(ctx: RequestContext, params: ReadResourceRequestParams) -> ReadResourceResult:
+async def _read_resource(
+    server: MCPServer[Engine], ctx: RequestContext, params: ReadResourceRequestParams
+) -> ReadResourceResult:
     engine = ctx.lifespan_context
     uri = str(params.uri)
+    if uri.startswith("ui://"):
+        return await _registered(server, uri)
     if uri == HISTORY_URI:
         return _json(uri, await _history(engine, _owner(ctx), 1))
     if paged := _HISTORY_PAGE.match(uri):
@@ -230,6 +242,21 @@ def _file_resource(record: TaskRecord) -> Resource:
         ),
         mime_type=record.file.mime_type,
         size=record.file.size_bytes,
+    )
+
+
+async def _registered(server: MCPServer[Engine], uri: str) -> ReadResourceResult:
+    """A resource registered with MCPServer itself: the views, which are text."""
+    try:
+        items = await server.read_resource(uri)
+    except ResourceError:
+        raise _not_found(uri, "unknown view; the server has ui://gptunnel/gallery.html") from None
+    assert not isinstance(items, InputRequiredResult)
+    return ReadResourceResult(
+        contents=[
+            TextResourceContents(uri=uri, text=str(item.content), mime_type=item.mime_type, _meta=item.meta)
+            for item in items
+        ]
     )
 
 

@@ -4,16 +4,14 @@ the presentation."""
 from __future__ import annotations
 
 import functools
-from typing import Annotated, Any
+from typing import Annotated
 
 import anyio
 from mcp.server import MCPServer
-from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.resolve import Resolve
-from mcp_types import CallToolResult, ListRootsResult, TextContent, ToolAnnotations
+from mcp_types import CallToolResult, ListRootsResult, TextContent
 from pydantic import BaseModel, Field
 
-from .._accounts import Account
 from .._engine import Engine, JobEvents
 from .._exceptions import GPTunnelMCPError
 from .._export import check_destination
@@ -28,6 +26,8 @@ from ._arguments import (
     TaskArguments,
     takes,
 )
+from ._context import READS, READS_HISTORY, SAVES, SPENDS_MONEY, ToolContext, account_of, engine_of
+from ._gallery import GALLERY_TOOL_META
 from ._presentation import (
     SavedImage,
     SearchResult,
@@ -41,23 +41,7 @@ from ._presentation import (
 )
 from ._roots import client_roots, root_folders
 
-ToolContext = Context[Engine, Any]
 ToolResult = Annotated[CallToolResult, ToolImageResult]
-
-_SPENDS_MONEY = ToolAnnotations(
-    read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=True
-)
-_READS = ToolAnnotations(
-    read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=True
-)
-#: Reads this server's own history, and nothing else.
-_READS_HISTORY = ToolAnnotations(
-    read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False
-)
-#: It writes only the user's own files, and replaces one only when told to.
-_SAVES = ToolAnnotations(
-    read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False
-)
 
 
 class BalanceResult(BaseModel):
@@ -100,14 +84,6 @@ class _ToolEvents(JobEvents):
         await self._ctx.session.send_resource_list_changed()
 
 
-def engine_of(ctx: ToolContext) -> Engine:
-    return ctx.request_context.lifespan_context
-
-
-def account_of(ctx: ToolContext) -> Account:
-    return engine_of(ctx).accounts.for_headers(ctx.headers)
-
-
 def register_tools(server: MCPServer[Engine], settings: Settings) -> None:
 
     @server.tool(
@@ -118,7 +94,7 @@ def register_tools(server: MCPServer[Engine], settings: Settings) -> None:
         "running or made minutes ago is answered with that task instead (new_image=true for a fresh one). "
         "count=2..4 starts that many images of the request at once (options to choose from). To change an "
         "image made earlier, pass its task_id in images with a prompt saying what to change.",
-        annotations=_SPENDS_MONEY,
+        annotations=SPENDS_MONEY,
     )
     @takes(ImageArguments, ToolContext)
     async def create_image(ctx: ToolContext, args: ImageArguments) -> ToolResult:
@@ -140,7 +116,8 @@ def register_tools(server: MCPServer[Engine], settings: Settings) -> None:
         description="Get the current state of an image task. When it is done, the image is downloaded once "
         "and kept: the result carries a preview, the file path and a resource link to the full image. "
         "Finished tasks are answered from the local history, even after GPTunnel's 48-hour link expired.",
-        annotations=_READS,
+        annotations=READS,
+        meta=GALLERY_TOOL_META,
     )
     @takes(TaskArguments, ToolContext)
     async def get_result(ctx: ToolContext, args: TaskArguments) -> ToolResult:
@@ -161,7 +138,8 @@ def register_tools(server: MCPServer[Engine], settings: Settings) -> None:
         "instead (new_image=true for a fresh one). For options to choose from, count=2..4 makes that many "
         "in one call. To change an image made earlier, pass its task_id in images with a prompt saying what "
         "to change.",
-        annotations=_SPENDS_MONEY,
+        annotations=SPENDS_MONEY,
+        meta=GALLERY_TOOL_META,
     )
     @takes(ImageArguments, ToolContext)
     async def generate_and_wait(ctx: ToolContext, args: ImageArguments) -> ToolResult:
@@ -186,7 +164,7 @@ def register_tools(server: MCPServer[Engine], settings: Settings) -> None:
         "task_id and its record's resource URI, no image data. Use it when the user refers to an earlier "
         "image ('the fox from last week') instead of generating it again, then get_result with the "
         f"task_id to show it. Up to {SEARCH_LIMIT} rows a page; next_cursor continues.",
-        annotations=_READS_HISTORY,
+        annotations=READS_HISTORY,
     )
     @takes(SearchArguments, ToolContext)
     async def search_images(
@@ -208,7 +186,7 @@ def register_tools(server: MCPServer[Engine], settings: Settings) -> None:
         "(converted if needed). Relative paths start in the client's first root (its workspace); "
         "anything outside the client's roots, or the server's export folders for clients without "
         "roots, is refused. An existing file is replaced only with overwrite=true.",
-        annotations=_SAVES,
+        annotations=SAVES,
     )
     @takes(SaveArguments, ToolContext, roots=Annotated[ListRootsResult | None, Resolve(client_roots)])
     async def save_image(
@@ -236,7 +214,7 @@ def register_tools(server: MCPServer[Engine], settings: Settings) -> None:
         title="GPTunnel balance",
         description="The GPTunnel account's balance and credit limit (roubles), and what your images of the "
         "last 24 hours cost and the server's daily budget, to check before spending.",
-        annotations=_READS,
+        annotations=READS,
     )
     @takes(NoArguments, ToolContext)
     async def get_balance(ctx: ToolContext, args: NoArguments) -> Annotated[CallToolResult, BalanceResult]:
