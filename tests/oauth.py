@@ -8,6 +8,7 @@ import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
+from typing import Protocol
 from urllib.parse import parse_qs, urlsplit
 
 import httpx2
@@ -134,13 +135,26 @@ class User:
     async def callback(self) -> AuthorizationCodeResult:
         """What the host's redirect URI received."""
         assert self.returned_to is not None, [p.text for p in self.pages[-1:]]
-        query = parse_qs(urlsplit(self.returned_to).query)
-        assert "error" not in query, query
-        return AuthorizationCodeResult(code=query["code"][0], state=query["state"][0], iss=query["iss"][0])
+        return returned(self.returned_to)
+
+
+class SignsIn(Protocol):
+    """Whoever answers a host's redirect: a `User` over plain HTTP, or a real browser."""
+
+    async def sign_in(self, authorization_url: str) -> None: ...
+
+    async def callback(self) -> AuthorizationCodeResult: ...
+
+
+def returned(url: str) -> AuthorizationCodeResult:
+    """What a redirect URI received, from the address the browser was sent to."""
+    query = parse_qs(urlsplit(url).query)
+    assert "error" not in query, query
+    return AuthorizationCodeResult(code=query["code"][0], state=query["state"][0], iss=query["iss"][0])
 
 
 def host_auth(
-    url: str, user: User, storage: MemoryStorage | None = None, document_url: str | None = None
+    url: str, user: SignsIn, storage: MemoryStorage | None = None, document_url: str | None = None
 ) -> OAuthClientProvider:
     """The SDK's OAuth client as a host sets it up: one redirect URI, and dynamic registration
     or, given `document_url`, a client ID metadata document there."""

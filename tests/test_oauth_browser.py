@@ -4,85 +4,70 @@ and presses the button, and the browser lands on the host's redirect URI with a 
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from mcp.client.auth import OAuthClientProvider
-from mcp.shared.auth import AuthorizationCodeResult, OAuthClientMetadata
-from playwright.async_api import Browser, Route, async_playwright
+from mcp.shared.auth import AuthorizationCodeResult
+from playwright.async_api import Page, Route, async_playwright
 
+from . import browser
 from .conftest import ServerLauncher, structured
-from .oauth import CALLBACK, MemoryStorage, host_client, oauth_server
+from .oauth import CALLBACK, host_auth, host_client, oauth_server, returned
 from .standin import Behaviour, StandIn
 
 pytestmark = pytest.mark.anyio
 
-CHROMIUM = "/usr/bin/chromium"
 KEY = "sk-browser-user-3c9e51a7"
-#: Playwright adds --headless itself, and a fresh profile for each launch.
-FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 @pytest.fixture
-async def chromium() -> AsyncIterator[Browser]:
-    if shutil.which(CHROMIUM) is None:
-        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium")
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
-        yield browser
-        await browser.close()
+async def chromium_page(tmp_path: Path) -> AsyncIterator[Page]:
+    """A page in the Chromium of tests/browser.py (a fresh profile, loopback only); the npm-built
+    MCP Apps host is not needed here."""
+    with browser.chromium(tmp_path) as endpoint:
+        async with async_playwright() as playwright:
+            connected = await playwright.chromium.connect_over_cdp(endpoint)
+            context = await connected.new_context()
+            context.set_default_timeout(10_000)
+            try:
+                yield await context.new_page()
+            finally:
+                await context.close()
+                await connected.close()
 
 
-async def test_a_user_signs_in_through_the_real_page(chromium: Browser, home: Path) -> None:
-    landed: list[str] = []
+class BrowserUser:
+    """A user at Chromium: opens the authorization URL, types the key into the field labelled for
+    it, presses the button, and lands on the host's redirect URI (answered by Playwright)."""
 
-    async def sign_in(authorization_url: str) -> None:
-        page = await chromium.new_page()
+    def __init__(self, page: Page) -> None:
+        self.page = page
+        self.landed: list[str] = []
 
-        async def callback(route: Route) -> None:
-            landed.append(route.request.url)
+    async def sign_in(self, authorization_url: str) -> None:
+        async def redirect_uri(route: Route) -> None:
+            self.landed.append(route.request.url)
             await route.fulfill(status=200, content_type="text/html", body="<p>Signed in.</p>")
 
-        await page.route(f"{CALLBACK}**", callback)
-        await page.goto(authorization_url)
-        field = page.get_by_label("Your GPTunnel API key")
+        await self.page.route(f"{CALLBACK}**", redirect_uri)
+        await self.page.goto(authorization_url)
+        field = self.page.get_by_label("Your GPTunnel API key")
         assert await field.get_attribute("type") == "password"
         await field.fill(KEY)
-        await page.get_by_role("button", name="Sign in").click()
-        await page.wait_for_url(f"{CALLBACK}**")
-        assert KEY not in await page.content()
-        await page.close()
+        await self.page.get_by_role("button", name="Sign in").click()
+        await self.page.wait_for_url(f"{CALLBACK}**")
+        assert KEY not in await self.page.content()
 
-    async def came_back() -> AuthorizationCodeResult:
-        query = parse_qs(urlsplit(landed[-1]).query)
-        return AuthorizationCodeResult(code=query["code"][0], state=query["state"][0], iss=query["iss"][0])
+    async def callback(self) -> AuthorizationCodeResult:
+        return returned(self.landed[-1])
 
+
+async def test_a_user_signs_in_through_the_real_page(chromium_page: Page, home: Path) -> None:
+    user = BrowserUser(chromium_page)
     with StandIn(api_key=KEY, behaviour=Behaviour(generation_seconds=0.05, image_size=(320, 240))) as standin:
         launcher = ServerLauncher(standin, home, transport="http")
-        async with oauth_server(launcher) as url:
-            auth = OAuthClientProvider(
-                server_url=url,
-                client_metadata=OAuthClientMetadata(
-                    client_name="Browser Host",
-                    redirect_uris=[CALLBACK],  # type: ignore[list-item]
-                    token_endpoint_auth_method="none",
-                ),
-                storage=MemoryStorage(),
-                redirect_handler=sign_in,
-                callback_handler=came_back,
-            )
-            async with host_client(url, auth) as client:
-                done = structured(await client.call_tool("generate_and_wait", {"prompt": "through chromium"}))
-                assert done["status"] == "done"
-    assert len(landed) == 1
+        async with oauth_server(launcher) as url, host_client(url, host_auth(url, user)) as client:
+            done = structured(await client.call_tool("generate_and_wait", {"prompt": "through chromium"}))
+            assert done["status"] == "done"
+    assert len(user.landed) == 1
