@@ -24,7 +24,18 @@ from gptunnel_mcp._migrations import POSTGRES_LATEST, POSTGRES_MIGRATIONS
 from gptunnel_mcp._postgres import PostgresStore
 from gptunnel_mcp._records import TaskRecord
 from gptunnel_mcp._sqlite import SQLiteStore
-from gptunnel_mcp._store import Admission, Budget, Cap, Position, Search, Spending, Spent, TaskStore
+from gptunnel_mcp._store import (
+    Admission,
+    Budget,
+    Cap,
+    OAuthItem,
+    OAuthRecords,
+    Position,
+    Search,
+    Spending,
+    Spent,
+    TaskStore,
+)
 from gptunnel_mcp._wiring import open_store
 
 from .conftest import API_KEY, ServerLauncher, environment, structured, text_of
@@ -889,3 +900,57 @@ async def test_a_cap_holds_across_servers_on_one_postgresql(
     assert standin.stats.create_calls == 3
     refused = [text_of(r) for r in outcomes if r.is_error]
     assert len(refused) == 5 and all("GPTUNNEL_MAX_IMAGES_PER_DAY" in text for text in refused)
+
+
+# --- OAuth state -------------------------------------------------------------------------------------
+
+
+async def test_oauth_items_are_shared_spent_once_and_swept(backend: Backend) -> None:
+    async with backend.open() as one, backend.open() as two:
+        assert isinstance(one, OAuthRecords) and isinstance(two, OAuthRecords)
+        code = OAuthItem("code", "c" * 64, "grant-1", 1000.0, '{"n": 1}')
+        await one.oauth_put(code)
+        await one.oauth_put(OAuthItem("access", "a" * 64, "grant-1", 2000.0, "{}"))
+        await one.oauth_put(OAuthItem("access", "b" * 64, "grant-2", 2000.0, "{}"))
+        await one.oauth_put(OAuthItem("client", "client-1", "", 5000.0, '{"name": "x"}'))
+        # Another replica sees it; not once it has expired; not as another kind.
+        assert await two.oauth_get("code", code.id, now=999.0) == code
+        assert await two.oauth_get("code", code.id, now=1000.0) is None
+        assert await two.oauth_get("access", code.id, now=999.0) is None
+
+        # Replacing keeps one item of a kind and id.
+        renewed = OAuthItem("client", "client-1", "", 9000.0, '{"name": "y"}')
+        await two.oauth_put(renewed)
+        assert await one.oauth_get("client", "client-1", now=6000.0) == renewed
+
+        # Of replicas spending one code at once, one gets it; then it is "spent", as it was.
+        won = []
+        async with anyio.create_task_group() as tasks:
+            for store in (one, two, one, two):
+
+                async def spend(store: OAuthRecords = store) -> None:
+                    won.append(await store.oauth_spend("code", code.id, now=500.0))
+
+                tasks.start_soon(spend)
+        assert [w for w in won if w is not None] == [code]
+        assert await one.oauth_get("code", code.id, now=500.0) is None
+        spent = await two.oauth_get("spent", code.id, now=500.0)
+        assert spent is not None and (spent.grant, spent.expires_at, spent.body) == (
+            "grant-1",
+            1000.0,
+            '{"n": 1}',
+        )
+        assert await one.oauth_spend("code", code.id, now=500.0) is None
+
+        # A grant's items go together (or those of some kinds); other grants' stay.
+        await two.oauth_drop("grant-1", ["access"])
+        assert await one.oauth_get("access", "a" * 64, now=500.0) is None
+        assert await one.oauth_get("spent", code.id, now=500.0) is not None
+        await two.oauth_drop("grant-1")
+        assert await one.oauth_get("spent", code.id, now=500.0) is None
+        assert await one.oauth_get("access", "b" * 64, now=500.0) is not None
+
+        # Sweeping deletes what has expired, for every kind.
+        await one.oauth_sweep(now=2000.0)
+        assert await two.oauth_get("access", "b" * 64, now=0.0) is None
+        assert await two.oauth_get("client", "client-1", now=0.0) == renewed

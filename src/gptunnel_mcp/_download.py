@@ -127,7 +127,7 @@ class ImageDownloader:
     async def _open(self, url: httpx.URL) -> httpx.Response:
         """Send the GET for `url` to an address judged for it (or, on the API's origin with a
         custom transport, through that transport)."""
-        from ._httpx import httpx, ssl_context
+        from ._httpx import httpx, pinned_get, ssl_context
 
         timeout = httpx.Timeout(self._timeout, connect=min(self._timeout, 10.0)).as_dict()
         host, port, own = self._where(url)
@@ -151,21 +151,7 @@ class ImageDownloader:
             self._network = httpx.AsyncHTTPTransport(
                 verify=ssl_context(), limits=httpx.Limits(max_keepalive_connections=0)
             )
-        last: httpx.HTTPError | None = None
-        for address in addresses:
-            # The judged address in the URL; the name in Host and in TLS (SNI and certificate).
-            request = httpx.Request(
-                "GET",
-                url.copy_with(host=str(address)),
-                headers={"Host": url.netloc.decode("ascii")},
-                extensions={"timeout": timeout, "sni_hostname": host},
-            )
-            try:
-                return await self._network.handle_async_request(request)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                last = exc
-        assert last is not None
-        raise last
+        return await pinned_get(self._network, url, addresses, timeout)
 
     def _where(self, url: httpx.URL) -> tuple[str, int, bool]:
         """The host and port `url` goes to, and whether they are the API's own origin; a

@@ -199,6 +199,24 @@ def _m010_costs(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE creates ADD COLUMN model TEXT NOT NULL DEFAULT ''")
 
 
+def _m011_oauth(db: sqlite3.Connection) -> None:
+    """OAuth sign-in (`OAuthRecords`): registered clients, pending authorizations, grants, codes
+    and tokens, each by its kind and id (a token's or code's by its SHA-256 only), with the grant
+    it belongs to, so that a grant goes with everything issued under it."""
+    db.execute(
+        """CREATE TABLE oauth_items (
+               kind       TEXT NOT NULL,
+               id         TEXT NOT NULL,
+               grant_id   TEXT NOT NULL,
+               expires_at REAL NOT NULL,
+               body       TEXT NOT NULL,
+               PRIMARY KEY (kind, id)
+           )"""
+    )
+    db.execute("CREATE INDEX oauth_items_by_grant ON oauth_items (grant_id)")
+    db.execute("CREATE INDEX oauth_items_by_expiry ON oauth_items (expires_at)")
+
+
 SQLITE_MIGRATIONS: Sequence[Migration] = (
     _m001_tasks,
     _m002_request_key,
@@ -210,6 +228,7 @@ SQLITE_MIGRATIONS: Sequence[Migration] = (
     _m008_search_text,
     _m009_tasks_by_id,
     _m010_costs,
+    _m011_oauth,
 )
 LATEST = len(SQLITE_MIGRATIONS)
 
@@ -309,6 +328,19 @@ POSTGRES_MIGRATIONS: Sequence[Sequence[PostgresStep]] = (
                sealed  bytea NOT NULL,
                kept_at timestamptz NOT NULL DEFAULT now()
            )""",
+    ),
+    # SQLite's 11: OAuth sign-in.
+    (
+        """CREATE TABLE oauth_items (
+               kind       text NOT NULL,
+               id         text NOT NULL,
+               grant_id   text NOT NULL,
+               expires_at double precision NOT NULL,
+               body       text NOT NULL,
+               PRIMARY KEY (kind, id)
+           )""",
+        "CREATE INDEX oauth_items_by_grant ON oauth_items (grant_id)",
+        "CREATE INDEX oauth_items_by_expiry ON oauth_items (expires_at)",
     ),
 )
 POSTGRES_LATEST = len(POSTGRES_MIGRATIONS)

@@ -31,6 +31,7 @@ from ._store import (
     Cap,
     Claim,
     LedgerEntry,
+    OAuthItem,
     Position,
     Search,
     Settlement,
@@ -367,6 +368,48 @@ class PostgresStore:
     async def sealed_keys(self) -> dict[str, bytes]:
         rows = await self._all("SELECT owner, sealed FROM sealed_keys", ())
         return {row[0]: bytes(row[1]) for row in rows}
+
+    async def oauth_put(self, item: OAuthItem) -> None:
+        await self._run(
+            lambda conn: conn.execute(
+                """INSERT INTO oauth_items (kind, id, grant_id, expires_at, body) VALUES (%s, %s, %s, %s, %s)
+                   ON CONFLICT (kind, id) DO UPDATE SET grant_id = excluded.grant_id,
+                       expires_at = excluded.expires_at, body = excluded.body""",
+                (item.kind, _text(item.id), item.grant, item.expires_at, _text(item.body)),
+            )
+        )
+
+    async def oauth_get(self, kind: str, id: str, *, now: float) -> OAuthItem | None:
+        rows = await self._all(
+            "SELECT grant_id, expires_at, body FROM oauth_items "
+            "WHERE kind = %s AND id = %s AND expires_at > %s",
+            (kind, _text(id), now),
+        )
+        return OAuthItem(kind, id, rows[0][0], float(rows[0][1]), rows[0][2]) if rows else None
+
+    async def oauth_spend(self, kind: str, id: str, *, now: float) -> OAuthItem | None:
+        # One statement: of two replicas spending at once, the second finds the kind changed.
+        rows = await self._all(
+            """UPDATE oauth_items SET kind = 'spent' WHERE kind = %s AND id = %s AND expires_at > %s
+               RETURNING grant_id, expires_at, body""",
+            (kind, _text(id), now),
+        )
+        return OAuthItem(kind, id, rows[0][0], float(rows[0][1]), rows[0][2]) if rows else None
+
+    async def oauth_drop(self, grant: str, kinds: Sequence[str] | None = None) -> None:
+        if kinds is None:
+            await self._run(
+                lambda conn: conn.execute("DELETE FROM oauth_items WHERE grant_id = %s", (grant,))
+            )
+            return
+        await self._run(
+            lambda conn: conn.execute(
+                "DELETE FROM oauth_items WHERE grant_id = %s AND kind = ANY(%s)", (grant, list(kinds))
+            )
+        )
+
+    async def oauth_sweep(self, *, now: float) -> None:
+        await self._run(lambda conn: conn.execute("DELETE FROM oauth_items WHERE expires_at <= %s", (now,)))
 
     async def listen(self, heard: Callable[[str, str, TaskStatus], Awaitable[None]]) -> None:
         url = self._pool.conninfo

@@ -25,6 +25,7 @@ from ._store import (
     Cap,
     Claim,
     LedgerEntry,
+    OAuthItem,
     Position,
     Search,
     Settlement,
@@ -375,6 +376,42 @@ class SQLiteStore:
         found = await self._run(read)
         return found if found is not None else await self._run(lambda db: _immediately(db, make))
 
+    async def oauth_put(self, item: OAuthItem) -> None:
+        await self._run(
+            lambda db: db.execute(
+                "INSERT OR REPLACE INTO oauth_items (kind, id, grant_id, expires_at, body) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (item.kind, item.id, item.grant, item.expires_at, item.body),
+            )
+        )
+
+    async def oauth_get(self, kind: str, id: str, *, now: float) -> OAuthItem | None:
+        return await self._run(lambda db: _oauth_item(db, kind, id, now))
+
+    async def oauth_spend(self, kind: str, id: str, *, now: float) -> OAuthItem | None:
+        def spend(db: sqlite3.Connection) -> OAuthItem | None:
+            found = _oauth_item(db, kind, id, now)
+            if found is not None:
+                db.execute("UPDATE oauth_items SET kind = 'spent' WHERE kind = ? AND id = ?", (kind, id))
+            return found
+
+        return await self._run(lambda db: _immediately(db, spend))
+
+    async def oauth_drop(self, grant: str, kinds: Sequence[str] | None = None) -> None:
+        if kinds is None:
+            await self._run(lambda db: db.execute("DELETE FROM oauth_items WHERE grant_id = ?", (grant,)))
+            return
+        marks = ", ".join("?" * len(kinds))
+        await self._run(
+            lambda db: db.execute(
+                f"DELETE FROM oauth_items WHERE grant_id = ? AND kind IN ({marks})",  # noqa: S608 - marks only
+                (grant, *kinds),
+            )
+        )
+
+    async def oauth_sweep(self, *, now: float) -> None:
+        await self._run(lambda db: db.execute("DELETE FROM oauth_items WHERE expires_at <= ?", (now,)))
+
     async def ping(self) -> None:
         # A read of the file, not only of SQLite's code; bounded, since the one slot may be held
         # by a write waiting up to _BUSY_SECONDS for another process's lock.
@@ -461,6 +498,14 @@ def _put(db: sqlite3.Connection, record: TaskRecord) -> None:
             record.model_dump_json(),
         ),
     )
+
+
+def _oauth_item(db: sqlite3.Connection, kind: str, id: str, now: float) -> OAuthItem | None:
+    row = db.execute(
+        "SELECT grant_id, expires_at, body FROM oauth_items WHERE kind = ? AND id = ? AND expires_at > ?",
+        (kind, id, now),
+    ).fetchone()
+    return None if row is None else OAuthItem(kind, id, row[0], float(row[1]), row[2])
 
 
 def _immediately(db: sqlite3.Connection, fn: Callable[[sqlite3.Connection], _T]) -> _T:

@@ -378,3 +378,44 @@ class KeyRing(Protocol):
     async def sealed_keys(self) -> dict[str, bytes]:
         """Every owner's sealed key."""
         ...
+
+
+@dataclass(frozen=True)
+class OAuthItem:
+    """One piece of OAuth state (`_oauth` says what each kind holds): `id` is a client's id, or
+    the SHA-256 of a code or token; `grant` the grant it was issued under ("" for none);
+    `expires_at` seconds since the epoch; `body` JSON."""
+
+    kind: str
+    id: str
+    grant: str
+    expires_at: float
+    body: str
+
+
+@runtime_checkable
+class OAuthRecords(Protocol):
+    """OAuth state where every replica on the store sees it. Times are the caller's clock, in
+    seconds since the epoch; an item is live until its `expires_at`."""
+
+    async def oauth_put(self, item: OAuthItem) -> None:
+        """Keep `item`, replacing the one of its kind and id."""
+        ...
+
+    async def oauth_get(self, kind: str, id: str, *, now: float) -> OAuthItem | None:
+        """The live item of that kind and id."""
+        ...
+
+    async def oauth_spend(self, kind: str, id: str, *, now: float) -> OAuthItem | None:
+        """Turn the live item of that kind and id into a "spent" one (same id, grant and expiry)
+        and return it as it was; None when there is no such live item. Of several callers at
+        once, one gets the item: single use across replicas."""
+        ...
+
+    async def oauth_drop(self, grant: str, kinds: Sequence[str] | None = None) -> None:
+        """Delete the items issued under `grant` (of `kinds` only, when given)."""
+        ...
+
+    async def oauth_sweep(self, *, now: float) -> None:
+        """Delete every item past its expiry."""
+        ...

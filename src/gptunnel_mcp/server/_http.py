@@ -17,6 +17,11 @@ every route the same way:
 Two routes skip steps 2 to 4: /healthz, which load balancers probe by IP address, and the signed
 links to stored images under /reference-images, which GPTunnel fetches with no credentials and
 under whatever name the server's public address has: the signature is their only credential.
+
+With OAuth sign-in on (`_authorization`), its routes skip step 3 (they are how a caller gets
+credentials), and a bearer that is one of its access tokens is taken for the key it was issued
+for: past the gate, the request carries that key as a user's own key would, so everything after
+the gate knows one kind of caller.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import h11
@@ -46,6 +52,7 @@ from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -53,10 +60,13 @@ from .._accounts import bearer_token
 from .._engine import Engine
 from .._exceptions import AuthenticationError, GPTunnelMCPError, StorageError
 from .._links import LINK_PATH
+from .._oauth import ACCESS_PREFIX
 from .._schedule import Backoff, PollSchedule
 from .._settings import Settings
 from .._version import __version__
+from ._authorization import SIGN_IN_PATH, OAuthUrls, Provider, authorizations, oauth_routes, oauth_urls
 from ._build import EngineSlot, build_server
+from ._sign_in import SignIn
 
 logger = logging.getLogger("gptunnel_mcp")
 MCP_PATH = "/mcp"
@@ -82,6 +92,11 @@ def transport_security(settings: Settings) -> TransportSecuritySettings:
     origins = ["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"]
     if not settings.is_loopback and settings.host not in ("0.0.0.0", "::"):  # noqa: S104 - compared, not bound
         hosts += [f"{settings.host}:*", settings.host]
+    if settings.public_base is not None:
+        # The name clients reach the server by, and the origin of its own sign-in page.
+        public = urlsplit(settings.public_base)
+        hosts.append(public.netloc)
+        origins.append(f"{public.scheme}://{public.netloc}")
     return TransportSecuritySettings(
         enable_dns_rebinding_protection=True,
         allowed_hosts=hosts + settings.allowed_hosts,
@@ -92,13 +107,23 @@ def transport_security(settings: Settings) -> TransportSecuritySettings:
 class Gate:
     """Runs the checks of the module's list, cheapest first, before the SDK's app sees a request."""
 
-    def __init__(self, app: ASGIApp, settings: Settings, engine: Callable[[], Engine]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        settings: Settings,
+        engine: Callable[[], Engine],
+        failures: FailedAttempts,
+        oauth: OAuthUrls | None = None,
+        open_paths: frozenset[str] = frozenset(),
+    ) -> None:
         self._app = app
         self._guard = TransportSecurityMiddleware(transport_security(settings))
         self._token = settings.auth_token.get_secret_value() if settings.auth_token else None
         self._multi_user = settings.multi_user
         self._engine = engine
-        self._failures = FailedAttempts(settings.auth_failures_per_minute, FAILURE_WINDOW)
+        self._failures = failures
+        self._oauth = oauth
+        self._open_paths = open_paths
         self._key_checks = anyio.CapacityLimiter(KEY_CHECKS_AT_ONCE)
         self._checking: dict[str, anyio.Event] = {}
         self._sessions = (
@@ -119,6 +144,9 @@ class Gate:
         if scope["path"].startswith(LINK_PATH + "/"):
             await self._app(scope, receive, send)
             return
+        if scope["path"] in self._open_paths:
+            await self._serve_open(request, scope, receive, send)
+            return
         refusal = await self._guard.validate_request(request, is_post=request.method == "POST")
         caller: str | Response = refusal or _too_large(request) or ""
         if caller == "" and (self._token is not None or self._multi_user):
@@ -127,6 +155,17 @@ class Gate:
             await caller(scope, receive, send)
         elif self._sessions is not None:
             await self._sessions.serve(self._app, caller, scope, receive, send)
+        else:
+            await self._app(scope, receive, send)
+
+    async def _serve_open(self, request: Request, scope: Scope, receive: Receive, send: Send) -> None:
+        """OAuth's routes, from a host name this server answers to. Browser-based clients call the
+        token endpoints from their own origin (the SDK allows any, by CORS), so only the sign-in
+        page, which takes a browser's form, checks the origin too."""
+        checked = request if scope["path"] == SIGN_IN_PATH else Request(_without_origin(scope))
+        refusal = await self._guard.validate_request(checked) or _too_large(request)
+        if refusal is not None:
+            await refusal(scope, receive, send)
         else:
             await self._app(scope, receive, send)
 
@@ -145,14 +184,34 @@ class Gate:
         token = bearer_token(request.headers)
         if token is None:
             what = "your GPTunnel key" if self._multi_user else "the server's token"
-            return _unauthorized(f"send {what} as 'Authorization: Bearer <token>'", "invalid_request")
+            how = "sign in (OAuth), or " if self._oauth else ""
+            return self._unauthorized(
+                f"{how}send {what} as 'Authorization: Bearer <token>'", "invalid_request"
+            )
         client = request.client.host if request.client else ""
+        if self._oauth is not None and token.startswith(ACCESS_PREFIX):
+            return await self._check_access_token(request, token, client)
         if self._token is None:
             return await self._check_key(token, client)
         # compare_digest: the time taken must not tell how much of a guess was right.
         if hmac.compare_digest(token.encode(), self._token.encode()):
             return ""
         return self._refuse(client, "the bearer token is not this server's token")
+
+    async def _check_access_token(self, request: Request, token: str, client: str) -> str | Response:
+        try:
+            account = await authorizations(self._engine()).account(token)
+        except StorageError as exc:
+            logger.warning("could not look up an access token: %s", exc.reason)
+            return _unavailable("cannot check the access token now")
+        if account is None or account.api_key is None:
+            # Not counted as a refused credential: nobody guesses 256 random bits, and an expired
+            # token is routine for every client (this answer is what makes it refresh).
+            return self._unauthorized(
+                "the access token has expired or was revoked: refresh it, or sign in again", "invalid_token"
+            )
+        _carry_key(request.scope, account.api_key)
+        return await self._check_key(account.api_key, client)
 
     async def _check_key(self, token: str, client: str) -> str | Response:
         engine = self._engine()
@@ -176,18 +235,11 @@ class Gate:
                 await engine.authenticate(token)
         except AuthenticationError:
             accounts.refuse(account)
-            return _unauthorized(_KEY_REFUSED, "invalid_token")
+            return self._unauthorized(_KEY_REFUSED, "invalid_token")
         except GPTunnelMCPError as exc:
             self._failures.discard(client, attempt)
             logger.warning("could not check a caller's key with GPTunnel: %s", exc)
-            return JSONResponse(
-                {
-                    "error": "temporarily_unavailable",
-                    "error_description": "cannot check the key with GPTunnel now",
-                },
-                status_code=503,
-                headers={"Retry-After": "5"},
-            )
+            return _unavailable("cannot check the key with GPTunnel now")
         finally:
             del self._checking[account.owner]
             done.set()
@@ -199,7 +251,10 @@ class Gate:
         if wait:
             return _too_many_attempts(wait)
         self._failures.add(client)
-        return _unauthorized(description, "invalid_token")
+        return self._unauthorized(description, "invalid_token")
+
+    def _unauthorized(self, description: str, error: str) -> Response:
+        return _unauthorized(description, error, self._oauth.resource_metadata if self._oauth else None)
 
 
 class FailedAttempts:
@@ -387,12 +442,33 @@ def _too_large(request: Request) -> Response | None:
     return Response("Request body too large", status_code=413) if declared > MAX_BODY else None
 
 
-def _unauthorized(description: str, error: str) -> Response:
+def _unauthorized(description: str, error: str, resource_metadata: str | None) -> Response:
     challenge = f'Bearer realm="gptunnel-mcp", error="{error}", error_description="{description}"'
+    if resource_metadata is not None:
+        # Where an OAuth client starts (RFC 9728 5.1).
+        challenge += f', resource_metadata="{resource_metadata}"'
     body = json.dumps({"error": error, "error_description": description})
     return Response(
         body, status_code=401, media_type="application/json", headers={"WWW-Authenticate": challenge}
     )
+
+
+def _unavailable(description: str) -> Response:
+    return JSONResponse(
+        {"error": "temporarily_unavailable", "error_description": description},
+        status_code=503,
+        headers={"Retry-After": "5"},
+    )
+
+
+def _without_origin(scope: Scope) -> Scope:
+    return {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"origin"]}
+
+
+def _carry_key(scope: Scope, api_key: str) -> None:
+    """Make the request carry `api_key` as its bearer, in place of the access token."""
+    headers = [(k, v) for k, v in scope["headers"] if k != b"authorization"]
+    scope["headers"] = [*headers, (b"authorization", f"Bearer {api_key}".encode())]
 
 
 def _too_many_attempts(wait: float) -> Response:
@@ -506,7 +582,24 @@ def build_http_app(
     app.state.settings = settings
     app.state.engine = slot.get
     app.state.database = DatabaseHealth(slot.get)
-    app.add_middleware(Gate, settings=settings, engine=slot.get)
+    failures = FailedAttempts(settings.auth_failures_per_minute, FAILURE_WINDOW)
+    urls = oauth_urls(settings)
+    open_paths: frozenset[str] = frozenset()
+    if urls is not None:
+        provider = Provider(slot.get, urls)
+        sign_in = SignIn(slot.get, urls, provider.get_client, failures)
+        routes = [
+            *oauth_routes(provider, urls),
+            Route(SIGN_IN_PATH, endpoint=sign_in.handle, methods=["GET", "POST"]),
+        ]
+        app.router.routes.extend(routes)
+        open_paths = frozenset(route.path for route in routes)
+        logger.info("OAuth sign-in is on: issuer %s", urls.issuer)
+    elif settings.multi_user and settings.public_url is not None:
+        logger.warning("OAuth sign-in is off: GPTUNNEL_MCP_PUBLIC_URL must be https (or a loopback address)")
+    app.add_middleware(
+        Gate, settings=settings, engine=slot.get, failures=failures, oauth=urls, open_paths=open_paths
+    )
     return app
 
 
