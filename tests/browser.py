@@ -31,7 +31,7 @@ import pytest
 from PIL import Image
 from playwright.async_api import ConsoleMessage, FrameLocator, Locator, Page, Route, async_playwright
 
-from .processes import dies_with_parent
+from .processes import dies_with_parent, stop_server
 
 HOST_DIR = Path(__file__).parent / "apps_host"
 BUNDLE = HOST_DIR / "dist" / "host.js"
@@ -134,12 +134,7 @@ def chromium(profile: Path) -> Iterator[str]:
     try:
         yield _endpoint(process, profile / "DevToolsActivePort", log)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        stop_server(process)
 
 
 def _endpoint(process: subprocess.Popen[bytes], port_file: Path, log: Path) -> str:
