@@ -195,14 +195,34 @@ async def test_revoking_a_token_ends_the_sign_in(launcher: ServerLauncher) -> No
         assert tokens is not None and tokens.refresh_token and info is not None
         async with httpx2.AsyncClient(timeout=15) as raw:
             assert (await post_mcp(raw, url, tokens.access_token)).status_code == 200
-            # The SDK's revocation endpoint wants the client_secret field even from a public client.
-            form = {"token": tokens.access_token, "client_id": info.client_id, "client_secret": ""}
+            # A public client names itself alone (RFC 7009 2.1), as the SDK's client sends it.
+            form = {"token": tokens.access_token, "client_id": info.client_id}
             revoked = await raw.post(f"{base_of(url)}/revoke", data=form)
             assert revoked.status_code == 200
             refused = await post_mcp(raw, url, tokens.access_token)
             assert refused.status_code == 401
             assert 'error="invalid_token"' in refused.headers["www-authenticate"]
             assert (await refresh(raw, url, info.client_id, tokens.refresh_token)).status_code == 400
+
+
+async def test_a_confidential_client_revokes_only_with_its_secret(launcher: ServerLauncher) -> None:
+    async with hand_host(launcher) as host:
+        registered = await host.raw.post(
+            f"{host.base}/register",
+            json={"redirect_uris": [CALLBACK], "token_endpoint_auth_method": "client_secret_post"},
+        )
+        host.client_id, secret = registered.json()["client_id"], registered.json()["client_secret"]
+        verifier, challenge = pkce()
+        tokens = (await host.exchange(await host.code(challenge), verifier, client_secret=secret)).json()
+        revoke = f"{host.base}/revoke"
+        for credentials in ({}, {"client_secret": ""}, {"client_secret": "0" * 64}):
+            form = {"token": tokens["access_token"], "client_id": host.client_id, **credentials}
+            refused = await host.raw.post(revoke, data=form)
+            assert refused.status_code == 401, (credentials, refused.text)
+            assert (await post_mcp(host.raw, host.url, tokens["access_token"])).status_code == 200
+        form = {"token": tokens["access_token"], "client_id": host.client_id, "client_secret": secret}
+        assert (await host.raw.post(revoke, data=form)).status_code == 200
+        assert (await post_mcp(host.raw, host.url, tokens["access_token"])).status_code == 401
 
 
 async def test_metadata_and_the_challenge_point_a_client_to_sign_in(launcher: ServerLauncher) -> None:
@@ -222,6 +242,12 @@ async def test_metadata_and_the_challenge_point_a_client_to_sign_in(launcher: Se
         assert asm["revocation_endpoint"] == f"{base}/revoke"
         assert asm["authorization_response_iss_parameter_supported"] is True
         assert set(asm["grant_types_supported"]) == {"authorization_code", "refresh_token"}
+        # Public clients (a metadata document's always are) authenticate with nothing, and say so.
+        for methods in (
+            "token_endpoint_auth_methods_supported",
+            "revocation_endpoint_auth_methods_supported",
+        ):
+            assert set(asm[methods]) == {"none", "client_secret_post", "client_secret_basic"}
 
 
 async def test_without_a_public_url_there_is_no_oauth(launcher: ServerLauncher) -> None:
