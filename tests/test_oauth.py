@@ -13,12 +13,14 @@ import logging
 import secrets
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import anyio
 import httpx2
 import pytest
 
@@ -184,6 +186,51 @@ async def test_refresh_rotates_and_a_replayed_refresh_token_ends_the_sign_in(
             # The host meets a 401, and the user signs in again.
             await client.call_tool("get_balance", {})
             assert len(user.pages) == 4
+
+
+@pytest.mark.parametrize("grant", ["authorization_code", "refresh_token"])
+async def test_a_code_or_refresh_token_spent_twice_at_once_ends_the_sign_in(
+    launcher: ServerLauncher, monkeypatch: pytest.MonkeyPatch, grant: str
+) -> None:
+    """Two requests with one code or refresh token, both past the lookup before either spends
+    it: one of them is a thief, so the loser ends what the winner got (RFC 9700 4.14.2)."""
+    async with hand_host(launcher) as host:
+        verifier, challenge = pkce()
+        code = await host.code(challenge)
+        if grant == "authorization_code":
+            spend = partial(host.exchange, code, verifier)
+            method = "redeem"
+        else:
+            tokens = (await host.exchange(code, verifier)).json()
+            spend = partial(refresh, host.raw, host.url, host.client_id, tokens["refresh_token"])
+            method = "rotate"
+        original = getattr(_oauth.Authorizations, method)
+        arrived: list[str] = []
+        both = anyio.Event()
+
+        async def together(self: _oauth.Authorizations, token: str) -> _oauth.Tokens | None:
+            arrived.append(token)
+            if len(arrived) == 2:
+                both.set()
+            with anyio.fail_after(10):
+                await both.wait()
+            return await original(self, token)
+
+        monkeypatch.setattr(_oauth.Authorizations, method, together)
+        answers: list[httpx2.Response] = []
+        async with anyio.create_task_group() as tasks:
+            for _ in range(2):
+                tasks.start_soon(lambda: _append(answers, spend()))
+        # The winner may have its answer before the loser ends the grant: what it got is dead.
+        assert sorted(a.status_code for a in answers) in ([200, 400], [400, 400])
+        for won in (a.json() for a in answers if a.status_code == 200):
+            assert (await post_mcp(host.raw, host.url, won["access_token"])).status_code == 401
+            again = await refresh(host.raw, host.url, host.client_id, won["refresh_token"])
+            assert again.status_code == 400
+
+
+async def _append(answers: list[httpx2.Response], answer: Awaitable[httpx2.Response]) -> None:
+    answers.append(await answer)
 
 
 async def test_revoking_a_token_ends_the_sign_in(launcher: ServerLauncher) -> None:
