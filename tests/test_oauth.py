@@ -8,8 +8,10 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import html
 import json
 import logging
+import re
 import secrets
 import sqlite3
 import time
@@ -422,8 +424,7 @@ async def test_pkce_is_required_and_checked(launcher: ServerLauncher) -> None:
         for changes in ({"code_challenge": None}, {"code_challenge_method": "plain"}):
             refused = await host.raw.get(host.authorize_url(challenge, **changes))
             # Sent back to the (registered) redirect URI with the error, never to a sign-in page.
-            assert refused.status_code == 302
-            query = parse_qs(urlsplit(refused.headers["location"]).query)
+            query = parse_qs(urlsplit(way_back(refused)).query)
             assert query["error"] == ["invalid_request"] and query["state"] == ["st-1"]
         code = await host.code(challenge)
         wrong = await host.exchange(code, pkce()[0])
@@ -434,9 +435,32 @@ async def test_state_and_resource_are_enforced(launcher: ServerLauncher) -> None
     async with hand_host(launcher) as host:
         _, challenge = pkce()
         stateless = await host.raw.get(host.authorize_url(challenge, state=None))
-        assert parse_qs(urlsplit(stateless.headers["location"]).query)["error"] == ["invalid_request"]
+        assert parse_qs(urlsplit(way_back(stateless)).query)["error"] == ["invalid_request"]
+        assert "state is required" in stateless.text
         elsewhere = await host.raw.get(host.authorize_url(challenge, resource="https://other.example/mcp"))
-        assert parse_qs(urlsplit(elsewhere.headers["location"]).query)["error"] == ["invalid_target"]
+        assert parse_qs(urlsplit(way_back(elsewhere)).query)["error"] == ["invalid_target"]
+
+
+def way_back(refused: httpx2.Response) -> str:
+    """Where the page for a refused authorization request links back to."""
+    assert refused.status_code == 400 and refused.headers["content-type"].startswith("text/html")
+    assert refused.headers["x-frame-options"] == "DENY"
+    links = re.findall(r'<a href="([^"]*)"', refused.text)
+    assert len(links) == 1, refused.text
+    return html.unescape(links[0])
+
+
+async def test_a_refused_request_is_no_open_redirect(launcher: ServerLauncher) -> None:
+    """Anybody may register a client with their own site as its redirect URI: a link to
+    /authorize that is bound to fail would send a browser there straight from this server's
+    address (RFC 9700 4.11.2). The user sees the refusal, and where the link goes, first."""
+    async with hand_host(launcher) as host:
+        assert (await host.register(["https://phish.example/cb"])).status_code == 201
+        link = host.authorize_url("", redirect_uri="https://phish.example/cb", code_challenge=None)
+        shown = await host.raw.get(link)
+        assert "location" not in shown.headers
+        assert way_back(shown).startswith("https://phish.example/cb?error=invalid_request")
+        assert "phish.example" in shown.text and "<script" not in shown.text
 
 
 async def test_redirect_uris_match_exactly_and_unsafe_ones_are_not_registered(
