@@ -550,6 +550,24 @@ async def test_an_expired_code_or_sign_in_link_is_refused(
         assert gone.status_code == 400 and "expired" in gone.text
 
 
+async def test_a_registration_never_used_is_soon_forgotten(
+    launcher: ServerLauncher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Anybody may register, as often as they like: registrations nobody signs in through are
+    kept a day, not the months of a client in use, so a flood of them does not stay."""
+    async with hand_host(launcher) as host:
+        verifier, challenge = pkce()
+        assert (await host.exchange(await host.code(challenge), verifier)).status_code == 200
+        used = host.client_id
+        assert (await host.register()).status_code == 201
+        later = time.time() + _oauth.UNUSED_CLIENT_SECONDS + 1
+        monkeypatch.setattr(_oauth, "now", lambda: later)
+        forgotten = await host.raw.get(host.authorize_url(challenge))
+        assert forgotten.status_code == 400 and "not found" in forgotten.json()["error_description"]
+        host.client_id = used
+        assert (await host.raw.get(host.authorize_url(challenge))).status_code == 302
+
+
 async def test_the_store_holds_no_key_token_or_code_in_the_clear(
     launcher: ServerLauncher, home: Path
 ) -> None:

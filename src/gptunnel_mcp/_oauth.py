@@ -40,6 +40,8 @@ ACCESS_SECONDS = 3600
 REFRESH_SECONDS = 30 * 86400
 #: Seconds a registered client is kept after its last sign-in or refresh.
 CLIENT_SECONDS = 90 * 86400
+#: Seconds a client is kept that nobody has signed in through: registration is open to anyone.
+UNUSED_CLIENT_SECONDS = 86400
 #: Seconds a client's metadata document (a client_id that is a URL) is used before it is fetched again.
 DOCUMENT_SECONDS = 3600
 
@@ -110,9 +112,11 @@ class Authorizations:
 
     # --- clients ---------------------------------------------------------------------------
 
-    async def keep_client(self, client_id: str, document: str) -> None:
-        """Keep a client's registration (`document`, JSON) for `CLIENT_SECONDS` from now."""
-        await self._store.oauth_put(OAuthItem("client", client_id, "", now() + CLIENT_SECONDS, document))
+    async def keep_client(
+        self, client_id: str, document: str, seconds: float = UNUSED_CLIENT_SECONDS
+    ) -> None:
+        """Keep a client's registration (`document`, JSON) for `seconds` from now."""
+        await self._store.oauth_put(OAuthItem("client", client_id, "", now() + seconds, document))
 
     async def client(self, client_id: str) -> str | None:
         item = await self._store.oauth_get("client", client_id, now=now())
@@ -129,7 +133,7 @@ class Authorizations:
     async def _renew_client(self, client_id: str) -> None:
         document = await self.client(client_id)
         if document is not None:
-            await self.keep_client(client_id, document)
+            await self.keep_client(client_id, document, CLIENT_SECONDS)
 
     # --- signing in ------------------------------------------------------------------------
 
