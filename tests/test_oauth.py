@@ -8,17 +8,21 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import html
 import json
 import logging
+import re
 import secrets
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import anyio
 import httpx2
 import pytest
 
@@ -186,6 +190,51 @@ async def test_refresh_rotates_and_a_replayed_refresh_token_ends_the_sign_in(
             assert len(user.pages) == 4
 
 
+@pytest.mark.parametrize("grant", ["authorization_code", "refresh_token"])
+async def test_a_code_or_refresh_token_spent_twice_at_once_ends_the_sign_in(
+    launcher: ServerLauncher, monkeypatch: pytest.MonkeyPatch, grant: str
+) -> None:
+    """Two requests with one code or refresh token, both past the lookup before either spends
+    it: one of them is a thief, so the loser ends what the winner got (RFC 9700 4.14.2)."""
+    async with hand_host(launcher) as host:
+        verifier, challenge = pkce()
+        code = await host.code(challenge)
+        if grant == "authorization_code":
+            spend = partial(host.exchange, code, verifier)
+            method = "redeem"
+        else:
+            tokens = (await host.exchange(code, verifier)).json()
+            spend = partial(refresh, host.raw, host.url, host.client_id, tokens["refresh_token"])
+            method = "rotate"
+        original = getattr(_oauth.Authorizations, method)
+        arrived: list[str] = []
+        both = anyio.Event()
+
+        async def together(self: _oauth.Authorizations, token: str) -> _oauth.Tokens | None:
+            arrived.append(token)
+            if len(arrived) == 2:
+                both.set()
+            with anyio.fail_after(10):
+                await both.wait()
+            return await original(self, token)
+
+        monkeypatch.setattr(_oauth.Authorizations, method, together)
+        answers: list[httpx2.Response] = []
+        async with anyio.create_task_group() as tasks:
+            for _ in range(2):
+                tasks.start_soon(lambda: _append(answers, spend()))
+        # The winner may have its answer before the loser ends the grant: what it got is dead.
+        assert sorted(a.status_code for a in answers) in ([200, 400], [400, 400])
+        for won in (a.json() for a in answers if a.status_code == 200):
+            assert (await post_mcp(host.raw, host.url, won["access_token"])).status_code == 401
+            again = await refresh(host.raw, host.url, host.client_id, won["refresh_token"])
+            assert again.status_code == 400
+
+
+async def _append(answers: list[httpx2.Response], answer: Awaitable[httpx2.Response]) -> None:
+    answers.append(await answer)
+
+
 async def test_revoking_a_token_ends_the_sign_in(launcher: ServerLauncher) -> None:
     storage = MemoryStorage()
     async with oauth_server(launcher) as url:
@@ -195,14 +244,34 @@ async def test_revoking_a_token_ends_the_sign_in(launcher: ServerLauncher) -> No
         assert tokens is not None and tokens.refresh_token and info is not None
         async with httpx2.AsyncClient(timeout=15) as raw:
             assert (await post_mcp(raw, url, tokens.access_token)).status_code == 200
-            # The SDK's revocation endpoint wants the client_secret field even from a public client.
-            form = {"token": tokens.access_token, "client_id": info.client_id, "client_secret": ""}
+            # A public client names itself alone (RFC 7009 2.1), as the SDK's client sends it.
+            form = {"token": tokens.access_token, "client_id": info.client_id}
             revoked = await raw.post(f"{base_of(url)}/revoke", data=form)
             assert revoked.status_code == 200
             refused = await post_mcp(raw, url, tokens.access_token)
             assert refused.status_code == 401
             assert 'error="invalid_token"' in refused.headers["www-authenticate"]
             assert (await refresh(raw, url, info.client_id, tokens.refresh_token)).status_code == 400
+
+
+async def test_a_confidential_client_revokes_only_with_its_secret(launcher: ServerLauncher) -> None:
+    async with hand_host(launcher) as host:
+        registered = await host.raw.post(
+            f"{host.base}/register",
+            json={"redirect_uris": [CALLBACK], "token_endpoint_auth_method": "client_secret_post"},
+        )
+        host.client_id, secret = registered.json()["client_id"], registered.json()["client_secret"]
+        verifier, challenge = pkce()
+        tokens = (await host.exchange(await host.code(challenge), verifier, client_secret=secret)).json()
+        revoke = f"{host.base}/revoke"
+        for credentials in ({}, {"client_secret": ""}, {"client_secret": "0" * 64}):
+            form = {"token": tokens["access_token"], "client_id": host.client_id, **credentials}
+            refused = await host.raw.post(revoke, data=form)
+            assert refused.status_code == 401, (credentials, refused.text)
+            assert (await post_mcp(host.raw, host.url, tokens["access_token"])).status_code == 200
+        form = {"token": tokens["access_token"], "client_id": host.client_id, "client_secret": secret}
+        assert (await host.raw.post(revoke, data=form)).status_code == 200
+        assert (await post_mcp(host.raw, host.url, tokens["access_token"])).status_code == 401
 
 
 async def test_metadata_and_the_challenge_point_a_client_to_sign_in(launcher: ServerLauncher) -> None:
@@ -222,6 +291,12 @@ async def test_metadata_and_the_challenge_point_a_client_to_sign_in(launcher: Se
         assert asm["revocation_endpoint"] == f"{base}/revoke"
         assert asm["authorization_response_iss_parameter_supported"] is True
         assert set(asm["grant_types_supported"]) == {"authorization_code", "refresh_token"}
+        # Public clients (a metadata document's always are) authenticate with nothing, and say so.
+        for methods in (
+            "token_endpoint_auth_methods_supported",
+            "revocation_endpoint_auth_methods_supported",
+        ):
+            assert set(asm[methods]) == {"none", "client_secret_post", "client_secret_basic"}
 
 
 async def test_without_a_public_url_there_is_no_oauth(launcher: ServerLauncher) -> None:
@@ -349,8 +424,7 @@ async def test_pkce_is_required_and_checked(launcher: ServerLauncher) -> None:
         for changes in ({"code_challenge": None}, {"code_challenge_method": "plain"}):
             refused = await host.raw.get(host.authorize_url(challenge, **changes))
             # Sent back to the (registered) redirect URI with the error, never to a sign-in page.
-            assert refused.status_code == 302
-            query = parse_qs(urlsplit(refused.headers["location"]).query)
+            query = parse_qs(urlsplit(way_back(refused)).query)
             assert query["error"] == ["invalid_request"] and query["state"] == ["st-1"]
         code = await host.code(challenge)
         wrong = await host.exchange(code, pkce()[0])
@@ -361,9 +435,32 @@ async def test_state_and_resource_are_enforced(launcher: ServerLauncher) -> None
     async with hand_host(launcher) as host:
         _, challenge = pkce()
         stateless = await host.raw.get(host.authorize_url(challenge, state=None))
-        assert parse_qs(urlsplit(stateless.headers["location"]).query)["error"] == ["invalid_request"]
+        assert parse_qs(urlsplit(way_back(stateless)).query)["error"] == ["invalid_request"]
+        assert "state is required" in stateless.text
         elsewhere = await host.raw.get(host.authorize_url(challenge, resource="https://other.example/mcp"))
-        assert parse_qs(urlsplit(elsewhere.headers["location"]).query)["error"] == ["invalid_target"]
+        assert parse_qs(urlsplit(way_back(elsewhere)).query)["error"] == ["invalid_target"]
+
+
+def way_back(refused: httpx2.Response) -> str:
+    """Where the page for a refused authorization request links back to."""
+    assert refused.status_code == 400 and refused.headers["content-type"].startswith("text/html")
+    assert refused.headers["x-frame-options"] == "DENY"
+    links = re.findall(r'<a href="([^"]*)"', refused.text)
+    assert len(links) == 1, refused.text
+    return html.unescape(links[0])
+
+
+async def test_a_refused_request_is_no_open_redirect(launcher: ServerLauncher) -> None:
+    """Anybody may register a client with their own site as its redirect URI: a link to
+    /authorize that is bound to fail would send a browser there straight from this server's
+    address (RFC 9700 4.11.2). The user sees the refusal, and where the link goes, first."""
+    async with hand_host(launcher) as host:
+        assert (await host.register(["https://phish.example/cb"])).status_code == 201
+        link = host.authorize_url("", redirect_uri="https://phish.example/cb", code_challenge=None)
+        shown = await host.raw.get(link)
+        assert "location" not in shown.headers
+        assert way_back(shown).startswith("https://phish.example/cb?error=invalid_request")
+        assert "phish.example" in shown.text and "<script" not in shown.text
 
 
 async def test_redirect_uris_match_exactly_and_unsafe_ones_are_not_registered(
@@ -451,6 +548,24 @@ async def test_an_expired_code_or_sign_in_link_is_refused(
         assert expired.status_code == 400 and expired.json()["error"] == "invalid_grant"
         gone = await host.user.submit(page, key=KEY_A)
         assert gone.status_code == 400 and "expired" in gone.text
+
+
+async def test_a_registration_never_used_is_soon_forgotten(
+    launcher: ServerLauncher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Anybody may register, as often as they like: registrations nobody signs in through are
+    kept a day, not the months of a client in use, so a flood of them does not stay."""
+    async with hand_host(launcher) as host:
+        verifier, challenge = pkce()
+        assert (await host.exchange(await host.code(challenge), verifier)).status_code == 200
+        used = host.client_id
+        assert (await host.register()).status_code == 201
+        later = time.time() + _oauth.UNUSED_CLIENT_SECONDS + 1
+        monkeypatch.setattr(_oauth, "now", lambda: later)
+        forgotten = await host.raw.get(host.authorize_url(challenge))
+        assert forgotten.status_code == 400 and "not found" in forgotten.json()["error_description"]
+        host.client_id = used
+        assert (await host.raw.get(host.authorize_url(challenge))).status_code == 302
 
 
 async def test_the_store_holds_no_key_token_or_code_in_the_clear(

@@ -40,6 +40,8 @@ ACCESS_SECONDS = 3600
 REFRESH_SECONDS = 30 * 86400
 #: Seconds a registered client is kept after its last sign-in or refresh.
 CLIENT_SECONDS = 90 * 86400
+#: Seconds a client is kept that nobody has signed in through: registration is open to anyone.
+UNUSED_CLIENT_SECONDS = 86400
 #: Seconds a client's metadata document (a client_id that is a URL) is used before it is fetched again.
 DOCUMENT_SECONDS = 3600
 
@@ -110,9 +112,11 @@ class Authorizations:
 
     # --- clients ---------------------------------------------------------------------------
 
-    async def keep_client(self, client_id: str, document: str) -> None:
-        """Keep a client's registration (`document`, JSON) for `CLIENT_SECONDS` from now."""
-        await self._store.oauth_put(OAuthItem("client", client_id, "", now() + CLIENT_SECONDS, document))
+    async def keep_client(
+        self, client_id: str, document: str, seconds: float = UNUSED_CLIENT_SECONDS
+    ) -> None:
+        """Keep a client's registration (`document`, JSON) for `seconds` from now."""
+        await self._store.oauth_put(OAuthItem("client", client_id, "", now() + seconds, document))
 
     async def client(self, client_id: str) -> str | None:
         item = await self._store.oauth_get("client", client_id, now=now())
@@ -129,7 +133,7 @@ class Authorizations:
     async def _renew_client(self, client_id: str) -> None:
         document = await self.client(client_id)
         if document is not None:
-            await self.keep_client(client_id, document)
+            await self.keep_client(client_id, document, CLIENT_SECONDS)
 
     # --- signing in ------------------------------------------------------------------------
 
@@ -182,11 +186,11 @@ class Authorizations:
 
     async def redeem(self, code: str) -> Tokens | None:
         """Spend the code for the grant's first tokens (None: somebody else spent it first)."""
-        item = await self._store.oauth_spend("code", digest(code), now=now())
+        item = await self._spend("code", code)
         if item is None:
             return None
         grant = Grant(**json.loads(item.body)["grant"])
-        return await self._issue(grant)
+        return await self._issue(grant, code)
 
     # --- tokens ----------------------------------------------------------------------------
 
@@ -200,11 +204,11 @@ class Authorizations:
 
     async def rotate(self, token: str) -> Tokens | None:
         """Spend the refresh token for a new pair; the grant's old access token ends with it."""
-        item = await self._store.oauth_spend("refresh", digest(token), now=now())
+        item = await self._spend("refresh", token)
         if item is None:
             return None
         await self._store.oauth_drop(item.grant, ("access",))
-        return await self._issue(Grant(**json.loads(item.body)))
+        return await self._issue(Grant(**json.loads(item.body)), token)
 
     async def account(self, access_token: str) -> Account | None:
         """The account an access token acts for, with its key; None for a token that is not live
@@ -220,7 +224,9 @@ class Authorizations:
         """End the grant, and every code and token issued under it."""
         await self._store.oauth_drop(grant_id)
 
-    async def _issue(self, grant: Grant) -> Tokens:
+    async def _issue(self, grant: Grant, spent: str) -> Tokens | None:
+        """New tokens for the grant, in return for the `spent` code or refresh token; None when
+        the grant ended while they were made (a parallel request presented `spent` again)."""
         moment = now()
         access = ACCESS_PREFIX + secrets.token_urlsafe(32)
         refresh = REFRESH_PREFIX + secrets.token_urlsafe(32)
@@ -231,6 +237,9 @@ class Authorizations:
         await self._store.oauth_put(
             OAuthItem("refresh", digest(refresh), grant.id, moment + REFRESH_SECONDS, body)
         )
+        if await self._store.oauth_get("spent", digest(spent), now=moment) is None:
+            await self._store.oauth_drop(grant.id)
+            return None
         await self._renew_client(grant.client_id)
         return Tokens(access, refresh, ACCESS_SECONDS, grant)
 
@@ -239,10 +248,21 @@ class Authorizations:
         return None if item is None else Issued(Grant(**json.loads(item.body)), item.expires_at)
 
     async def _live_or_end(self, kind: str, token: str) -> OAuthItem | None:
-        moment = now()
-        item = await self._store.oauth_get(kind, digest(token), now=moment)
+        item = await self._store.oauth_get(kind, digest(token), now=now())
         if item is None:
-            spent = await self._store.oauth_get("spent", digest(token), now=moment)
-            if spent is not None:
-                await self._store.oauth_drop(spent.grant)
+            await self._end_if_spent(token)
         return item
+
+    async def _spend(self, kind: str, token: str) -> OAuthItem | None:
+        """Spend a token that was live when its request began. None when a request in parallel
+        spent it first: that is a second presentation too, so it ends the grant, and whichever
+        request was the thief's holds nothing."""
+        item = await self._store.oauth_spend(kind, digest(token), now=now())
+        if item is None:
+            await self._end_if_spent(token)
+        return item
+
+    async def _end_if_spent(self, token: str) -> None:
+        spent = await self._store.oauth_get("spent", digest(token), now=now())
+        if spent is not None:
+            await self._store.oauth_drop(spent.grant)

@@ -14,9 +14,11 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from mcp.server.auth.handlers.metadata import MetadataHandler
+from mcp.server.auth.handlers.revoke import RevocationHandler
+from mcp.server.auth.middleware.client_auth import ClientAuthenticator
 from mcp.server.auth.provider import (
     AccessToken,
     AuthorizationCode,
@@ -28,6 +30,7 @@ from mcp.server.auth.provider import (
     TokenError,
 )
 from mcp.server.auth.routes import (
+    REVOCATION_PATH,
     build_metadata,
     build_resource_metadata_url,
     cors_middleware,
@@ -35,9 +38,15 @@ from mcp.server.auth.routes import (
     create_protected_resource_routes,
 )
 from mcp.server.auth.settings import ClientRegistrationOptions, RevocationOptions
+from mcp.server.transport_security import DEFAULT_MAX_REQUEST_BODY_SIZE, RequestBodyLimitMiddleware
 from mcp.shared.auth import OAuthClientInformationFull, OAuthToken
+from mcp.shared.inbound import MCP_PROTOCOL_VERSION_HEADER
 from pydantic import AnyHttpUrl, AnyUrl, ConfigDict, TypeAdapter
-from starlette.routing import Route
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request as StarletteRequest
+from starlette.responses import Response
+from starlette.routing import Route, request_response
+from starlette.types import ASGIApp, Message
 
 from .. import _client_documents
 from .._client_documents import DocumentError, is_document_url
@@ -303,6 +312,28 @@ def _check_registration(client: OAuthClientInformationFull) -> None:
             )
 
 
+@dataclass(frozen=True)
+class PublicRevocation:
+    """The SDK's revocation endpoint, open to public clients too. RFC 7009 2.1: a public client
+    names itself by client_id alone; the SDK's handler wants a client_secret field from every
+    client (its model gives the field no default) and answers 400 without one. A request without
+    the field gets it empty, which proves nothing: the SDK still asks a confidential client for
+    its secret, so an empty one is refused as a missing one is."""
+
+    handler: RevocationHandler
+
+    async def handle(self, request: StarletteRequest) -> Response:
+        body = await request.body()
+        fields = parse_qsl(body.decode("latin-1"), keep_blank_values=True)
+        if not any(name == "client_secret" for name, _ in fields):
+            body = urlencode([*fields, ("client_secret", "")]).encode()
+
+        async def receive() -> Message:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return await self.handler.handle(StarletteRequest(request.scope, receive))
+
+
 def oauth_routes(provider: Provider, urls: OAuthUrls) -> list[Route]:
     """The SDK's authorization server and protected resource routes, with metadata that also
     says the server names itself in each authorization response (RFC 9207) and takes client ID
@@ -313,10 +344,23 @@ def oauth_routes(provider: Provider, urls: OAuthUrls) -> list[Route]:
     metadata = build_metadata(issuer, None, registration, revocation)
     metadata.authorization_response_iss_parameter_supported = True
     metadata.client_id_metadata_document_supported = True
+    methods = ["none", "client_secret_post", "client_secret_basic"]
+    metadata.token_endpoint_auth_methods_supported = methods
+    metadata.revocation_endpoint_auth_methods_supported = methods
     served = MetadataHandler(metadata).handle
+    revoke = PublicRevocation(RevocationHandler(provider, ClientAuthenticator(provider))).handle
+    replaced: dict[str, ASGIApp] = {
+        "/.well-known/oauth-authorization-server": cors_middleware(served, ["GET", "OPTIONS"]),
+        REVOCATION_PATH: CORSMiddleware(
+            RequestBodyLimitMiddleware(request_response(revoke), DEFAULT_MAX_REQUEST_BODY_SIZE),
+            allow_origins="*",
+            allow_methods=["POST", "OPTIONS"],
+            allow_headers=[MCP_PROTOCOL_VERSION_HEADER],
+        ),
+    }
     routes = [
-        Route(route.path, endpoint=cors_middleware(served, ["GET", "OPTIONS"]), methods=["GET", "OPTIONS"])
-        if route.path == "/.well-known/oauth-authorization-server"
+        Route(route.path, endpoint=replaced[route.path], methods=route.methods)
+        if route.path in replaced
         else route
         for route in create_auth_routes(provider, issuer, None, registration, revocation)
     ]

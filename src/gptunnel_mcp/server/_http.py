@@ -41,6 +41,7 @@ from urllib.parse import urlsplit
 import anyio
 import h11
 import uvicorn
+from mcp.server.auth.routes import AUTHORIZATION_PATH
 from mcp.server.streamable_http_manager import DEFAULT_MAX_SESSIONS
 from mcp.server.transport_security import (
     DEFAULT_MAX_REQUEST_BODY_SIZE,
@@ -66,7 +67,7 @@ from .._settings import Settings
 from .._version import __version__
 from ._authorization import SIGN_IN_PATH, OAuthUrls, Provider, authorizations, oauth_routes, oauth_urls
 from ._build import EngineSlot, build_server
-from ._sign_in import SignIn
+from ._sign_in import ShownRefusals, SignIn
 
 logger = logging.getLogger("gptunnel_mcp")
 MCP_PATH = "/mcp"
@@ -589,9 +590,12 @@ def build_http_app(
         provider = Provider(slot.get, urls)
         sign_in = SignIn(slot.get, urls, provider.get_client, failures)
         routes = [
-            *oauth_routes(provider, urls),
-            Route(SIGN_IN_PATH, endpoint=sign_in.handle, methods=["GET", "POST"]),
+            Route(route.path, ShownRefusals(route.app, urls.sign_in), methods=route.methods)
+            if route.path == AUTHORIZATION_PATH
+            else route
+            for route in oauth_routes(provider, urls)
         ]
+        routes.append(Route(SIGN_IN_PATH, endpoint=sign_in.handle, methods=["GET", "POST"]))
         app.router.routes.extend(routes)
         open_paths = frozenset(route.path for route in routes)
         logger.info("OAuth sign-in is on: issuer %s", urls.issuer)

@@ -17,13 +17,16 @@ import logging
 import math
 import secrets
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from mcp.server.auth.provider import construct_redirect_uri
 from mcp.shared.auth import OAuthClientInformationFull
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .._engine import Engine
 from .._exceptions import AuthenticationError, GPTunnelMCPError
@@ -153,6 +156,48 @@ class SignIn:
     def _csrf(self, handle: str, browser: str) -> str:
         message = f"oauth-sign-in:{handle}:{browser}".encode()
         return hmac.new(self._engine().accounts.secret, message, hashlib.sha256).hexdigest()
+
+
+@dataclass(frozen=True)
+class ShownRefusals:
+    """The SDK's /authorize, except that a refused request is shown to the user, with a link
+    back to the client, rather than sent there at once. The SDK sends its refusals to the
+    client's redirect URI, and anybody may register a client with their own site there: a link
+    to this server's /authorize that is bound to fail would otherwise be a link to their site
+    (RFC 9700 4.11.2). The page says where its link goes."""
+
+    authorize: ASGIApp
+    sign_in: str
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        refused_to: str | None = None
+
+        async def holding(message: Message) -> None:
+            nonlocal refused_to
+            if message["type"] == "http.response.start" and message["status"] in (302, 303):
+                location = Headers(raw=message.get("headers", [])).get("location", "")
+                if not location.startswith(f"{self.sign_in}?"):
+                    refused_to = location
+            if refused_to is None:
+                await send(message)
+
+        await self.authorize(scope, receive, holding)
+        if refused_to is not None:
+            await _refusal(refused_to)(scope, receive, send)
+
+
+def _refusal(redirect: str) -> Response:
+    query = parse_qs(urlsplit(redirect).query)
+    reason = (query.get("error_description") or query.get("error") or ["the request was not valid"])[0]
+    e = html.escape
+    return _page(
+        "The app's sign-in request was refused",
+        f"<p>The app that sent you here asked for something this server does not allow: "
+        f"{e(reason[:300])}.</p>\n"
+        f'<p><a href="{e(redirect)}">Go back to {e(_where(redirect))}</a> to tell the app, or close '
+        "this page.</p>",
+        400,
+    )
 
 
 def _where(redirect_uri: str) -> str:
