@@ -56,6 +56,7 @@ async def test_a_host_that_calls_no_tools_for_views_gets_the_image_and_no_dead_c
         await settled(view)
         # Only what works here: no history it cannot read, no buttons whose tool calls would fail.
         assert await view.frame.locator("#history").is_hidden()
+        assert await card.locator("button.open").count() == 0
         for action in ("regenerate", "variations", "edit", "save"):
             assert await card.locator(f"[data-action={action}]").count() == 0, action
         assert await card.locator("[data-action=copy]").is_visible()
@@ -125,18 +126,26 @@ async def test_copying_a_prompt_keeps_the_keyboard_where_it_was(
         assert await copy.evaluate("node => node === document.activeElement")
 
 
-async def test_hostile_and_right_to_left_prompts_show_as_text_in_their_direction(
+async def test_hostile_long_and_right_to_left_prompts_show_as_text_in_their_direction(
     app_host: OpenHost, standin: StandIn, home: Path
 ) -> None:
     hostile = '<img src=x onerror="document.title=1">"quoted" & </figure>'
-    arabic = "قطة على سطح القمر 🐈"
+    arabic = "قطة على سطح القمر 🐈 " * 60
     async with gallery(app_host, standin, home) as (host, agent):
         await agent.call_tool("generate_and_wait", {"prompt": hostile})
-        view = await host.open("generate_and_wait", {"prompt": arabic})
+        view = await host.open("generate_and_wait", {"prompt": arabic}, width=360)
         await view.frame.locator("#grid .tile").nth(1).wait_for()
         prompt = view.frame.locator("#current .prompt")
-        assert await prompt.inner_text() == arabic
+        assert (await prompt.inner_text()).startswith(arabic[:200])
         assert await prompt.evaluate("node => getComputedStyle(node).direction") == "rtl"
+        # A long prompt does not push the image's actions out of sight; opened large, it is whole.
+        lines = "node => node.clientHeight / parseFloat(getComputedStyle(node).lineHeight)"
+        assert await prompt.evaluate(lines) <= 4
+        await view.frame.locator("#current button.open").click()
+        whole = view.frame.locator("dialog[open] .prompt")
+        await whole.wait_for()
+        assert await whole.evaluate(lines) > 10
+        await whole.press("Escape")
         caption = view.frame.locator("#grid .tile .caption").nth(1)
         assert await caption.inner_text() == hostile
         assert await view.frame.locator("img[src=x]").count() == 0
