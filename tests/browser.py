@@ -175,6 +175,21 @@ class View:
             outcome: dict[str, Any] = await self.page.evaluate("n => testHost.outcome(n)", self.number)
         return outcome
 
+    async def events(self) -> list[str]:
+        """The notifications the view sent the host so far, in order: "initialized", "sizechange"."""
+        events: list[str] = await self.page.evaluate("n => testHost.events(n)", self.number)
+        return events
+
+    async def request(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Sends the view the request `method` as a host would: {"result": ...} or {"error":
+        message, "code": JSON-RPC code}."""
+        with anyio.fail_after(OPEN_SECONDS):
+            answer: dict[str, Any] = await self.page.evaluate(
+                "([n, method, params]) => testHost.request(n, method, params)",
+                [self.number, method, params or {}],
+            )
+        return answer
+
     async def screenshot(self, path: Path | None = None) -> Image.Image:
         """The view as the user sees it (also saved to `path`), asserted not blank."""
         return not_blank(await self.element.screenshot(path=path))
@@ -194,11 +209,23 @@ class AppHost:
         *,
         theme: str | None = None,
         width: int = 720,
+        server_tools: bool = True,
+        refuse: tuple[str, ...] = (),
+        result_first: bool = False,
     ) -> View:
         """Calls `tool` as the model would and renders its view `width` pixels wide, in `theme`
         ("light" or "dark"; the host's current one if None). Returns once the view is initialized
-        and has the tool input; the result reaches it whenever the call ends."""
-        options: dict[str, Any] = {"width": width} | ({"theme": theme} if theme else {})
+        and has the tool input; the result reaches it whenever the call ends.
+
+        Other hosts, within the spec: `server_tools=False` calls no tools for the view, `refuse`
+        names tools whose calls the host refuses (a JSON-RPC error), `result_first` sends the
+        result, once the call ends, before the input."""
+        options: dict[str, Any] = {
+            "width": width,
+            "serverTools": server_tools,
+            "refuse": list(refuse),
+            "resultFirst": result_first,
+        } | ({"theme": theme} if theme else {})
         try:
             with anyio.fail_after(OPEN_SECONDS):
                 number = await self.page.evaluate(

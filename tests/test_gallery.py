@@ -8,6 +8,7 @@ import io
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from mcp import Client
 from mcp.client.extension import ClientExtension
@@ -144,3 +145,25 @@ async def test_show_gallery_lists_the_history_for_hosts_with_and_without_apps(
         assert [row["task_id"] for row in foxes["tasks"]] == [fox]
         # No pictures in the model's context: tiles come through gallery_image.
         assert [b.type for b in everything.content] == ["text"]
+
+
+async def test_many_views_following_one_task_share_its_polls_and_each_wait_ends(
+    memory_server: ServerLauncher, standin: StandIn
+) -> None:
+    standin.behaviour.generation_seconds = 600.0
+    standin.behaviour.result_delay = 0.2
+    async with memory_server.connect(GPTUNNEL_WAIT_TIMEOUT="1") as client:
+        task_id = structured(await client.call_tool("create_image", {"prompt": "a slow sunrise"}))["task_id"]
+        states: list[str] = []
+
+        async def follow() -> None:
+            waited = await client.call_tool("gallery_wait", {"task_id": task_id})
+            states.append(structured(waited)["image"]["status"])
+
+        async with anyio.create_task_group() as group:
+            for _ in range(40):
+                group.start_soon(follow)
+        # Every wait came back (within the server's wait timeout), and GPTunnel was never asked
+        # about the task twice at once however many views follow it.
+        assert states == ["pending"] * 40
+        assert standin.stats.max_concurrent_result_calls_by_task[task_id] == 1

@@ -13,6 +13,7 @@ import {
   isToolVisibilityModelOnly,
 } from "@modelcontextprotocol/ext-apps/app-bridge";
 import { Client, StreamableHTTPClientTransport } from "@modelcontextprotocol/client";
+import { z } from "zod";
 
 const HOST_INFO = { name: "gptunnel-mcp-test-host", version: "1.0.0" };
 const APPS_EXTENSION = "io.modelcontextprotocol/ui";
@@ -114,8 +115,17 @@ const testHost = {
    * Calls `name` as the model would and renders its view in a new turn at `width` pixels.
    * Resolves with the view's number once the view is initialized and has the tool input;
    * the tool result follows whenever the call ends (see `outcome`).
+   *
+   * Hosts differ, and some options play one that is within the spec but unlike this one's
+   * defaults: `serverTools: false` proxies no tool calls (the capability is not offered),
+   * `refuse` lists tools whose calls the host refuses with a JSON-RPC error (as on a user's
+   * "deny"), and `resultFirst` sends the tool result before the tool input.
    */
-  async open(name, args = {}, { theme = testHost.theme, width = 720 } = {}) {
+  async open(
+    name,
+    args = {},
+    { theme = testHost.theme, width = 720, serverTools = true, refuse = [], resultFirst = false } = {},
+  ) {
     const tool = tools.get(name);
     if (!tool) {
       throw new Error(`the server has no tool ${name} (it has: ${[...tools.keys()].join(", ")})`);
@@ -130,15 +140,35 @@ const testHost = {
     testHost.setTheme(theme);
     // Hosts start the call and the view together, so a view meets its result late.
     const call = client.callTool({ name, arguments: args });
-    const view = { id: views.length + 1, tool, width, outcome: settle(call) };
+    const view = { id: views.length + 1, tool, width, serverTools, refuse, outcome: settle(call), events: [] };
     views.push(view);
     const html = await readView(uri);
     await render(view, html);
-    view.bridge.sendToolInput({ arguments: args });
-    view.outcome.then(({ result, error }) =>
-      result ? view.bridge.sendToolResult(result) : view.bridge.sendToolCancelled({ reason: error }),
-    );
+    const sendOutcome = ({ result, error }) =>
+      result ? view.bridge.sendToolResult(result) : view.bridge.sendToolCancelled({ reason: error });
+    if (resultFirst) {
+      await sendOutcome(await view.outcome);
+      view.bridge.sendToolInput({ arguments: args });
+    } else {
+      view.bridge.sendToolInput({ arguments: args });
+      view.outcome.then(sendOutcome);
+    }
     return view.id;
+  },
+
+  /** The notifications view `id` sent, in order, by method ("ui/notifications/initialized", ...). */
+  events(id) {
+    return views[id - 1].events;
+  },
+
+  /** Sends view `id` the request `method` as a host would: {result} or {error, code}. */
+  async request(id, method, params = {}) {
+    try {
+      // Any answer at all: the tests judge it, not the bridge.
+      return { result: await views[id - 1].bridge.request({ method, params }, z.looseObject({})) };
+    } catch (error) {
+      return { error: error.message, code: error.code };
+    }
   },
 
   /** What the model's call behind view `id` ended with: {result} or {error}. */
@@ -241,7 +271,7 @@ function bridge(view) {
     HOST_INFO,
     {
       openLinks: {},
-      serverTools: {},
+      ...(view.serverTools ? { serverTools: {} } : {}),
       serverResources: {},
       logging: {},
       message: { text: {} },
@@ -254,8 +284,16 @@ function bridge(view) {
     const record = { view: view.id, name: params.name, arguments: params.arguments ?? {} };
     testHost.calls.push(record);
     const tool = tools.get(params.name);
+    if (!view.serverTools) {
+      record.error = "this host does not call server tools for views";
+      throw new Error(record.error);
+    }
     if (!tool || isToolVisibilityModelOnly(tool)) {
       record.error = `${params.name} is not a tool this view may call`;
+      throw new Error(record.error);
+    }
+    if (view.refuse.includes(params.name)) {
+      record.error = `the user did not allow ${params.name}`;
       throw new Error(record.error);
     }
     try {
@@ -285,6 +323,9 @@ function bridge(view) {
   appBridge.onloggingmessage = (params) => {
     testHost.logs.push({ view: view.id, ...params });
   };
+  for (const event of ["initialized", "sizechange"]) {
+    appBridge.addEventListener(event, () => view.events.push(event));
+  }
   appBridge.onsizechange = ({ width, height }) => {
     // As hosts do: the view asks for its content's size, the turn's width stays the ceiling.
     if (width !== undefined) {
