@@ -134,6 +134,16 @@ async def test_the_history_shows_more_pages_on_request(
         await more.wait_for(state="hidden")
         assert (await tiles(view))[-1] == "a heron, take 0 (done)"
 
+        # The frame is as tall as the gallery: the image opens by the tile, not in the middle.
+        oldest = view.frame.locator("#grid .tile").nth(12)
+        await oldest.click()
+        dialog = view.frame.locator("dialog#viewer[open]")
+        await dialog.locator("figure[data-status=done] img").wait_for()
+        tile_top = (await oldest.bounding_box() or {}).get("y", 0)
+        dialog_box = await dialog.bounding_box()
+        assert dialog_box is not None
+        assert dialog_box["y"] <= tile_top <= dialog_box["y"] + dialog_box["height"]
+
 
 async def test_regenerate_goes_through_the_host_as_a_tool_call_and_a_new_image_appears(
     app_host: OpenHost, standin: StandIn, home: Path
