@@ -282,6 +282,8 @@ async def test_metadata_and_the_challenge_point_a_client_to_sign_in(launcher: Se
         challenge = refused.headers["www-authenticate"]
         prm_url = f"{base}/.well-known/oauth-protected-resource/mcp"
         assert f'resource_metadata="{prm_url}"' in challenge
+        # RFC 6750 3.1: a request with no credentials is told where to get some, not of an error.
+        assert "error" not in challenge
         prm = (await raw.get(prm_url)).json()
         assert prm["resource"] == url and prm["authorization_servers"] == [base]
         asm = (await raw.get(f"{base}/.well-known/oauth-authorization-server")).json()

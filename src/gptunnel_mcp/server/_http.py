@@ -187,7 +187,7 @@ class Gate:
             what = "your GPTunnel key" if self._multi_user else "the server's token"
             how = "sign in (OAuth), or " if self._oauth else ""
             return self._unauthorized(
-                f"{how}send {what} as 'Authorization: Bearer <token>'", "invalid_request"
+                f"{how}send {what} as 'Authorization: Bearer <token>'", "invalid_request", credentials=False
             )
         client = request.client.host if request.client else ""
         if self._oauth is not None and token.startswith(ACCESS_PREFIX):
@@ -254,8 +254,9 @@ class Gate:
         self._failures.add(client)
         return self._unauthorized(description, "invalid_token")
 
-    def _unauthorized(self, description: str, error: str) -> Response:
-        return _unauthorized(description, error, self._oauth.resource_metadata if self._oauth else None)
+    def _unauthorized(self, description: str, error: str, *, credentials: bool = True) -> Response:
+        metadata = self._oauth.resource_metadata if self._oauth else None
+        return _unauthorized(description, error, metadata, credentials=credentials)
 
 
 class FailedAttempts:
@@ -443,8 +444,14 @@ def _too_large(request: Request) -> Response | None:
     return Response("Request body too large", status_code=413) if declared > MAX_BODY else None
 
 
-def _unauthorized(description: str, error: str, resource_metadata: str | None) -> Response:
-    challenge = f'Bearer realm="gptunnel-mcp", error="{error}", error_description="{description}"'
+def _unauthorized(
+    description: str, error: str, resource_metadata: str | None, *, credentials: bool = True
+) -> Response:
+    """A 401. `credentials`: whether the request carried any; a request without is told where to
+    get some, and no error, in its challenge (RFC 6750 3.1): the body still says what to send."""
+    challenge = 'Bearer realm="gptunnel-mcp"'
+    if credentials:
+        challenge += f', error="{error}", error_description="{description}"'
     if resource_metadata is not None:
         # Where an OAuth client starts (RFC 9728 5.1).
         challenge += f', resource_metadata="{resource_metadata}"'
