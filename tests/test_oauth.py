@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -26,7 +27,7 @@ import anyio
 import httpx2
 import pytest
 
-from gptunnel_mcp import _client_documents, _oauth
+from gptunnel_mcp import _accounts, _client_documents, _oauth
 from gptunnel_mcp.server._authorization import oauth_urls
 
 from .conftest import (
@@ -272,6 +273,37 @@ async def test_a_confidential_client_revokes_only_with_its_secret(launcher: Serv
         form = {"token": tokens["access_token"], "client_id": host.client_id, "client_secret": secret}
         assert (await host.raw.post(revoke, data=form)).status_code == 200
         assert (await post_mcp(host.raw, host.url, tokens["access_token"])).status_code == 401
+
+
+async def test_a_key_gptunnel_no_longer_accepts_ends_the_sign_in(
+    strict_launcher: ServerLauncher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refresh cannot mend a key revoked at GPTunnel: the sign-in ends, so that the host asks
+    the user to sign in again rather than refreshing into refusals for ever. GPTunnel out of
+    reach for a while ends nothing."""
+    standin = strict_launcher.standin
+    async with hand_host(strict_launcher, GOOD_KEY) as host:
+        verifier, challenge = pkce()
+        tokens = (await host.exchange(await host.code(challenge), verifier)).json()
+        assert (await post_mcp(host.raw, host.url, tokens["access_token"])).status_code == 200
+        # Past the time the server remembers an accepted key: the next request asks GPTunnel again.
+        later = time.monotonic() + 3600
+        monkeypatch.setattr(_accounts, "time", SimpleNamespace(monotonic=lambda: later))
+
+        standin.behaviour.transient_failures = 1000
+        unreachable = await post_mcp(host.raw, host.url, tokens["access_token"])
+        assert unreachable.status_code == 503
+        standin.behaviour.transient_failures = 0
+        renewed = await refresh(host.raw, host.url, host.client_id, tokens["refresh_token"])
+        assert renewed.status_code == 200, renewed.text
+        tokens = renewed.json()
+
+        standin.api_key = "sk-oauth-another-key"
+        refused = await post_mcp(host.raw, host.url, tokens["access_token"])
+        assert refused.status_code == 401
+        assert 'error="invalid_token"' in refused.headers["www-authenticate"]
+        ended = await refresh(host.raw, host.url, host.client_id, tokens["refresh_token"])
+        assert ended.status_code == 400 and ended.json()["error"] == "invalid_grant"
 
 
 async def test_metadata_and_the_challenge_point_a_client_to_sign_in(launcher: ServerLauncher) -> None:

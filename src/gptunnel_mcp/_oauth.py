@@ -220,6 +220,12 @@ class Authorizations:
         key = unseal(self._secret, grant.owner, base64.b64decode(grant.sealed_key))
         return None if key is None else Account(owner=grant.owner, api_key=key)
 
+    async def end(self, access_token: str) -> None:
+        """End the grant `access_token` was issued under, if it is live."""
+        issued = await self.access(access_token)
+        if issued is not None:
+            await self.revoke(issued.grant.id)
+
     async def revoke(self, grant_id: str) -> None:
         """End the grant, and every code and token issued under it."""
         await self._store.oauth_drop(grant_id)

@@ -200,8 +200,9 @@ class Gate:
         return self._refuse(client, "the bearer token is not this server's token")
 
     async def _check_access_token(self, request: Request, token: str, client: str) -> str | Response:
+        state = authorizations(self._engine())
         try:
-            account = await authorizations(self._engine()).account(token)
+            account = await state.account(token)
         except StorageError as exc:
             logger.warning("could not look up an access token: %s", exc.reason)
             return _unavailable("cannot check the access token now")
@@ -212,7 +213,15 @@ class Gate:
                 "the access token has expired or was revoked: refresh it, or sign in again", "invalid_token"
             )
         _carry_key(request.scope, account.api_key)
-        return await self._check_key(account.api_key, client)
+        checked = await self._check_key(account.api_key, client)
+        if isinstance(checked, Response) and self._engine().accounts.is_refused(account):
+            # No refresh mends a key GPTunnel refuses, only a new sign-in; ending the grant makes
+            # the host's next refresh fail (invalid_grant), which is what makes it ask for one.
+            try:
+                await state.end(token)
+            except StorageError as exc:
+                logger.warning("could not end a sign-in whose key GPTunnel refused: %s", exc.reason)
+        return checked
 
     async def _check_key(self, token: str, client: str) -> str | Response:
         engine = self._engine()
