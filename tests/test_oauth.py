@@ -261,6 +261,8 @@ async def test_a_confidential_client_revokes_only_with_its_secret(launcher: Serv
             f"{host.base}/register",
             json={"redirect_uris": [CALLBACK], "token_endpoint_auth_method": "client_secret_post"},
         )
+        # The answer holds the client's secret: no cache may keep it (RFC 7591 3.2.1).
+        assert registered.headers["cache-control"] == "no-store"
         host.client_id, secret = registered.json()["client_id"], registered.json()["client_secret"]
         verifier, challenge = pkce()
         tokens = (await host.exchange(await host.code(challenge), verifier, client_secret=secret)).json()
@@ -516,6 +518,10 @@ async def test_redirect_uris_match_exactly_and_unsafe_ones_are_not_registered(
             registered = await host.register([unsafe])
             assert registered.status_code == 400, unsafe
             assert registered.json()["error"] == "invalid_redirect_uri"
+        # The sign-in page would name the site by what precedes the "@".
+        disguised = await host.register(["https://claude.ai@evil.example/cb"])
+        assert disguised.status_code == 400 and disguised.json()["error"] == "invalid_redirect_uri"
+        assert "user name" in disguised.json()["error_description"]
         huge = await host.raw.post(
             f"{host.base}/register", json={"redirect_uris": [CALLBACK], "client_name": "x" * 20_000}
         )
@@ -701,8 +707,9 @@ async def test_a_host_signs_in_with_a_client_id_metadata_document(launcher: Serv
         {"token_endpoint_auth_method": "client_secret_post"},
         {"redirect_uris": None},
         {"redirect_uris": ["http://evil.example/cb"]},
+        {"redirect_uris": ["https://claude.ai@evil.example/cb"]},
     ],
-    ids=["other-client-id", "secret", "auth-method", "no-redirects", "plain-http-redirect"],
+    ids=["other-client-id", "secret", "auth-method", "no-redirects", "plain-http-redirect", "user-name"],
 )
 async def test_unfit_documents_are_refused(
     launcher: ServerLauncher, web: Web, changes: dict[str, Any]
@@ -713,6 +720,23 @@ async def test_unfit_documents_are_refused(
         _, challenge = pkce()
         refused = await host.raw.get(host.authorize_url(challenge))
         assert refused.status_code == 400 and "not found" in refused.json()["error_description"]
+
+
+async def test_a_client_id_cannot_write_lines_into_the_log(
+    launcher: ServerLauncher, web: Web, server_log: pytest.LogCaptureFixture
+) -> None:
+    """A client_id is the client's word, and reaches the log: a line break in it must not start
+    a line of its own there, which could pass for the server's."""
+    forged = DOCUMENT_URL + "\nINFO gptunnel_mcp: forged"
+    async with hand_host(launcher) as host:
+        host.client_id = forged
+        _, challenge = pkce()
+        assert (await host.raw.get(host.authorize_url(challenge))).status_code == 400
+        web.documents[forged] = document(client_id=forged)
+        assert (await host.code(challenge)).startswith(_oauth.CODE_PREFIX)
+    assert "\nINFO gptunnel_mcp: forged" not in server_log.text
+    assert "signed in for the OAuth client" in server_log.text
+    assert "refused the client metadata document" in server_log.text
 
 
 @pytest.mark.parametrize(
