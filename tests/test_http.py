@@ -138,7 +138,11 @@ def assert_unauthorized(response: httpx2.Response, error: str) -> None:
     assert response.status_code == 401, (response.status_code, response.text)
     challenge = response.headers.get("www-authenticate", "")
     assert challenge.startswith("Bearer "), response.headers
-    assert f'error="{error}"' in challenge
+    if error == "invalid_request":
+        # No credentials at all: RFC 6750 3.1 gives the challenge no error.
+        assert "error" not in challenge, challenge
+    else:
+        assert f'error="{error}"' in challenge
     assert response.json()["error"] == error
 
 

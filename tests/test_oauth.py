@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -26,7 +27,7 @@ import anyio
 import httpx2
 import pytest
 
-from gptunnel_mcp import _client_documents, _oauth
+from gptunnel_mcp import _accounts, _client_documents, _oauth
 from gptunnel_mcp.server._authorization import oauth_urls
 
 from .conftest import (
@@ -260,6 +261,8 @@ async def test_a_confidential_client_revokes_only_with_its_secret(launcher: Serv
             f"{host.base}/register",
             json={"redirect_uris": [CALLBACK], "token_endpoint_auth_method": "client_secret_post"},
         )
+        # The answer holds the client's secret: no cache may keep it (RFC 7591 3.2.1).
+        assert registered.headers["cache-control"] == "no-store"
         host.client_id, secret = registered.json()["client_id"], registered.json()["client_secret"]
         verifier, challenge = pkce()
         tokens = (await host.exchange(await host.code(challenge), verifier, client_secret=secret)).json()
@@ -274,6 +277,37 @@ async def test_a_confidential_client_revokes_only_with_its_secret(launcher: Serv
         assert (await post_mcp(host.raw, host.url, tokens["access_token"])).status_code == 401
 
 
+async def test_a_key_gptunnel_no_longer_accepts_ends_the_sign_in(
+    strict_launcher: ServerLauncher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refresh cannot mend a key revoked at GPTunnel: the sign-in ends, so that the host asks
+    the user to sign in again rather than refreshing into refusals for ever. GPTunnel out of
+    reach for a while ends nothing."""
+    standin = strict_launcher.standin
+    async with hand_host(strict_launcher, GOOD_KEY) as host:
+        verifier, challenge = pkce()
+        tokens = (await host.exchange(await host.code(challenge), verifier)).json()
+        assert (await post_mcp(host.raw, host.url, tokens["access_token"])).status_code == 200
+        # Past the time the server remembers an accepted key: the next request asks GPTunnel again.
+        later = time.monotonic() + 3600
+        monkeypatch.setattr(_accounts, "time", SimpleNamespace(monotonic=lambda: later))
+
+        standin.behaviour.transient_failures = 1000
+        unreachable = await post_mcp(host.raw, host.url, tokens["access_token"])
+        assert unreachable.status_code == 503
+        standin.behaviour.transient_failures = 0
+        renewed = await refresh(host.raw, host.url, host.client_id, tokens["refresh_token"])
+        assert renewed.status_code == 200, renewed.text
+        tokens = renewed.json()
+
+        standin.api_key = "sk-oauth-another-key"
+        refused = await post_mcp(host.raw, host.url, tokens["access_token"])
+        assert refused.status_code == 401
+        assert 'error="invalid_token"' in refused.headers["www-authenticate"]
+        ended = await refresh(host.raw, host.url, host.client_id, tokens["refresh_token"])
+        assert ended.status_code == 400 and ended.json()["error"] == "invalid_grant"
+
+
 async def test_metadata_and_the_challenge_point_a_client_to_sign_in(launcher: ServerLauncher) -> None:
     async with oauth_server(launcher) as url, httpx2.AsyncClient(timeout=15) as raw:
         base = base_of(url)
@@ -282,6 +316,8 @@ async def test_metadata_and_the_challenge_point_a_client_to_sign_in(launcher: Se
         challenge = refused.headers["www-authenticate"]
         prm_url = f"{base}/.well-known/oauth-protected-resource/mcp"
         assert f'resource_metadata="{prm_url}"' in challenge
+        # RFC 6750 3.1: a request with no credentials is told where to get some, not of an error.
+        assert "error" not in challenge
         prm = (await raw.get(prm_url)).json()
         assert prm["resource"] == url and prm["authorization_servers"] == [base]
         asm = (await raw.get(f"{base}/.well-known/oauth-authorization-server")).json()
@@ -482,6 +518,10 @@ async def test_redirect_uris_match_exactly_and_unsafe_ones_are_not_registered(
             registered = await host.register([unsafe])
             assert registered.status_code == 400, unsafe
             assert registered.json()["error"] == "invalid_redirect_uri"
+        # The sign-in page would name the site by what precedes the "@".
+        disguised = await host.register(["https://claude.ai@evil.example/cb"])
+        assert disguised.status_code == 400 and disguised.json()["error"] == "invalid_redirect_uri"
+        assert "user name" in disguised.json()["error_description"]
         huge = await host.raw.post(
             f"{host.base}/register", json={"redirect_uris": [CALLBACK], "client_name": "x" * 20_000}
         )
@@ -667,8 +707,9 @@ async def test_a_host_signs_in_with_a_client_id_metadata_document(launcher: Serv
         {"token_endpoint_auth_method": "client_secret_post"},
         {"redirect_uris": None},
         {"redirect_uris": ["http://evil.example/cb"]},
+        {"redirect_uris": ["https://claude.ai@evil.example/cb"]},
     ],
-    ids=["other-client-id", "secret", "auth-method", "no-redirects", "plain-http-redirect"],
+    ids=["other-client-id", "secret", "auth-method", "no-redirects", "plain-http-redirect", "user-name"],
 )
 async def test_unfit_documents_are_refused(
     launcher: ServerLauncher, web: Web, changes: dict[str, Any]
@@ -679,6 +720,23 @@ async def test_unfit_documents_are_refused(
         _, challenge = pkce()
         refused = await host.raw.get(host.authorize_url(challenge))
         assert refused.status_code == 400 and "not found" in refused.json()["error_description"]
+
+
+async def test_a_client_id_cannot_write_lines_into_the_log(
+    launcher: ServerLauncher, web: Web, server_log: pytest.LogCaptureFixture
+) -> None:
+    """A client_id is the client's word, and reaches the log: a line break in it must not start
+    a line of its own there, which could pass for the server's."""
+    forged = DOCUMENT_URL + "\nINFO gptunnel_mcp: forged"
+    async with hand_host(launcher) as host:
+        host.client_id = forged
+        _, challenge = pkce()
+        assert (await host.raw.get(host.authorize_url(challenge))).status_code == 400
+        web.documents[forged] = document(client_id=forged)
+        assert (await host.code(challenge)).startswith(_oauth.CODE_PREFIX)
+    assert "\nINFO gptunnel_mcp: forged" not in server_log.text
+    assert "signed in for the OAuth client" in server_log.text
+    assert "refused the client metadata document" in server_log.text
 
 
 @pytest.mark.parametrize(

@@ -4,9 +4,10 @@ finished sign-in was given.
 A grant is one user's sign-in through one client. It starts as a pending request (the client's
 parameters, waiting for the user to give their key), becomes a code once the key is checked, and
 the code becomes an access and a refresh token. Every item of it carries the grant's id, so a
-grant ends whole: when the user revokes any of its tokens, and when a code or a refresh token
-is presented a second time (stolen, or replayed: RFC 9700 4.14), which ends what was issued for
-it too. A refresh token is spent by its use, and the new pair replaces the grant's old one.
+grant ends whole: when the user revokes any of its tokens, when GPTunnel refuses its key (no
+refresh would mend that), and when a code or a refresh token is presented a second time (stolen,
+or replayed: RFC 9700 4.14), which ends what was issued for it too. A refresh token is spent by
+its use, and the new pair replaces the grant's old one.
 
 Codes and tokens are 256 random bits, kept only as their SHA-256, so a copy of the store holds
 none that works. The user's GPTunnel key is kept sealed (`_sealing`, bound to the owner's
@@ -219,6 +220,12 @@ class Authorizations:
         grant = issued.grant
         key = unseal(self._secret, grant.owner, base64.b64decode(grant.sealed_key))
         return None if key is None else Account(owner=grant.owner, api_key=key)
+
+    async def end(self, access_token: str) -> None:
+        """End the grant `access_token` was issued under, if it is live."""
+        issued = await self.access(access_token)
+        if issued is not None:
+            await self.revoke(issued.grant.id)
 
     async def revoke(self, grant_id: str) -> None:
         """End the grant, and every code and token issued under it."""

@@ -12,11 +12,13 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from mcp.server.auth.handlers.metadata import MetadataHandler
+from mcp.server.auth.handlers.register import RegistrationHandler
 from mcp.server.auth.handlers.revoke import RevocationHandler
 from mcp.server.auth.middleware.client_auth import ClientAuthenticator
 from mcp.server.auth.provider import (
@@ -30,6 +32,7 @@ from mcp.server.auth.provider import (
     TokenError,
 )
 from mcp.server.auth.routes import (
+    REGISTRATION_PATH,
     REVOCATION_PATH,
     build_metadata,
     build_resource_metadata_url,
@@ -51,7 +54,7 @@ from starlette.types import ASGIApp, Message
 from .. import _client_documents
 from .._client_documents import DocumentError, is_document_url
 from .._engine import Engine
-from .._oauth import Authorizations, Request, Tokens
+from .._oauth import Authorizations, Issued, Request, Tokens
 from .._sealing import seal, unseal
 from .._settings import Settings
 from .._store import OAuthRecords
@@ -107,6 +110,9 @@ class GrantedAccessToken(AccessToken):
     grant_id: str
 
 
+_Token = TypeVar("_Token", GrantedRefreshToken, GrantedAccessToken)
+
+
 def authorizations(engine: Engine) -> Authorizations:
     store = engine.store
     assert isinstance(store, OAuthRecords), "both stores keep OAuth state"
@@ -158,7 +164,7 @@ class Provider(OAuthAuthorizationServerProvider[GrantedCode, GrantedRefreshToken
             client = _published(url, await _client_documents.fetch_document(url))
         except (DocumentError, RegistrationError) as exc:
             reason = exc.error_description if isinstance(exc, RegistrationError) else str(exc)
-            logger.info("refused the client metadata document at %s: %s", url[:200], reason)
+            logger.info("refused the client metadata document at %r: %s", url[:200], reason)
             return None
         await state.keep_document(url, client.model_dump_json(exclude_none=True))
         return client
@@ -220,19 +226,7 @@ class Provider(OAuthAuthorizationServerProvider[GrantedCode, GrantedRefreshToken
     async def load_refresh_token(
         self, client: OAuthClientInformationFull, refresh_token: str
     ) -> GrantedRefreshToken | None:
-        issued = await self._state().refresh(refresh_token)
-        if issued is None:
-            return None
-        grant = issued.grant
-        return GrantedRefreshToken(
-            token=refresh_token,
-            client_id=grant.client_id,
-            scopes=grant.scopes,
-            expires_at=int(issued.expires_at),
-            resource=grant.resource,
-            subject=grant.owner,
-            grant_id=grant.id,
-        )
+        return _granted(GrantedRefreshToken, refresh_token, await self._state().refresh(refresh_token))
 
     async def exchange_refresh_token(
         self, client: OAuthClientInformationFull, refresh_token: GrantedRefreshToken, scopes: list[str]
@@ -243,22 +237,26 @@ class Provider(OAuthAuthorizationServerProvider[GrantedCode, GrantedRefreshToken
         return _token_response(tokens)
 
     async def load_access_token(self, token: str) -> GrantedAccessToken | None:
-        issued = await self._state().access(token)
-        if issued is None:
-            return None
-        grant = issued.grant
-        return GrantedAccessToken(
-            token=token,
-            client_id=grant.client_id,
-            scopes=grant.scopes,
-            expires_at=int(issued.expires_at),
-            resource=grant.resource,
-            subject=grant.owner,
-            grant_id=grant.id,
-        )
+        return _granted(GrantedAccessToken, token, await self._state().access(token))
 
     async def revoke_token(self, token: GrantedAccessToken | GrantedRefreshToken) -> None:
         await self._state().revoke(token.grant_id)
+
+
+def _granted(kind: type[_Token], token: str, issued: Issued | None) -> _Token | None:
+    """The SDK's view of a live token (None: not live)."""
+    if issued is None:
+        return None
+    grant = issued.grant
+    return kind(
+        token=token,
+        client_id=grant.client_id,
+        scopes=grant.scopes,
+        expires_at=int(issued.expires_at),
+        resource=grant.resource,
+        subject=grant.owner,
+        grant_id=grant.id,
+    )
 
 
 def _client_owner(client_id: str) -> str:
@@ -306,6 +304,12 @@ def _check_registration(client: OAuthClientInformationFull) -> None:
     for uri in client.redirect_uris or []:
         if uri.scheme in _REFUSED_SCHEMES or uri.fragment is not None:
             raise RegistrationError("invalid_redirect_uri", f"{uri} cannot be a redirect URI")
+        if uri.username is not None or uri.password is not None:
+            # https://claude.ai@evil.example/ goes to evil.example, but reads as claude.ai on the
+            # sign-in page, where the user decides whether to trust it.
+            raise RegistrationError(
+                "invalid_redirect_uri", f"{uri}: a redirect URI cannot hold a user name (before '@')"
+            )
         if uri.scheme == "http" and uri.host not in _LOOPBACK:
             raise RegistrationError(
                 "invalid_redirect_uri", f"{uri}: plain http is for loopback addresses only; use https"
@@ -334,6 +338,31 @@ class PublicRevocation:
         return await self.handler.handle(StarletteRequest(request.scope, receive))
 
 
+@dataclass(frozen=True)
+class UncachedRegistration:
+    """The SDK's registration endpoint, with answers no cache keeps: a confidential client's
+    holds its secret (RFC 7591 3.2.1, RFC 6749 5.1), and the SDK's handler says nothing."""
+
+    handler: RegistrationHandler
+
+    async def handle(self, request: StarletteRequest) -> Response:
+        response = await self.handler.handle(request)
+        response.headers["Cache-Control"] = "no-store"
+        response.headers["Pragma"] = "no-cache"
+        return response
+
+
+def _posted(handler: Callable[[StarletteRequest], Awaitable[Response]]) -> ASGIApp:
+    """A POST endpoint for OAuth clients, as the SDK serves its own: any origin (browser-based
+    clients), bodies within the limit."""
+    return CORSMiddleware(
+        RequestBodyLimitMiddleware(request_response(handler), DEFAULT_MAX_REQUEST_BODY_SIZE),
+        allow_origins="*",
+        allow_methods=["POST", "OPTIONS"],
+        allow_headers=[MCP_PROTOCOL_VERSION_HEADER],
+    )
+
+
 def oauth_routes(provider: Provider, urls: OAuthUrls) -> list[Route]:
     """The SDK's authorization server and protected resource routes, with metadata that also
     says the server names itself in each authorization response (RFC 9207) and takes client ID
@@ -349,14 +378,11 @@ def oauth_routes(provider: Provider, urls: OAuthUrls) -> list[Route]:
     metadata.revocation_endpoint_auth_methods_supported = methods
     served = MetadataHandler(metadata).handle
     revoke = PublicRevocation(RevocationHandler(provider, ClientAuthenticator(provider))).handle
+    register = UncachedRegistration(RegistrationHandler(provider, registration)).handle
     replaced: dict[str, ASGIApp] = {
         "/.well-known/oauth-authorization-server": cors_middleware(served, ["GET", "OPTIONS"]),
-        REVOCATION_PATH: CORSMiddleware(
-            RequestBodyLimitMiddleware(request_response(revoke), DEFAULT_MAX_REQUEST_BODY_SIZE),
-            allow_origins="*",
-            allow_methods=["POST", "OPTIONS"],
-            allow_headers=[MCP_PROTOCOL_VERSION_HEADER],
-        ),
+        REVOCATION_PATH: _posted(revoke),
+        REGISTRATION_PATH: _posted(register),
     }
     routes = [
         Route(route.path, endpoint=replaced[route.path], methods=route.methods)

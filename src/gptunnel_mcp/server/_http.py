@@ -187,7 +187,7 @@ class Gate:
             what = "your GPTunnel key" if self._multi_user else "the server's token"
             how = "sign in (OAuth), or " if self._oauth else ""
             return self._unauthorized(
-                f"{how}send {what} as 'Authorization: Bearer <token>'", "invalid_request"
+                f"{how}send {what} as 'Authorization: Bearer <token>'", "invalid_request", credentials=False
             )
         client = request.client.host if request.client else ""
         if self._oauth is not None and token.startswith(ACCESS_PREFIX):
@@ -200,8 +200,9 @@ class Gate:
         return self._refuse(client, "the bearer token is not this server's token")
 
     async def _check_access_token(self, request: Request, token: str, client: str) -> str | Response:
+        state = authorizations(self._engine())
         try:
-            account = await authorizations(self._engine()).account(token)
+            account = await state.account(token)
         except StorageError as exc:
             logger.warning("could not look up an access token: %s", exc.reason)
             return _unavailable("cannot check the access token now")
@@ -212,7 +213,15 @@ class Gate:
                 "the access token has expired or was revoked: refresh it, or sign in again", "invalid_token"
             )
         _carry_key(request.scope, account.api_key)
-        return await self._check_key(account.api_key, client)
+        checked = await self._check_key(account.api_key, client)
+        if isinstance(checked, Response) and self._engine().accounts.is_refused(account):
+            # No refresh mends a key GPTunnel refuses, only a new sign-in; ending the grant makes
+            # the host's next refresh fail (invalid_grant), which is what makes it ask for one.
+            try:
+                await state.end(token)
+            except StorageError as exc:
+                logger.warning("could not end a sign-in whose key GPTunnel refused: %s", exc.reason)
+        return checked
 
     async def _check_key(self, token: str, client: str) -> str | Response:
         engine = self._engine()
@@ -254,8 +263,9 @@ class Gate:
         self._failures.add(client)
         return self._unauthorized(description, "invalid_token")
 
-    def _unauthorized(self, description: str, error: str) -> Response:
-        return _unauthorized(description, error, self._oauth.resource_metadata if self._oauth else None)
+    def _unauthorized(self, description: str, error: str, *, credentials: bool = True) -> Response:
+        metadata = self._oauth.resource_metadata if self._oauth else None
+        return _unauthorized(description, error, metadata, credentials=credentials)
 
 
 class FailedAttempts:
@@ -443,8 +453,14 @@ def _too_large(request: Request) -> Response | None:
     return Response("Request body too large", status_code=413) if declared > MAX_BODY else None
 
 
-def _unauthorized(description: str, error: str, resource_metadata: str | None) -> Response:
-    challenge = f'Bearer realm="gptunnel-mcp", error="{error}", error_description="{description}"'
+def _unauthorized(
+    description: str, error: str, resource_metadata: str | None, *, credentials: bool = True
+) -> Response:
+    """A 401. `credentials`: whether the request carried any; a request without is told where to
+    get some, and no error, in its challenge (RFC 6750 3.1): the body still says what to send."""
+    challenge = 'Bearer realm="gptunnel-mcp"'
+    if credentials:
+        challenge += f', error="{error}", error_description="{description}"'
     if resource_metadata is not None:
         # Where an OAuth client starts (RFC 9728 5.1).
         challenge += f', resource_metadata="{resource_metadata}"'

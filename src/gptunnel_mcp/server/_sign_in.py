@@ -145,7 +145,8 @@ class SignIn:
         if approved is None:
             return _gone()
         code, pending = approved
-        logger.info("a user signed in for the OAuth client %s", pending.client_id[:200])
+        # %r: a client_id is the client's word, and may hold line breaks.
+        logger.info("a user signed in for the OAuth client %r", pending.client_id[:200])
         target = construct_redirect_uri(
             pending.redirect_uri, code=code, state=pending.state, iss=self._urls.issuer
         )
