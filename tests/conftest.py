@@ -379,16 +379,22 @@ def app_host(chromium: str) -> Callable[[str], AbstractAsyncContextManager[brows
     return open_host
 
 
+#: `async with gallery(**env) as (host, agent)`, see the fixture.
+Gallery = Callable[..., AbstractAsyncContextManager[tuple[browser.AppHost, Client]]]
+
+
 @pytest.fixture
-def gallery_host(
-    app_host: Callable[[str], AbstractAsyncContextManager[browser.AppHost]],
-) -> Callable[[Settings], AbstractAsyncContextManager[browser.AppHost]]:
-    """`async with gallery_host(settings) as host`: this server, configured by `settings`, over
-    HTTP (`serve_http`) in the MCP Apps test host page."""
+def gallery(
+    app_host: Callable[[str], AbstractAsyncContextManager[browser.AppHost]], standin: StandIn, home: Path
+) -> Gallery:
+    """`async with gallery(**env) as (host, agent)`: this server, configured as the environment
+    variables `env` would, over HTTP (`serve_http`), the MCP Apps test host page on it, and an
+    agent's own client beside them."""
 
     @contextlib.asynccontextmanager
-    async def open_host(settings: Settings) -> AsyncIterator[browser.AppHost]:
-        async with serve_http(settings) as url, app_host(url) as host:
-            yield host
+    async def open_gallery(**env: str) -> AsyncIterator[tuple[browser.AppHost, Client]]:
+        settings = ServerLauncher(standin, home, transport="http").settings(**env)
+        async with serve_http(settings) as url, app_host(url) as host, mcp_client(url, None) as agent:
+            yield host, agent
 
-    return open_host
+    return open_gallery

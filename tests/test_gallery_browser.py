@@ -5,32 +5,19 @@ HTTP. Every test also fails on any console error or uncaught exception in the pa
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 import pytest
 from mcp import Client
 from PIL import ImageStat
 
-from .browser import AppHost, View
-from .conftest import ServerLauncher, mcp_client, serve_http, structured, text_of
+from .browser import View
+from .conftest import Gallery, structured, text_of
 from .standin import StandIn
 
 pytestmark = [pytest.mark.anyio, pytest.mark.standin(generation_seconds=0.05, image_size=(640, 400))]
 
-OpenHost = Callable[[str], AbstractAsyncContextManager[AppHost]]
 DOCS = Path(__file__).parent.parent / "docs"
-
-
-@asynccontextmanager
-async def gallery(
-    app_host: OpenHost, standin: StandIn, home: Path, **env: str
-) -> AsyncIterator[tuple[AppHost, Client]]:
-    """The server over HTTP, the host page on it, and an agent's own client beside them."""
-    settings = ServerLauncher(standin, home, transport="http").settings(**env)
-    async with serve_http(settings) as url, app_host(url) as host, mcp_client(url, None) as agent:
-        yield host, agent
 
 
 async def generate(agent: Client, prompt: str) -> str:
@@ -45,10 +32,8 @@ async def tiles(view: View) -> list[str]:
     ]
 
 
-async def test_the_image_appears_after_a_generation_with_what_is_known_of_it(
-    app_host: OpenHost, standin: StandIn, home: Path
-) -> None:
-    async with gallery(app_host, standin, home) as (host, _):
+async def test_the_image_appears_after_a_generation_with_what_is_known_of_it(gallery: Gallery) -> None:
+    async with gallery() as (host, _):
         view = await host.open("generate_and_wait", {"prompt": "a red fox in snow"})
         card = view.frame.locator("#current figure[data-status=done]")
         image = card.locator("img")
@@ -64,10 +49,10 @@ async def test_the_image_appears_after_a_generation_with_what_is_known_of_it(
 
 
 async def test_a_pending_task_shows_progress_and_turns_into_the_image(
-    app_host: OpenHost, standin: StandIn, home: Path
+    gallery: Gallery, standin: StandIn
 ) -> None:
     standin.behaviour.generation_seconds = 600.0
-    async with gallery(app_host, standin, home, GPTUNNEL_WAIT_TIMEOUT="1") as (host, _):
+    async with gallery(GPTUNNEL_WAIT_TIMEOUT="1") as (host, _):
         view = await host.open("generate_and_wait", {"prompt": "a slow sunrise"})
         outcome = await view.outcome()
         assert outcome["result"]["structuredContent"]["status"] == "pending"
@@ -80,10 +65,8 @@ async def test_a_pending_task_shows_progress_and_turns_into_the_image(
         assert await pending.count() == 0
 
 
-async def test_the_history_pages_and_searches_and_opens_an_image_from_the_keyboard(
-    app_host: OpenHost, standin: StandIn, home: Path
-) -> None:
-    async with gallery(app_host, standin, home) as (host, agent):
+async def test_the_history_pages_and_searches_and_opens_an_image_from_the_keyboard(gallery: Gallery) -> None:
+    async with gallery() as (host, agent):
         for n in range(11):
             await generate(agent, f"a grey wolf, take {n}")
         await generate(agent, "a red fox in snow")
@@ -117,10 +100,8 @@ async def test_the_history_pages_and_searches_and_opens_an_image_from_the_keyboa
         assert await tile.evaluate("node => node === document.activeElement")
 
 
-async def test_the_history_shows_more_pages_on_request(
-    app_host: OpenHost, standin: StandIn, home: Path
-) -> None:
-    async with gallery(app_host, standin, home) as (host, agent):
+async def test_the_history_shows_more_pages_on_request(gallery: Gallery) -> None:
+    async with gallery() as (host, agent):
         last = ""
         for n in range(13):
             last = await generate(agent, f"a heron, take {n}")
@@ -139,16 +120,15 @@ async def test_the_history_shows_more_pages_on_request(
         await oldest.click()
         dialog = view.frame.locator("dialog#viewer[open]")
         await dialog.locator("figure[data-status=done] img").wait_for()
-        tile_top = (await oldest.bounding_box() or {}).get("y", 0)
-        dialog_box = await dialog.bounding_box()
-        assert dialog_box is not None
-        assert dialog_box["y"] <= tile_top <= dialog_box["y"] + dialog_box["height"]
+        tile_box, dialog_box = await oldest.bounding_box(), await dialog.bounding_box()
+        assert tile_box is not None and dialog_box is not None
+        assert dialog_box["y"] <= tile_box["y"] <= dialog_box["y"] + dialog_box["height"]
 
 
 async def test_regenerate_goes_through_the_host_as_a_tool_call_and_a_new_image_appears(
-    app_host: OpenHost, standin: StandIn, home: Path
+    gallery: Gallery, standin: StandIn
 ) -> None:
-    async with gallery(app_host, standin, home) as (host, _):
+    async with gallery() as (host, _):
         view = await host.open("generate_and_wait", {"prompt": "a lighthouse", "aspect_ratio": "16:9"})
         first = view.frame.locator("#current figure[data-status=done]")
         await first.locator("img").wait_for()
@@ -167,12 +147,10 @@ async def test_regenerate_goes_through_the_host_as_a_tool_call_and_a_new_image_a
         assert standin.stats.create_calls == 2
 
 
-async def test_variations_an_edit_and_save_each_do_what_they_say(
-    app_host: OpenHost, standin: StandIn, home: Path, tmp_path: Path
-) -> None:
+async def test_variations_an_edit_and_save_each_do_what_they_say(gallery: Gallery, tmp_path: Path) -> None:
     project = tmp_path / "project"
     (project / "assets").mkdir(parents=True)
-    async with gallery(app_host, standin, home, GPTUNNEL_EXPORT_DIRS=str(project)) as (host, _):
+    async with gallery(GPTUNNEL_EXPORT_DIRS=str(project)) as (host, _):
         view = await host.open("generate_and_wait", {"prompt": "a teapot"})
         first = view.frame.locator("#current figure[data-status=done]").first
         await first.locator("img").wait_for()
@@ -204,11 +182,11 @@ async def test_variations_an_edit_and_save_each_do_what_they_say(
 
 
 async def test_it_follows_the_host_theme_and_fits_narrow_and_wide_panels(
-    app_host: OpenHost, standin: StandIn, home: Path, tmp_path: Path
+    gallery: Gallery, tmp_path: Path
 ) -> None:
     """Also makes the screenshots in docs/ when UPDATE_SCREENSHOTS is set."""
     folder = DOCS if os.environ.get("UPDATE_SCREENSHOTS") else tmp_path
-    async with gallery(app_host, standin, home) as (host, agent):
+    async with gallery() as (host, agent):
         for prompt in ("a red fox in snow", "a lighthouse at dusk", "a teapot on a table"):
             await generate(agent, prompt)
         for width, name, themes in ((760, "wide", ("light", "dark")), (360, "narrow", ("dark", "light"))):

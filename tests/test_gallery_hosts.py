@@ -4,29 +4,13 @@ bridge (tests/browser.py), as in test_gallery_browser.py."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from pathlib import Path
-
 import pytest
-from mcp import Client
 
-from .browser import AppHost, View
-from .conftest import ServerLauncher, mcp_client, serve_http
+from .browser import View
+from .conftest import Gallery
 from .standin import StandIn
 
 pytestmark = [pytest.mark.anyio, pytest.mark.standin(generation_seconds=0.05, image_size=(640, 400))]
-
-OpenHost = Callable[[str], AbstractAsyncContextManager[AppHost]]
-
-
-@asynccontextmanager
-async def gallery(
-    app_host: OpenHost, standin: StandIn, home: Path, **env: str
-) -> AsyncIterator[tuple[AppHost, Client]]:
-    settings = ServerLauncher(standin, home, transport="http").settings(**env)
-    async with serve_http(settings) as url, app_host(url) as host, mcp_client(url, None) as agent:
-        yield host, agent
 
 
 async def settled(view: View) -> None:
@@ -35,10 +19,8 @@ async def settled(view: View) -> None:
     assert await view.request("ping") == {"result": {}}
 
 
-async def test_a_result_that_arrives_before_the_tool_input_stays_on_screen(
-    app_host: OpenHost, standin: StandIn, home: Path
-) -> None:
-    async with gallery(app_host, standin, home) as (host, _):
+async def test_a_result_that_arrives_before_the_tool_input_stays_on_screen(gallery: Gallery) -> None:
+    async with gallery() as (host, _):
         view = await host.open("generate_and_wait", {"prompt": "a red fox in snow"}, result_first=True)
         await settled(view)
         await view.frame.locator("#current figure[data-status=done] img").wait_for()
@@ -46,9 +28,9 @@ async def test_a_result_that_arrives_before_the_tool_input_stays_on_screen(
 
 
 async def test_a_host_that_calls_no_tools_for_views_gets_the_image_and_no_dead_controls(
-    app_host: OpenHost, standin: StandIn, home: Path
+    gallery: Gallery, standin: StandIn
 ) -> None:
-    async with gallery(app_host, standin, home, GPTUNNEL_WAIT_TIMEOUT="1") as (host, _):
+    async with gallery(GPTUNNEL_WAIT_TIMEOUT="1") as (host, _):
         view = await host.open("generate_and_wait", {"prompt": "a teapot"}, server_tools=False)
         await view.outcome()
         card = view.frame.locator("#current figure[data-status=done]")
@@ -71,11 +53,9 @@ async def test_a_host_that_calls_no_tools_for_views_gets_the_image_and_no_dead_c
         assert (await host.records())["calls"] == []
 
 
-async def test_a_call_the_host_refuses_leaves_the_image_as_it_is(
-    app_host: OpenHost, standin: StandIn, home: Path
-) -> None:
+async def test_a_call_the_host_refuses_leaves_the_image_as_it_is(gallery: Gallery, standin: StandIn) -> None:
     standin.behaviour.generation_seconds = 600.0
-    async with gallery(app_host, standin, home, GPTUNNEL_WAIT_TIMEOUT="1") as (host, _):
+    async with gallery(GPTUNNEL_WAIT_TIMEOUT="1") as (host, _):
         view = await host.open(
             "generate_and_wait", {"prompt": "a slow sunrise"}, refuse=("gallery_wait", "gallery_image")
         )
@@ -96,10 +76,8 @@ async def test_a_call_the_host_refuses_leaves_the_image_as_it_is(
         assert await cards.evaluate_all("nodes => nodes.map(n => n.dataset.status)") == ["done", "done"]
 
 
-async def test_the_view_answers_the_host_as_the_official_app_does(
-    app_host: OpenHost, standin: StandIn, home: Path
-) -> None:
-    async with gallery(app_host, standin, home) as (host, _):
+async def test_the_view_answers_the_host_as_the_official_app_does(gallery: Gallery) -> None:
+    async with gallery() as (host, _):
         view = await host.open("generate_and_wait", {"prompt": "a lighthouse"})
         await view.frame.locator("#current figure[data-status=done] img").wait_for()
         events = await view.events()
@@ -110,10 +88,8 @@ async def test_the_view_answers_the_host_as_the_official_app_does(
         assert await view.request("ui/resource-teardown") == {"result": {}}
 
 
-async def test_copying_a_prompt_keeps_the_keyboard_where_it_was(
-    app_host: OpenHost, standin: StandIn, home: Path
-) -> None:
-    async with gallery(app_host, standin, home) as (host, _):
+async def test_copying_a_prompt_keeps_the_keyboard_where_it_was(gallery: Gallery) -> None:
+    async with gallery() as (host, _):
         view = await host.open("generate_and_wait", {"prompt": "a teapot"})
         card = view.frame.locator("#current figure[data-status=done]")
         await card.locator("img").wait_for()
@@ -127,11 +103,11 @@ async def test_copying_a_prompt_keeps_the_keyboard_where_it_was(
 
 
 async def test_hostile_long_and_right_to_left_prompts_show_as_text_in_their_direction(
-    app_host: OpenHost, standin: StandIn, home: Path
+    gallery: Gallery,
 ) -> None:
     hostile = '<img src=x onerror="document.title=1">"quoted" & </figure>'
     arabic = "قطة على سطح القمر 🐈 " * 60
-    async with gallery(app_host, standin, home) as (host, agent):
+    async with gallery() as (host, agent):
         await agent.call_tool("generate_and_wait", {"prompt": hostile})
         view = await host.open("generate_and_wait", {"prompt": arabic}, width=360)
         await view.frame.locator("#grid .tile").nth(1).wait_for()
