@@ -32,7 +32,7 @@ import json
 import logging
 import math
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -59,7 +59,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .._accounts import bearer_token
 from .._engine import Engine
-from .._exceptions import AuthenticationError, GPTunnelMCPError, StorageError
+from .._exceptions import StorageError
 from .._links import LINK_PATH
 from .._oauth import ACCESS_PREFIX
 from .._schedule import Backoff, PollSchedule
@@ -67,6 +67,7 @@ from .._settings import Settings
 from .._version import __version__
 from ._authorization import SIGN_IN_PATH, OAuthUrls, Provider, authorizations, oauth_routes, oauth_urls
 from ._build import EngineSlot, build_server
+from ._key_checks import FAILURE_WINDOW, FailedAttempts, KeyChecks, Refused
 from ._sign_in import ShownRefusals, SignIn
 
 logger = logging.getLogger("gptunnel_mcp")
@@ -74,10 +75,6 @@ MCP_PATH = "/mcp"
 HEALTH_PATH = "/healthz"
 #: The largest request body, for the early check and the SDK's own alike.
 MAX_BODY = DEFAULT_MAX_REQUEST_BODY_SIZE
-#: Keys checked with GPTunnel at once; more wait their turn.
-KEY_CHECKS_AT_ONCE = 4
-#: The window in which refused credentials are counted per client address.
-FAILURE_WINDOW = 60.0
 #: How long /healthz reuses its last look at the database.
 HEALTH_MAX_AGE = 1.0
 
@@ -113,7 +110,7 @@ class Gate:
         app: ASGIApp,
         settings: Settings,
         engine: Callable[[], Engine],
-        failures: FailedAttempts,
+        keys: KeyChecks,
         oauth: OAuthUrls | None = None,
         open_paths: frozenset[str] = frozenset(),
     ) -> None:
@@ -122,11 +119,9 @@ class Gate:
         self._token = settings.auth_token.get_secret_value() if settings.auth_token else None
         self._multi_user = settings.multi_user
         self._engine = engine
-        self._failures = failures
+        self._keys = keys
         self._oauth = oauth
         self._open_paths = open_paths
-        self._key_checks = anyio.CapacityLimiter(KEY_CHECKS_AT_ONCE)
-        self._checking: dict[str, anyio.Event] = {}
         self._sessions = (
             UserSessions(settings.max_sessions_per_user, settings.session_idle_timeout)
             if settings.multi_user
@@ -224,89 +219,22 @@ class Gate:
         return checked
 
     async def _check_key(self, token: str, client: str) -> str | Response:
-        engine = self._engine()
-        accounts = engine.accounts
-        account = accounts.for_key(token)
-        # One question to GPTunnel per key at a time: the same key sent in parallel waits for it.
-        while (pending := self._checking.get(account.owner)) is not None:
-            await pending.wait()
-        if accounts.is_known(account):
-            return account.owner
-        if accounts.is_refused(account):
-            return self._refuse(client, _KEY_REFUSED)
-        wait = self._failures.wait(client)
-        if wait:
-            return _too_many_attempts(wait)
-        # Counted as a failure until GPTunnel says otherwise, so guesses sent in parallel count too.
-        attempt = self._failures.add(client)
-        done = self._checking[account.owner] = anyio.Event()
-        try:
-            async with self._key_checks:
-                await engine.authenticate(token)
-        except AuthenticationError:
-            accounts.refuse(account)
-            return self._unauthorized(_KEY_REFUSED, "invalid_token")
-        except GPTunnelMCPError as exc:
-            self._failures.discard(client, attempt)
-            logger.warning("could not check a caller's key with GPTunnel: %s", exc)
-            return _unavailable("cannot check the key with GPTunnel now")
-        finally:
-            del self._checking[account.owner]
-            done.set()
-        self._failures.discard(client, attempt)
-        return account.owner
+        checked = await self._keys.check(token, client)
+        return self._refused(checked) if isinstance(checked, Refused) else checked.owner
 
     def _refuse(self, client: str, description: str) -> Response:
-        wait = self._failures.wait(client)
-        if wait:
-            return _too_many_attempts(wait)
-        self._failures.add(client)
+        return self._refused(self._keys.refuse(client), description)
+
+    def _refused(self, refused: Refused, description: str = _KEY_REFUSED) -> Response:
+        if refused.wait:
+            return _too_many_attempts(refused.wait)
+        if refused.unreachable:
+            return _unavailable("cannot check the key with GPTunnel now")
         return self._unauthorized(description, "invalid_token")
 
     def _unauthorized(self, description: str, error: str, *, credentials: bool = True) -> Response:
         metadata = self._oauth.resource_metadata if self._oauth else None
         return _unauthorized(description, error, metadata, credentials=credentials)
-
-
-class FailedAttempts:
-    """Refused credentials per client address within a sliding window, for a bounded number of
-    addresses (the longest quiet are forgotten first)."""
-
-    def __init__(self, limit: int, window: float, *, clients: int = 10_000) -> None:
-        self._limit = limit
-        self._window = window
-        self._clients = clients
-        self._times: OrderedDict[str, list[float]] = OrderedDict()
-
-    def wait(self, client: str) -> float:
-        """Seconds until `client`'s credentials are looked at again (0: now); until then it is
-        turned away with 429."""
-        times = self._recent(client)
-        return times[0] + self._window - time.monotonic() if len(times) >= self._limit else 0.0
-
-    def add(self, client: str) -> float:
-        stamp = time.monotonic()
-        self._times[client] = [*self._recent(client), stamp]
-        self._times.move_to_end(client)
-        while len(self._times) > self._clients:
-            self._times.popitem(last=False)
-        return stamp
-
-    def discard(self, client: str, stamp: float) -> None:
-        times = self._times.get(client)
-        if times is not None and stamp in times:
-            times.remove(stamp)
-
-    def _recent(self, client: str) -> list[float]:
-        """The client's failures in the window, oldest first; a client with none is forgotten."""
-        times = self._times.get(client)
-        if times is None:
-            return []
-        since = time.monotonic() - self._window
-        times[:] = [t for t in times if t > since]
-        if not times:
-            del self._times[client]
-        return times
 
 
 @dataclass
@@ -599,12 +527,12 @@ def build_http_app(
     app.state.settings = settings
     app.state.engine = slot.get
     app.state.database = DatabaseHealth(slot.get)
-    failures = FailedAttempts(settings.auth_failures_per_minute, FAILURE_WINDOW)
+    keys = KeyChecks(slot.get, FailedAttempts(settings.auth_failures_per_minute, FAILURE_WINDOW))
     urls = oauth_urls(settings)
     open_paths: frozenset[str] = frozenset()
     if urls is not None:
         provider = Provider(slot.get, urls)
-        sign_in = SignIn(slot.get, urls, provider.get_client, failures)
+        sign_in = SignIn(slot.get, urls, provider.get_client, keys)
         routes = [
             Route(route.path, ShownRefusals(route.app, urls.sign_in), methods=route.methods)
             if route.path == AUTHORIZATION_PATH
@@ -617,9 +545,7 @@ def build_http_app(
         logger.info("OAuth sign-in is on: issuer %s", urls.issuer)
     elif settings.multi_user and settings.public_url is not None:
         logger.warning("OAuth sign-in is off: GPTUNNEL_MCP_PUBLIC_URL must be https (or a loopback address)")
-    app.add_middleware(
-        Gate, settings=settings, engine=slot.get, failures=failures, oauth=urls, open_paths=open_paths
-    )
+    app.add_middleware(Gate, settings=settings, engine=slot.get, keys=keys, oauth=urls, open_paths=open_paths)
     return app
 
 

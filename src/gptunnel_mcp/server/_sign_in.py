@@ -5,7 +5,8 @@ The form is good for one pending authorization, from the browser that loaded it:
 field is an HMAC, under the server secret, of the request's handle and a random value the page
 set as a cookie, so a form posted from elsewhere (or with another request's handle) is refused.
 The key is checked once with GPTunnel; it is never written back into the page, a log or an
-error. Refused keys count against the sender's address like refused bearer tokens (`Gate`).
+error. Keys are checked as bearer keys are (`_key_checks`): refused ones count against the
+sender's address alike.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import math
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlsplit
 
 from mcp.server.auth.provider import construct_redirect_uri
@@ -29,11 +29,8 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .._engine import Engine
-from .._exceptions import AuthenticationError, GPTunnelMCPError
 from ._authorization import OAuthUrls, authorizations
-
-if TYPE_CHECKING:
-    from ._http import FailedAttempts
+from ._key_checks import KeyChecks, Refused
 
 logger = logging.getLogger("gptunnel_mcp")
 
@@ -61,12 +58,12 @@ class SignIn:
         engine: Callable[[], Engine],
         urls: OAuthUrls,
         client: Callable[[str], Awaitable[OAuthClientInformationFull | None]],
-        failures: FailedAttempts,
+        keys: KeyChecks,
     ) -> None:
         self._engine = engine
         self._urls = urls
         self._client = client
-        self._failures = failures
+        self._keys = keys
         self._secure = urls.sign_in.startswith("https://")
 
     async def handle(self, request: Request) -> Response:
@@ -113,35 +110,29 @@ class SignIn:
                 handle, "This form was not sent from this page in this browser; enter your key again.", 403
             )
         address = request.client.host if request.client else ""
-        wait = self._failures.wait(address)
+        wait = self._keys.failures.wait(address)
         if wait:
-            seconds = max(math.ceil(wait), 1)
-            return await self._show(
-                handle, f"Too many refused keys from your address: try again in {seconds} seconds.", 429
-            )
+            return await self._too_many(handle, wait)
         key = key.strip()
         if not key:
             return await self._show(handle, "Enter your GPTunnel API key.", 400)
         engine = self._engine()
         if await authorizations(engine).request(handle) is None:
             return _gone()
-        attempt = self._failures.add(address)
-        try:
-            account = await engine.authenticate(key)
-        except AuthenticationError:
+        checked = await self._keys.check(key, address)
+        if isinstance(checked, Refused):
+            if checked.wait:
+                return await self._too_many(handle, checked.wait)
+            if checked.unreachable:
+                return await self._show(
+                    handle, "GPTunnel cannot be reached to check the key; try again shortly.", 503
+                )
             return await self._show(
                 handle,
                 "GPTunnel does not accept this key. Check it in your GPTunnel account and try again.",
                 400,
             )
-        except GPTunnelMCPError as exc:
-            self._failures.discard(address, attempt)
-            logger.warning("could not check a key at sign-in with GPTunnel: %s", exc)
-            return await self._show(
-                handle, "GPTunnel cannot be reached to check the key; try again shortly.", 503
-            )
-        self._failures.discard(address, attempt)
-        approved = await authorizations(engine).approve(handle, account)
+        approved = await authorizations(engine).approve(handle, checked)
         if approved is None:
             return _gone()
         code, pending = approved
@@ -153,6 +144,12 @@ class SignIn:
         response = RedirectResponse(target, status_code=303, headers={"Cache-Control": "no-store"})
         response.delete_cookie(_COOKIE, path=urlsplit(self._urls.sign_in).path)
         return response
+
+    async def _too_many(self, handle: str, wait: float) -> Response:
+        seconds = max(math.ceil(wait), 1)
+        return await self._show(
+            handle, f"Too many refused keys from your address: try again in {seconds} seconds.", 429
+        )
 
     def _csrf(self, handle: str, browser: str) -> str:
         message = f"oauth-sign-in:{handle}:{browser}".encode()
